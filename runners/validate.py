@@ -1,0 +1,121 @@
+"""Check a composed config before any model weights are loaded (DESIGN.md "Config groups").
+
+Every problem becomes a :class:`ConfigError` whose message names the key; the runner prints it as
+one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+import models
+from evaluators.ppl import Protocol, resolve_protocol
+from pruners import Pattern, Pruner, build_pruner
+
+CALIB_SOURCES = ("bundled", "text", "c4", "wikitext2")
+
+
+class ConfigError(ValueError):
+    """Bad user input: one line, exit code 2."""
+
+
+@dataclass
+class Plan:
+    """A validated run: everything derived from the config that the run needs."""
+
+    pruner: Pruner
+    pattern: Pattern
+    device: str
+    model_path: str
+    model_type: str
+    calib_seqlen: int
+    eval_seqlen: int
+    protocols: list[Protocol]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but CUDA is not available (use device=cpu or device=auto)")
+        return name
+    if name != "cpu":
+        raise ConfigError(f"device={name} is not one of: auto, cpu, cuda, cuda:N")
+    return name
+
+
+def _positive_int(value, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value} must be a positive integer")
+    return value
+
+
+def _check_missing(cfg: DictConfig) -> None:
+    for key in ("model.path", "calib.path"):
+        try:
+            OmegaConf.select(cfg, key, throw_on_missing=True)
+        except MissingMandatoryValue:
+            raise ConfigError(f"{key} is required for this config (e.g. {key}=/path/to/...)") from None
+
+
+def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
+    """Raise ConfigError on the first problem; otherwise return the Plan. Reads at most the model's config.json."""
+    _check_missing(cfg)
+    try:
+        pattern = Pattern.from_config(cfg.sparsity)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"sparsity: {err}") from None
+    try:
+        pruner = build_pruner(OmegaConf.to_container(cfg.pruner, resolve=True))
+        pruner.check(pattern)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"pruner: {err}") from None
+    device = resolve_device(str(cfg.device))
+    if cfg.engine.stats_dtype not in ("float32", "float64"):
+        raise ConfigError(f"engine.stats_dtype={cfg.engine.stats_dtype} is not one of: float32, float64")
+    _positive_int(cfg.engine.batch_size, "engine.batch_size")
+
+    model_seqlen = _positive_int(cfg.model.seqlen, "model.seqlen")
+    calib_seqlen = _positive_int(cfg.calib.seqlen or model_seqlen, "calib.seqlen")
+    eval_seqlen = _positive_int(cfg.eval.ppl.seqlen or model_seqlen, "eval.ppl.seqlen")
+    if pruner.needs_calibration:
+        if cfg.calib.source not in CALIB_SOURCES:
+            raise ConfigError(f"calib.source={cfg.calib.source} is not one of: {', '.join(CALIB_SOURCES)}")
+        _positive_int(cfg.calib.nsamples, "calib.nsamples")
+        if cfg.calib.source == "text":
+            try:
+                import corpora
+
+                corpora.check_text_path(cfg.calib.path)
+            except FileNotFoundError as err:
+                raise ConfigError(f"calib.path: {err}") from None
+    try:
+        protocols = [resolve_protocol(str(entry)) for entry in cfg.eval.ppl.datasets]
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _positive_int(cfg.eval.ppl.batch_size, "eval.ppl.batch_size")
+    if cfg.eval.ppl.mode not in ("auto", "full", "sequential"):
+        raise ConfigError(f"eval.ppl.mode={cfg.eval.ppl.mode} is not one of: auto, full, sequential")
+    if cfg.model.dtype not in ("auto", *models.loading.DTYPES):
+        raise ConfigError(f"model.dtype={cfg.model.dtype} is not one of: auto, {', '.join(models.loading.DTYPES)}")
+
+    model_path, model_type = str(cfg.model.path), "unchecked"
+    if check_model:
+        try:
+            model_path, hf_config, _ = models.inspect_model(cfg.model)
+        except models.UnsupportedModelError as err:
+            raise ConfigError(f"model.path={cfg.model.path}: {err}") from None
+        except (OSError, ValueError) as err:  # missing directory, unreachable hub, bad config.json
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"model.path={cfg.model.path}: cannot load the model config ({first})") from None
+        model_type = hf_config.model_type
+        limit = getattr(hf_config, "max_position_embeddings", None)
+        for key, value in (("calib.seqlen", calib_seqlen), ("eval.ppl.seqlen", eval_seqlen)):
+            if limit and value > limit:
+                raise ConfigError(f"{key}={value} exceeds the model's max_position_embeddings={limit}")
+    return Plan(pruner, pattern, device, model_path, model_type, calib_seqlen, eval_seqlen, protocols)
