@@ -86,9 +86,20 @@ def read_text(source: str, split: str = "train", path: str | None = None) -> tup
     return data.decode("utf-8"), prov
 
 
+_TOKEN_CACHE: dict = {}
+
+
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
-    """Tokenize once into a 1-D tensor (the tokenizer's own BOS handling applies, as in SparseGPT)."""
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    """Tokenize once into a 1-D tensor (the tokenizer's own BOS handling applies, as in SparseGPT).
+
+    Cached per (tokenizer, text) within the process, so a multirun tokenizes each corpus once.
+    """
+    key = (getattr(tokenizer, "name_or_path", None), len(tokenizer), _sha256(text.encode("utf-8")))
+    if key not in _TOKEN_CACHE:
+        if len(_TOKEN_CACHE) > 8:
+            _TOKEN_CACHE.clear()
+        _TOKEN_CACHE[key] = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return _TOKEN_CACHE[key]
 
 
 @dataclass

@@ -58,8 +58,9 @@ def resolve_protocol(entry: str) -> Protocol:
     raise ValueError(f"eval.ppl.datasets entry '{entry}' is neither a protocol ({', '.join(PROTOCOLS)}) nor an existing file")
 
 
-def protocol_windows(tokenizer, protocol: Protocol, seqlen: int, dataset_root: str | None = None):
-    """Token windows ``[n, seqlen]`` of a protocol, plus provenance."""
+def protocol_windows(tokenizer, protocol: Protocol, seqlen: int, dataset_root: str | None = None,
+                     max_windows: int | None = None):
+    """Token windows ``[n, seqlen]`` of a protocol (the first ``max_windows`` if given), plus provenance."""
     if protocol.source in ("bundled", "text"):
         text, prov = corpora.read_text(protocol.source, protocol.split, protocol.path)
     else:
@@ -69,12 +70,13 @@ def protocol_windows(tokenizer, protocol: Protocol, seqlen: int, dataset_root: s
         text = protocol.join.join(docs)
     tokens = corpora.tokenize_text(tokenizer, text)
     n = tokens.numel() // seqlen
-    if protocol.max_windows is not None:
-        n = min(n, protocol.max_windows)
+    for cap in (protocol.max_windows, max_windows):
+        if cap is not None:
+            n = min(n, cap)
     if n == 0:
         raise ValueError(f"protocol {protocol.name}: {tokens.numel()} tokens, fewer than one window of {seqlen}")
     ids = tokens[: n * seqlen].view(n, seqlen)
-    prov = {**prov, "tokens_sha256": corpora.tokens_digest(ids), "windows": n, "seqlen": seqlen,
+    prov = {**prov, "tokens_sha256": corpora.tokens_digest(ids), "windows": n, "windows_cap": max_windows, "seqlen": seqlen,
             "tokens": n * seqlen, **{k: v for k, v in asdict(protocol).items() if v is not None}}
     return ids, prov
 
@@ -123,7 +125,7 @@ def perplexity(model, adapter, ids: torch.Tensor, device="cpu", batch_size: int 
         post = adapter.post_block_modules()
         for module in post:
             module.to(device)
-        for start, hidden in zip(range(0, ids.shape[0], batch_size), inputs.batches):
+        for start, hidden in zip(range(0, ids.shape[0], batch_size), inputs.batches, strict=True):
             batch = ids[start : start + batch_size].to(device)
             nll.append(window_nll(adapter.head(hidden), batch).cpu())
         if str(device) != "cpu":

@@ -91,7 +91,14 @@ def _tokens(tokenizer, split: str) -> torch.Tensor:
 
 
 def build_model(name: str, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MambaConfig,
+        MambaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     spec = ARCHS[name]
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

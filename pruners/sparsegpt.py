@@ -31,7 +31,8 @@ def sparsegpt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blo
     Returns (pruned weight in fp32, prune mask, OBS loss sum ``sum (w - q)^2 / U_jj^2 / 2``).
     Dead input columns must already be zero in ``weight``.
     """
-    W = weight.float().clone()
+    W = weight.clone().to(torch.promote_types(weight.dtype, torch.float32))
+    U = U.to(W.dtype)
     d_out, d_in = W.shape
     prune_mask = torch.zeros_like(W, dtype=torch.bool)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)

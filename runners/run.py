@@ -95,7 +95,8 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
 
     metrics: dict = {"ppl": {}}
     for protocol in plan.protocols:
-        ids, provenance = protocol_windows(tokenizer, protocol, plan.eval_seqlen, cfg.eval.ppl.get("dataset_root"))
+        ids, provenance = protocol_windows(tokenizer, protocol, plan.eval_seqlen, cfg.eval.ppl.get("dataset_root"),
+                                           cfg.eval.ppl.get("max_windows"))
         key = f"{protocol.name}@{plan.eval_seqlen}"
         value = perplexity(model, adapter, ids, plan.device, int(cfg.eval.ppl.batch_size), cfg.eval.ppl.mode,
                            desc=f"ppl {key}", progress=bool(cfg.progress))

@@ -99,6 +99,8 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _positive_int(cfg.eval.ppl.batch_size, "eval.ppl.batch_size")
+    if cfg.eval.ppl.get("max_windows") is not None:
+        _positive_int(cfg.eval.ppl.max_windows, "eval.ppl.max_windows")
     if cfg.eval.ppl.mode not in ("auto", "full", "sequential"):
         raise ConfigError(f"eval.ppl.mode={cfg.eval.ppl.mode} is not one of: auto, full, sequential")
     if cfg.model.dtype not in ("auto", *models.loading.DTYPES):

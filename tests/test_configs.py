@@ -1,0 +1,61 @@
+"""Every shipped config composes and validates; the default run needs nothing from the hub."""
+
+import pytest
+
+from runners.validate import ConfigError, validate
+
+from .conftest import CONF_DIR, compose
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt"], ("calib", "text"): ["calib.path=corpora/austen/train.txt"]}
+
+
+def test_groups_are_the_documented_ones():
+    assert GROUPS == ["calib", "eval", "model", "pruner", "sparsity"]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_shipped_option_composes_and_validates(group, option):
+    cfg = compose(f"{group}={option}", *NEEDS.get((group, option), []))
+    # hub checkpoints (and the optional SmolLM2 package) are validated without reading their config.json
+    plan = validate(cfg, check_model=str(cfg.model.path).startswith("bundled:"))
+    assert plan.pattern.target_sparsity >= 0
+    if group == "model" and option.startswith(("opt-", "llama-", "mamba-")):
+        assert "/" in cfg.model.path and cfg.model.trust_remote_code is False
+
+
+def test_default_config_is_the_offline_tiny_run():
+    cfg = compose()
+    plan = validate(cfg)
+    assert cfg.model.path == "bundled:tiny-opt" and plan.model_type == "opt"
+    assert plan.pruner.name == "sparsegpt" and plan.pattern.ratio == 0.5
+    assert [p.name for p in plan.protocols] == ["bundled"]
+
+
+def test_paper_defaults():
+    sgpt = validate(compose("pruner=sparsegpt")).pruner
+    assert (sgpt.blocksize, sgpt.percdamp) == (128, 0.01)
+    assert validate(compose("pruner=wanda")).pruner.group == "row"
+    assert validate(compose("pruner=magnitude")).pruner.group == "matrix"
+    c4 = compose("calib=c4")
+    assert (c4.calib.nsamples, c4.calib.seed) == (128, 0)
+    assert compose("model=llama-2-7b").model.seqlen == 4096 and compose("model=opt-125m").model.seqlen == 2048
+    ppl = compose("eval=ppl").eval.ppl
+    assert list(ppl.datasets) == ["wikitext2", "ptb", "c4"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["sparsity.ratio=1.0"], r"outside \[0, 1\)"),
+    (["sparsity=nm", "sparsity.n=4", "sparsity.m=4"], "0 < n < m"),
+    (["sparsity=4of8", "pruner.blocksize=12"], "multiple of m=8"),
+    (["model=local", "model.path=/definitely/not/here"], "no such directory"),
+    (["model=local"], "model.path is required"),
+    (["calib=text", "calib.path=/nope.txt"], "text file not found"),
+    (["eval.ppl.datasets=[nope]"], "neither a protocol"),
+    (["model.seqlen=4096"], "exceeds the model's max_position_embeddings=512"),
+    (["device=tpu"], "not one of: auto, cpu, cuda"),
+])
+def test_bad_values_raise_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(*overrides))

@@ -1,0 +1,105 @@
+"""Layer-level checks of the OBS machinery on a layer input captured from a bundled model."""
+
+import pytest
+import torch
+
+from pruners.magnitude import magnitude_score
+from pruners.masks import Pattern, select_prune_mask
+from pruners.sparsegpt import sparsegpt_prune
+from pruners.stats import ColumnSquares, Hessian, damped_inverse_cholesky
+from pruners.wanda import wanda_score
+
+from .conftest import load_tiny
+
+
+@pytest.fixture(scope="module")
+def captured_layer():
+    """(W, X): the weight of tiny-llama block 1's gate_proj and the inputs it saw on calibration text."""
+    import corpora
+    from pruners.engine import capture_block_inputs, run_block
+
+    loaded = load_tiny("tiny-llama")
+    adapter = loaded.adapter
+    ids = corpora.calibration_windows(loaded.tokenizer, "bundled", 16, 128, seed=0).ids
+    inputs = capture_block_inputs(loaded.model, adapter, ids, "cpu", 8)
+    inputs.batches = run_block(adapter, adapter.blocks()[0], inputs)
+    block = adapter.blocks()[1]
+    seen = []
+    handle = block.mlp.gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    run_block(adapter, block, inputs)
+    handle.remove()
+    X = torch.cat(seen).double()
+    return block.mlp.gate_proj.weight.detach().double().clone(), X
+
+
+def layer_error(W, W_hat, X):
+    return ((X @ (W - W_hat).T) ** 2).sum().item()
+
+
+def hessian_of(X, dtype=torch.float32):
+    stat = Hessian(X.shape[1], "cpu", dtype)
+    for chunk in X.split(500):
+        stat.add(chunk)
+    return stat
+
+
+@pytest.mark.parametrize("pattern", [Pattern("unstructured", 0.5), Pattern("unstructured", 0.7), Pattern("nm", 0.5, 2, 4)],
+                         ids=["50%", "70%", "2:4"])
+def test_reconstruction_error_orders_magnitude_wanda_sparsegpt_lstsq(captured_layer, pattern):
+    W, X = captured_layer
+    W32 = W.float()
+    norms = ColumnSquares(X.shape[1], "cpu")
+    norms.add(X.float())
+    mag = W32.masked_fill(select_prune_mask(magnitude_score(W32), pattern, "row"), 0)
+    wan = W32.masked_fill(select_prune_mask(wanda_score(W32, norms.norm), pattern, "row"), 0)
+    U, _ = damped_inverse_cholesky(hessian_of(X).matrix, 0.01)
+    sgpt, mask, _ = sparsegpt_prune(W32, U, pattern, 128)
+    errors = {name: layer_error(W, w.double(), X) for name, w in (("magnitude", mag), ("wanda", wan), ("sparsegpt", sgpt))}
+    # the exact least-squares refit of SparseGPT's own mask (per row, kept columns only)
+    refit = torch.zeros_like(W)
+    for r in range(W.shape[0]):
+        keep = ~mask[r]
+        refit[r, keep] = torch.linalg.lstsq(X[:, keep], X @ W[r], driver="gelsd").solution
+    errors["lstsq"] = layer_error(W, refit, X)
+    assert errors["magnitude"] >= errors["wanda"] >= errors["sparsegpt"] >= errors["lstsq"] * (1 - 1e-6), errors
+
+
+def test_sparsegpt_at_zero_sparsity_leaves_weights_unchanged(captured_layer):
+    W, X = captured_layer
+    U, _ = damped_inverse_cholesky(hessian_of(X).matrix)
+    out, mask, loss = sparsegpt_prune(W.float(), U, Pattern("unstructured", 0.0))
+    assert not mask.any() and loss == 0.0
+    assert torch.equal(out, W.float())
+
+
+def test_hessian_running_mean_equals_batch_formula(captured_layer):
+    _, X = captured_layer
+    stat = hessian_of(X, torch.float64)
+    assert torch.allclose(stat.matrix, 2 * X.T @ X / X.shape[0], rtol=1e-10, atol=1e-12)
+    assert stat.count == X.shape[0]
+
+
+def test_damped_inverse_cholesky_handles_dead_inputs():
+    X = torch.randn(200, 12, dtype=torch.float64)
+    X[:, 3] = 0  # a dead input feature
+    H = 2 * X.T @ X / 200
+    U, dead = damped_inverse_cholesky(H, 0.01)
+    assert dead.tolist() == [i == 3 for i in range(12)]
+    fixed = H.clone()
+    fixed[3, 3] = 1
+    damped = fixed + 0.01 * torch.mean(torch.diag(fixed)) * torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(U.T @ U, torch.linalg.inv(damped), atol=1e-8)
+    assert torch.equal(U, torch.triu(U))
+
+
+def test_sparsegpt_loss_estimate_matches_measured_error_for_one_block():
+    """With a single block and no lazy updates, the OBS loss equals the (damped) quadratic error."""
+    torch.manual_seed(0)
+    X = torch.randn(400, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    W = torch.randn(5, 16, dtype=torch.float64)
+    H = 2 * X.T @ X / 400
+    U, _ = damped_inverse_cholesky(H, 0.0)
+    out, _, loss = sparsegpt_prune(W, U.double(), Pattern("unstructured", 0.5), 16)
+    delta = (W - out.double())
+    quadratic = 0.5 * torch.einsum("ri,ij,rj->", delta, H, delta).item()
+    assert loss == pytest.approx(quadratic, rel=1e-3)
