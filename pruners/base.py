@@ -55,3 +55,30 @@ def apply_prune_mask(module: nn.Linear, weight: torch.Tensor, prune_mask: torch.
     weight = weight.masked_fill(prune_mask, 0)
     module.weight.data.copy_(weight.to(module.weight.dtype))
     return ModuleResult(pruned=int(prune_mask.sum()), total=prune_mask.numel())
+
+
+class ScoreMaskPruner(Pruner):
+    """A method with no weight update: a score per weight, then the pattern's mask per comparison group.
+
+    Subclasses declare a ``group`` field (``row`` | ``matrix``) and implement :meth:`score`.
+    """
+
+    group: str
+
+    def score(self, weight: torch.Tensor, stat) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, pattern: Pattern) -> None:
+        super().check(pattern)
+        if self.group not in ("matrix", "row"):
+            raise ValueError(f"pruner.group='{self.group}' is not one of: matrix, row")
+
+    def prune_group(self, modules, stat, pattern):
+        from .masks import select_prune_mask
+
+        results = {}
+        for name, module in modules.items():
+            weight = module.weight.data.float()
+            mask = select_prune_mask(self.score(weight, stat), pattern, self.group)
+            results[name] = apply_prune_mask(module, weight, mask)
+        return results

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Pruner, apply_prune_mask
-from .masks import select_prune_mask
+from .base import ScoreMaskPruner
 
 
 def magnitude_score(weight):
@@ -17,19 +16,9 @@ def magnitude_score(weight):
 
 
 @dataclass
-class Magnitude(Pruner):
+class Magnitude(ScoreMaskPruner):
     name = "magnitude"
     group: str = "matrix"
 
-    def check(self, pattern):
-        super().check(pattern)
-        if self.group not in ("matrix", "row"):
-            raise ValueError(f"pruner.group='{self.group}' is not one of: matrix, row")
-
-    def prune_group(self, modules, stat, pattern):
-        results = {}
-        for name, module in modules.items():
-            weight = module.weight.data.float()
-            mask = select_prune_mask(magnitude_score(weight), pattern, self.group)
-            results[name] = apply_prune_mask(module, weight, mask)
-        return results
+    def score(self, weight, stat):
+        return magnitude_score(weight)

@@ -25,8 +25,11 @@ from .masks import Pattern, prune_n_of_m, prune_per_matrix
 from .stats import Hessian, damped_inverse_cholesky
 
 
-def sparsegpt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blocksize: int = 128):
+def sparsegpt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blocksize: int = 128,
+                    prune_mask: torch.Tensor | None = None):
     """Prune ``weight`` [d_out, d_in] given the upper Cholesky factor U of the damped ``H^-1``.
+
+    ``prune_mask`` fixes the mask (for comparisons on the same mask); otherwise it is selected as above.
 
     Returns (pruned weight in fp32, prune mask, OBS loss sum ``sum (w - q)^2 / U_jj^2 / 2``).
     Dead input columns must already be zero in ``weight``.
@@ -34,7 +37,7 @@ def sparsegpt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blo
     W = weight.clone().to(torch.promote_types(weight.dtype, torch.float32))
     U = U.to(W.dtype)
     d_out, d_in = W.shape
-    prune_mask = torch.zeros_like(W, dtype=torch.bool)
+    mask_out = torch.zeros_like(W, dtype=torch.bool)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, d_in, blocksize):
         i2 = min(i1 + blocksize, d_in)
@@ -44,14 +47,16 @@ def sparsegpt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blo
         Err1 = torch.zeros_like(W1)
         Hinv1 = U[i1:i2, i1:i2]
         diag = torch.diag(Hinv1)
-        if pattern.kind == "unstructured":
+        if prune_mask is not None:
+            mask1 = prune_mask[:, i1:i2].clone()
+        elif pattern.kind == "unstructured":
             mask1 = prune_per_matrix(W1**2 / diag.unsqueeze(0) ** 2, pattern.ratio)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(count):
             w = W1[:, i]
             d = Hinv1[i, i]
-            if pattern.kind == "nm" and i % pattern.m == 0:
+            if prune_mask is None and pattern.kind == "nm" and i % pattern.m == 0:
                 group = slice(i, i + pattern.m)
                 mask1[:, group] = prune_n_of_m(W1[:, group] ** 2 / diag[group].unsqueeze(0) ** 2, pattern.n, pattern.m)
             q = w.masked_fill(mask1[:, i], 0)
@@ -61,9 +66,9 @@ def sparsegpt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blo
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i1:i2] = Q1
-        prune_mask[:, i1:i2] = mask1
+        mask_out[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return W, prune_mask, loss.item()
+    return W, mask_out, loss.item()
 
 
 @dataclass

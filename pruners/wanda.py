@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Pruner, apply_prune_mask
-from .masks import select_prune_mask
+from .base import ScoreMaskPruner
 from .stats import ColumnSquares
 
 
@@ -22,20 +21,10 @@ def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Wanda(Pruner):
+class Wanda(ScoreMaskPruner):
     name = "wanda"
     statistic = ColumnSquares
     group: str = "row"  # the paper's choice; "matrix" is the layer-wise ablation
 
-    def check(self, pattern):
-        super().check(pattern)
-        if self.group not in ("matrix", "row"):
-            raise ValueError(f"pruner.group='{self.group}' is not one of: matrix, row")
-
-    def prune_group(self, modules, stat, pattern):
-        results = {}
-        for name, module in modules.items():
-            weight = module.weight.data.float()
-            mask = select_prune_mask(wanda_score(weight, stat.norm), pattern, self.group)
-            results[name] = apply_prune_mask(module, weight, mask)
-        return results
+    def score(self, weight, stat):
+        return wanda_score(weight, stat.norm)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pruners.stats import Hessian
+
 # offline, and nothing written to the user's caches
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -54,3 +56,34 @@ def load_tiny(name: str):
 def tiny(request):
     torch.manual_seed(0)
     return load_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def captured_layer():
+    """(W, X): the weight of tiny-llama block 1's gate_proj and the inputs it saw on calibration text."""
+    import corpora
+    from pruners.engine import capture_block_inputs, run_block
+
+    loaded = load_tiny("tiny-llama")
+    adapter = loaded.adapter
+    ids = corpora.calibration_windows(loaded.tokenizer, "bundled", 16, 128, seed=0).ids
+    inputs = capture_block_inputs(loaded.model, adapter, ids, "cpu", 8)
+    inputs.batches = run_block(adapter, adapter.blocks()[0], inputs)
+    block = adapter.blocks()[1]
+    seen = []
+    handle = block.mlp.gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    run_block(adapter, block, inputs)
+    handle.remove()
+    X = torch.cat(seen).double()
+    return block.mlp.gate_proj.weight.detach().double().clone(), X
+
+
+def layer_error(W, W_hat, X):
+    return ((X @ (W - W_hat).T) ** 2).sum().item()
+
+
+def hessian_of(X, dtype=torch.float32):
+    stat = Hessian(X.shape[1], "cpu", dtype)
+    for chunk in X.split(500):
+        stat.add(chunk)
+    return stat

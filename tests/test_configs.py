@@ -8,7 +8,7 @@ from .conftest import CONF_DIR, compose
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
-NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt"], ("calib", "text"): ["calib.path=corpora/austen/train.txt"]}
+NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"], ("calib", "text"): ["calib.path=corpora/austen/train.txt"]}
 
 
 def test_groups_are_the_documented_ones():

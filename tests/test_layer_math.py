@@ -6,41 +6,10 @@ import torch
 from pruners.magnitude import magnitude_score
 from pruners.masks import Pattern, select_prune_mask
 from pruners.sparsegpt import sparsegpt_prune
-from pruners.stats import ColumnSquares, Hessian, damped_inverse_cholesky
+from pruners.stats import ColumnSquares, damped_inverse_cholesky
 from pruners.wanda import wanda_score
 
-from .conftest import load_tiny
-
-
-@pytest.fixture(scope="module")
-def captured_layer():
-    """(W, X): the weight of tiny-llama block 1's gate_proj and the inputs it saw on calibration text."""
-    import corpora
-    from pruners.engine import capture_block_inputs, run_block
-
-    loaded = load_tiny("tiny-llama")
-    adapter = loaded.adapter
-    ids = corpora.calibration_windows(loaded.tokenizer, "bundled", 16, 128, seed=0).ids
-    inputs = capture_block_inputs(loaded.model, adapter, ids, "cpu", 8)
-    inputs.batches = run_block(adapter, adapter.blocks()[0], inputs)
-    block = adapter.blocks()[1]
-    seen = []
-    handle = block.mlp.gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
-    run_block(adapter, block, inputs)
-    handle.remove()
-    X = torch.cat(seen).double()
-    return block.mlp.gate_proj.weight.detach().double().clone(), X
-
-
-def layer_error(W, W_hat, X):
-    return ((X @ (W - W_hat).T) ** 2).sum().item()
-
-
-def hessian_of(X, dtype=torch.float32):
-    stat = Hessian(X.shape[1], "cpu", dtype)
-    for chunk in X.split(500):
-        stat.add(chunk)
-    return stat
+from .conftest import hessian_of, layer_error
 
 
 @pytest.mark.parametrize("pattern", [Pattern("unstructured", 0.5), Pattern("unstructured", 0.7), Pattern("nm", 0.5, 2, 4)],
