@@ -187,7 +187,11 @@ def _group_options(group: str) -> list[str] | None:
 
 
 def prevalidate(argv: list[str]) -> str | None:
-    """Compose and validate every job; return an error message, or None if all are valid."""
+    """Compose and validate every job; return an error message, or None if all are valid.
+
+    The jobs are the product of the command line's sweeps and of the sweeps a preset declares
+    (``hydra.sweeper.params`` of ``+experiment=...``; the command line wins for a key set in both).
+    """
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -196,14 +200,11 @@ def prevalidate(argv: list[str]) -> str | None:
     if split is None:
         return None
     overrides, config_name, multirun = split
-    mine = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(mine)
+        parsed = parser.parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
     except Exception as err:  # Hydra's own syntax errors
         return str(err).strip().splitlines()[0]
-    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
-    if sweeps and not multirun:
-        return f"{sweeps[0]} is a sweep: add -m (--multirun) to run every value"
     for o in parsed:
         options = _group_options(o.key_or_group)
         if options is not None and not o.is_delete():
@@ -211,22 +212,35 @@ def prevalidate(argv: list[str]) -> str | None:
             for value in values:
                 if str(value) not in options:
                     return f"{o.key_or_group}={value} is not an option (choose from: {', '.join(options)})"
-    try:
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    except Exception:
-        return None  # a sweep form we do not expand (e.g. glob): each job validates itself
-    seen_models: dict = {}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            base = compose(config_name, overrides=[o.input_line for o in parsed if not o.is_sweep_override()],
+                           return_hydra_config=True)
+        except Exception as err:
+            return str(err).strip().splitlines()[0]
+        preset = OmegaConf.to_container(base.hydra.sweeper.get("params") or {}, resolve=False)
+        given = {o.key_or_group for o in parsed}
+        parsed += parser.parse_overrides([f"{k}={v}" for k, v in preset.items() if k not in given])
+        multirun = multirun or str(base.hydra.mode).endswith("MULTIRUN")
+        sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+        if sweeps and not multirun:
+            return f"{sweeps[0]} is a sweep: add -m (--multirun) to run every value"
+        try:
+            jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        except Exception:
+            return None  # a sweep form we do not expand (e.g. glob): each job validates itself
+        seen_models: dict = {}
         for job in jobs:
+            where = f"  [job: {' '.join(job)}]" if len(jobs) > 1 else ""
             try:
                 cfg = compose(config_name, overrides=job)
             except Exception as err:
-                return str(err).strip().splitlines()[0]
+                return " ".join(str(err).strip().splitlines()[:2]) + where
             key = OmegaConf.to_yaml(cfg.model)
             try:
                 validate(cfg, check_model=key not in seen_models)
             except ConfigError as err:
-                return f"{err}" + (f"  [job: {' '.join(job)}]" if len(jobs) > 1 else "")
+                return f"{err}{where}"
             seen_models[key] = True
     return None
 

@@ -87,3 +87,26 @@ def hessian_of(X, dtype=torch.float32):
     for chunk in X.split(500):
         stat.add(chunk)
     return stat
+
+
+QUALITY_CALIB = 16  # calibration windows of 256 tokens for the perplexity comparisons
+QUALITY_WINDOWS = 24  # bundled validation windows of 256 tokens
+_PPL: dict = {}
+
+
+def pruned_ppl(name: str, pruner: str, pattern=None) -> float:
+    """Perplexity of a bundled model pruned by ``pruner`` (cached per session; ``dense`` = unpruned)."""
+    import corpora
+    from evaluators.ppl import PROTOCOLS, perplexity, protocol_windows
+    from pruners import build_pruner, prune_sequential
+
+    key = (name, pruner, pattern)
+    if key not in _PPL:
+        loaded = load_tiny(name)
+        if pruner != "dense":
+            calib = corpora.calibration_windows(loaded.tokenizer, "bundled", QUALITY_CALIB, 256, seed=0).ids
+            prune_sequential(loaded.model, loaded.adapter, build_pruner({"name": pruner}), pattern, calib,
+                             batch_size=16, progress=False)
+        ids, _ = protocol_windows(loaded.tokenizer, PROTOCOLS["bundled-val"], 256, max_windows=QUALITY_WINDOWS)
+        _PPL[key] = perplexity(loaded.model, loaded.adapter, ids, batch_size=8, progress=False)
+    return _PPL[key]

@@ -24,13 +24,15 @@ def test_reconstruction_error_orders_magnitude_wanda_sparsegpt_lstsq(captured_la
     U, _ = damped_inverse_cholesky(hessian_of(X).matrix, 0.01)
     sgpt, mask, _ = sparsegpt_prune(W32, U, pattern, 128)
     errors = {name: layer_error(W, w.double(), X) for name, w in (("magnitude", mag), ("wanda", wan), ("sparsegpt", sgpt))}
-    # the exact least-squares refit of SparseGPT's own mask (per row, kept columns only)
-    refit = torch.zeros_like(W)
-    for r in range(W.shape[0]):
+    assert errors["magnitude"] >= errors["wanda"] >= errors["sparsegpt"], errors
+    # the exact least-squares refit of SparseGPT's own mask, on the first 64 rows (per row, kept columns only)
+    rows = slice(0, 64)
+    refit = torch.zeros_like(W[rows])
+    for r in range(64):
         keep = ~mask[r]
         refit[r, keep] = torch.linalg.lstsq(X[:, keep], X @ W[r], driver="gelsd").solution
-    errors["lstsq"] = layer_error(W, refit, X)
-    assert errors["magnitude"] >= errors["wanda"] >= errors["sparsegpt"] >= errors["lstsq"] * (1 - 1e-6), errors
+    optimum = layer_error(W[rows], refit, X)
+    assert layer_error(W[rows], sgpt[rows].double(), X) >= optimum * (1 - 1e-6)
 
 
 def test_sparsegpt_at_zero_sparsity_leaves_weights_unchanged(captured_layer):

@@ -1,11 +1,12 @@
 """Does each method beat magnitude where its paper claims it? Measured on the bundled models.
 
-SparseGPT's claim (a weight update that compensates the pruned weights) holds on every tiny model.
-Wanda's advantage comes from the activation-outlier features of large LLMs (Wanda §3); the tiny
-models show it only partly: on tiny-opt Wanda beats magnitude, on tiny-llama it does not (measured
-at 50% on 96 validation windows: magnitude 99.71, Wanda 100.47, SparseGPT 99.08; dense 98.03).
-The real-model check (SmolLM2-135M, where magnitude 50% multiplies perplexity many times) is the
-``slow`` test below and the SmolLM2 benchmark in the README.
+SparseGPT's claim (a weight update that compensates the pruned weights) holds on every tiny model at
+50% and 2:4. Wanda's advantage comes from the activation-outlier features of large LLMs (Wanda §3),
+which these tiny models lack: measured with this file's settings (16 calibration windows, 24
+validation windows of 256 tokens), Wanda vs magnitude is 148.01 vs 147.54 (opt 50%), 151.23 vs 152.93
+(opt 2:4), 114.90 vs 113.94 (llama 50%), 121.03 vs 120.56 (llama 2:4), 220.80 vs 222.29 (mamba 50%),
+234.18 vs 239.28 (mamba 2:4): a coin flip, so no tiny-model assertion is made for Wanda. The
+real-model check (SmolLM2-135M) is the ``slow`` test below and the SmolLM2 benchmark in the README.
 """
 
 import importlib.util
@@ -16,32 +17,14 @@ import corpora
 from evaluators.ppl import PROTOCOLS, perplexity, protocol_windows
 from pruners import Pattern, build_pruner, prune_sequential
 
-from .conftest import TINY, load_tiny
-
-
-def pruned_ppl(name: str, pruners: list[str], pattern: Pattern, nsamples=64, windows=48) -> dict:
-    base = load_tiny(name)
-    calib = corpora.calibration_windows(base.tokenizer, "bundled", nsamples, 256, seed=0).ids
-    ids, _ = protocol_windows(base.tokenizer, PROTOCOLS["bundled-val"], 256, max_windows=windows)
-    ppl = {"dense": perplexity(base.model, base.adapter, ids, batch_size=8, progress=False)}
-    for pruner in pruners:
-        loaded = load_tiny(name)
-        prune_sequential(loaded.model, loaded.adapter, build_pruner({"name": pruner}), pattern, calib,
-                         batch_size=16, progress=False)
-        ppl[pruner] = perplexity(loaded.model, loaded.adapter, ids, batch_size=8, progress=False)
-    return ppl
+from .conftest import TINY, pruned_ppl
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_sparsegpt_beats_magnitude_at_50_percent_and_2_of_4(name):
     for pattern in (Pattern("unstructured", 0.5), Pattern("nm", 0.5, 2, 4)):
-        ppl = pruned_ppl(name, ["magnitude", "sparsegpt"], pattern)
+        ppl = {p: pruned_ppl(name, p, pattern) for p in ("dense", "magnitude", "sparsegpt")}
         assert ppl["dense"] < ppl["sparsegpt"] < ppl["magnitude"], (pattern, ppl)
-
-
-def test_wanda_beats_magnitude_on_tiny_opt():
-    ppl = pruned_ppl("tiny-opt", ["magnitude", "wanda"], Pattern("unstructured", 0.5))
-    assert ppl["dense"] < ppl["wanda"] < ppl["magnitude"], ppl
 
 
 @pytest.mark.slow
