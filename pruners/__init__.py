@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .apt import APT
 from .base import ModuleResult, Pruner
 from .dense import Dense
 from .engine import capture_block_inputs, prune_sequential, run_block
@@ -10,7 +11,7 @@ from .masks import Pattern
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-PRUNERS: dict[str, type[Pruner]] = {cls.name: cls for cls in (Dense, Magnitude, Wanda, SparseGPT)}
+PRUNERS: dict[str, type[Pruner]] = {cls.name: cls for cls in (Dense, Magnitude, Wanda, SparseGPT, APT)}
 
 
 def build_pruner(cfg: dict) -> Pruner:

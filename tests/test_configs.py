@@ -7,12 +7,13 @@ from runners.validate import ConfigError, validate
 from .conftest import CONF_DIR, compose
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+OPTIONS = [(g, p.stem) for g in GROUPS if g != "experiment" for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"], ("calib", "text"): ["calib.path=corpora/austen/train.txt"]}
 
 
 def test_groups_are_the_documented_ones():
-    assert GROUPS == ["calib", "eval", "model", "pruner", "sparsity"]
+    assert GROUPS == ["calib", "eval", "experiment", "model", "pruner", "sparsity"]
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -59,3 +60,39 @@ def test_paper_defaults():
 def test_bad_values_raise_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(*overrides))
+
+
+def preset_jobs(name: str) -> list:
+    """Every job of an experiment preset: the product of its ``hydra.sweeper.params``."""
+    import itertools
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = hydra_compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+        params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
+        assert str(base.hydra.mode).endswith("MULTIRUN")
+        return [hydra_compose("config", overrides=[f"+experiment={name}"] + [f"{k}={v}" for k, v in zip(params, combo, strict=True)])
+                for combo in itertools.product(*params.values())]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_experiment_preset_expands_to_valid_jobs(name):
+    jobs = preset_jobs(name)
+    assert len(jobs) >= 6
+    for cfg in jobs:
+        plan = validate(cfg, check_model=str(cfg.model.path).startswith("bundled:"))
+        assert cfg.sweep == name
+        if not name.startswith("tiny"):
+            assert cfg.calib.source == "c4" and [p.name for p in plan.protocols] == ["wikitext2"]
+    assert {cfg.pruner.name for cfg in jobs} >= {"sparsegpt", "apt"}
+
+
+def test_prevalidate_checks_every_job_of_a_preset():
+    from runners.run import prevalidate
+
+    assert prevalidate(["+experiment=tiny-mamba-apt"]) is None
+    error = prevalidate(["+experiment=tiny-mamba-apt", "pruner=sparsegpt,apt", "pruner.blocksize=12"])
+    assert "multiple of m=" in error and "[job:" in error
+    assert "not an option" in prevalidate(["+experiment=nope"])

@@ -24,12 +24,12 @@ def expected_zeros(pruner: str, pattern: Pattern, weight: torch.Tensor) -> int:
         return int(d_out * d_in * pattern.ratio)
     if pruner == "wanda":
         return d_out * int(d_in * pattern.ratio)
-    # sparsegpt: int(numel * s) inside each 128-column block
+    # sparsegpt, apt: int(numel * s) inside each 128-column block
     return sum(int(d_out * (min(i + 128, d_in) - i) * pattern.ratio) for i in range(0, d_in, 128))
 
 
 @pytest.mark.parametrize("pattern_name", list(PATTERNS))
-@pytest.mark.parametrize("pruner_name", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pruner_name", ["magnitude", "wanda", "sparsegpt", "apt"])
 def test_measured_sparsity_is_exact_and_other_parameters_untouched(tiny, pruner_name, pattern_name):
     pattern = PATTERNS[pattern_name]
     model, adapter = tiny.model, tiny.adapter
