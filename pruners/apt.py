@@ -41,13 +41,14 @@ from .stats import Hessian, damped_inverse_cholesky
 
 
 def joint_removal_coefficients(S_blk: torch.Tensor, w_blk: torch.Tensor, prune_mask: torch.Tensor,
-                               row_chunk: int = 1024) -> torch.Tensor:
+                               max_elements: int = 2**26) -> torch.Tensor:
     """``X[r] = (S_PP)^-1 w_P`` for every row r (its own pruned set P = prune_mask[r]), zero off P.
 
     Batched over rows: ``A_r = S_blk * (m m^T) + diag(1 - m)`` is SPD and decouples P from the rest,
-    so one batched Cholesky solve gives all rows at once.
+    so one batched Cholesky solve gives all rows at once (in chunks of at most ``max_elements`` entries).
     """
     out = torch.zeros_like(w_blk)
+    row_chunk = max(1, max_elements // (S_blk.shape[0] ** 2))
     for start in range(0, w_blk.shape[0], row_chunk):
         m = prune_mask[start : start + row_chunk].to(S_blk.dtype)
         A = S_blk.unsqueeze(0) * (m.unsqueeze(2) * m.unsqueeze(1)) + torch.diag_embed(1 - m)

@@ -30,6 +30,7 @@ class Pruner:
     statistic: ClassVar[type | None] = None  # None: no calibration data needed
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
     propagate: ClassVar[str] = "pruned"  # the next block is calibrated on the pruned block's outputs
+    removes_weights: ClassVar[bool] = True  # False for the dense baseline: its result ignores the pattern
     tf32: ClassVar[bool] = False  # TF32 off, as in the SparseGPT reference
 
     @property

@@ -10,6 +10,7 @@ from .base import Pruner
 @dataclass
 class Dense(Pruner):
     name = "dense"
+    removes_weights = False
 
     def prune_group(self, modules, stat, pattern):
         return {}

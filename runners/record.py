@@ -62,12 +62,22 @@ def peak_memory(device: str) -> dict:
     return mem
 
 
-def run_id(config: dict) -> str:
-    """``<model>_<pruner>_<pattern>_<hash>``; the hash covers every key that can change the result."""
-    relevant = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+def run_id(config: dict, prunes: bool = True, calibrates: bool = True) -> str:
+    """``<model>_<pruner>_<pattern>_<hash>``; the hash covers every key that can change the result.
+
+    A run that prunes nothing (dense) does not depend on the sparsity pattern, and one without
+    calibration (dense, magnitude) not on the calibration data, so those keys leave its id.
+    """
+    ignored = set(NON_RESULT_KEYS) | ({"sparsity"} if not prunes else set()) | ({"calib"} if not calibrates else set())
+    relevant = {k: v for k, v in config.items() if k not in ignored}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
     sp = config["sparsity"]
-    pattern = f"{sp['n']}of{sp['m']}" if sp["kind"] == "nm" else f"{round(sp['ratio'] * 100)}pct"
+    if not prunes:
+        pattern = "dense"
+    elif sp["kind"] == "nm":
+        pattern = f"{sp['n']}of{sp['m']}"
+    else:
+        pattern = f"{round(sp['ratio'] * 100)}pct"
     return f"{config['model']['name']}_{config['pruner']['name']}_{pattern}_{digest}"
 
 

@@ -60,7 +60,8 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     plan = plan or validate(cfg)
     set_determinism(int(cfg.seed))
     config = OmegaConf.to_container(cfg, resolve=True)
-    rid = run_id(config)
+    prunes = plan.pruner.removes_weights
+    rid = run_id(config, prunes=prunes, calibrates=plan.pruner.needs_calibration)
     out_path = Path(cfg.output_root) / str(cfg.sweep) / rid / "result.json"
     timings: dict = {}
     t_start = t = time.perf_counter()
@@ -111,9 +112,10 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": cfg.model.name, **loaded.source},
         "pruner": plan.pruner.name,
-        "pattern": {"kind": plan.pattern.kind, "ratio": plan.pattern.ratio, "n": plan.pattern.n,
-                    "m": plan.pattern.m, "label": plan.pattern.describe()},
-        "sparsity": {"target": plan.pattern.target_sparsity, "overall": round(zeros / max(total, 1), 6),
+        "pattern": ({"kind": plan.pattern.kind, "ratio": plan.pattern.ratio, "n": plan.pattern.n,
+                     "m": plan.pattern.m, "label": plan.pattern.describe()} if prunes
+                    else {"kind": "dense", "ratio": 0.0, "n": None, "m": None, "label": "dense"}),
+        "sparsity": {"target": plan.pattern.target_sparsity if prunes else 0.0, "overall": round(zeros / max(total, 1), 6),
                      "prunable_parameters": total, "per_module": per_module},
         "method_losses": {k: v.loss for k, v in module_results.items() if v.loss is not None},
         "metrics": metrics,
@@ -218,7 +220,8 @@ def prevalidate(argv: list[str]) -> str | None:
                            return_hydra_config=True)
         except Exception as err:
             return str(err).strip().splitlines()[0]
-        preset = OmegaConf.to_container(base.hydra.sweeper.get("params") or {}, resolve=False)
+        params = base.hydra.sweeper.get("params")
+        preset = OmegaConf.to_container(params, resolve=False) if params else {}
         given = {o.key_or_group for o in parsed}
         parsed += parser.parse_overrides([f"{k}={v}" for k, v in preset.items() if k not in given])
         multirun = multirun or str(base.hydra.mode).endswith("MULTIRUN")
