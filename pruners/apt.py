@@ -35,9 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModuleResult, Pruner
+from .base import InverseHessianPruner
 from .masks import Pattern, prune_per_matrix, prune_per_row
-from .stats import Hessian, damped_inverse_cholesky
 
 
 def joint_removal_coefficients(S_blk: torch.Tensor, w_blk: torch.Tensor, prune_mask: torch.Tensor,
@@ -116,9 +115,8 @@ def apt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blocksize
 
 
 @dataclass
-class APT(Pruner):
+class APT(InverseHessianPruner):
     name = "apt"
-    statistic = Hessian
     blocksize: int = 128  # 0 = full-row MRP (exact optimum for the mask; for small layers)
     percdamp: float = 0.01
     group: str = "matrix"  # unstructured comparison group inside a block: matrix (SparseGPT) | row
@@ -134,13 +132,5 @@ class APT(Pruner):
         if pattern.kind == "nm" and self.blocksize and self.blocksize % pattern.m:
             raise ValueError(f"pruner.blocksize={self.blocksize} must be a multiple of m={pattern.m}")
 
-    def prune_group(self, modules, stat, pattern):
-        U, dead = damped_inverse_cholesky(stat.matrix.float(), self.percdamp)
-        results = {}
-        for name, module in modules.items():
-            weight = module.weight.data.float()
-            weight[:, dead] = 0
-            pruned, mask, loss = apt_prune(weight, U, pattern, self.blocksize, self.group)
-            module.weight.data.copy_(pruned.to(module.weight.dtype))
-            results[name] = ModuleResult(pruned=int(mask.sum()), total=mask.numel(), loss=loss)
-        return results
+    def prune_weight(self, weight, U, pattern):
+        return apt_prune(weight, U, pattern, self.blocksize, self.group)

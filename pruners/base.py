@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .masks import Pattern
+from .stats import Hessian, damped_inverse_cholesky
 
 
 @dataclass
@@ -82,4 +83,31 @@ class ScoreMaskPruner(Pruner):
             weight = module.weight.data.float()
             mask = select_prune_mask(self.score(weight, stat), pattern, self.group)
             results[name] = apply_prune_mask(module, weight, mask)
+        return results
+
+
+class InverseHessianPruner(Pruner):
+    """A method that prunes each linear from the damped inverse Hessian of its group (SparseGPT, APT).
+
+    The factorization ``H^-1 = U^T U`` is computed once per group of linears sharing an input, dead
+    inputs are zeroed, and :meth:`prune_weight` does the method's mask selection and update.
+    Subclasses declare a ``percdamp`` field.
+    """
+
+    statistic = Hessian
+    percdamp: float
+
+    def prune_weight(self, weight: torch.Tensor, U: torch.Tensor, pattern: Pattern):
+        """Return (pruned weight, prune mask, the method's loss estimate)."""
+        raise NotImplementedError
+
+    def prune_group(self, modules, stat, pattern):
+        U, dead = damped_inverse_cholesky(stat.matrix.float(), self.percdamp)
+        results = {}
+        for name, module in modules.items():
+            weight = module.weight.data.float()
+            weight[:, dead] = 0
+            pruned, mask, loss = self.prune_weight(weight, U, pattern)
+            module.weight.data.copy_(pruned.to(module.weight.dtype))
+            results[name] = ModuleResult(pruned=int(mask.sum()), total=mask.numel(), loss=loss)
         return results

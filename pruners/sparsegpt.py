@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ModuleResult, Pruner
+from .base import InverseHessianPruner
 from .masks import Pattern, prune_n_of_m, prune_per_matrix
-from .stats import Hessian, damped_inverse_cholesky
 
 
 def sparsegpt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blocksize: int = 128,
@@ -72,9 +71,8 @@ def sparsegpt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blo
 
 
 @dataclass
-class SparseGPT(Pruner):
+class SparseGPT(InverseHessianPruner):
     name = "sparsegpt"
-    statistic = Hessian
     blocksize: int = 128
     percdamp: float = 0.01
 
@@ -87,13 +85,5 @@ class SparseGPT(Pruner):
         if pattern.kind == "nm" and self.blocksize % pattern.m:
             raise ValueError(f"pruner.blocksize={self.blocksize} must be a multiple of m={pattern.m}")
 
-    def prune_group(self, modules, stat, pattern):
-        U, dead = damped_inverse_cholesky(stat.matrix.float(), self.percdamp)
-        results = {}
-        for name, module in modules.items():
-            weight = module.weight.data.float()
-            weight[:, dead] = 0
-            pruned, mask, loss = sparsegpt_prune(weight, U, pattern, self.blocksize)
-            module.weight.data.copy_(pruned.to(module.weight.dtype))
-            results[name] = ModuleResult(pruned=int(mask.sum()), total=mask.numel(), loss=loss)
-        return results
+    def prune_weight(self, weight, U, pattern):
+        return sparsegpt_prune(weight, U, pattern, self.blocksize)
