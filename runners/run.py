@@ -86,9 +86,10 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     t = _timed(timings, "prune", t)
 
     per_module, zeros, total = {}, 0, 0
+    prefix = adapter.blocks_prefix()
     for index, block in enumerate(adapter.blocks()):
         for name, linear in adapter.prunable_linears(block).items():
-            full = f"{adapter.blocks_prefix()}.{index}.{name}"
+            full = f"{prefix}.{index}.{name}"
             value = measured_sparsity(linear.weight)
             per_module[full] = round(value, 6)
             zeros += round(value * linear.weight.numel())
