@@ -11,6 +11,7 @@ from .base import Pruner
 class Dense(Pruner):
     name = "dense"
     removes_weights = False
+    patterns = ("unstructured", "nm", "structured")  # any: the pattern is ignored
 
     def prune_group(self, modules, stat, pattern):
         return {}

@@ -15,38 +15,39 @@ import torch
 
 @dataclass(frozen=True)
 class Pattern:
-    """Unstructured at ``ratio``, or N:M (``n`` kept of every ``m``)."""
+    """Unstructured at ``ratio``, N:M (``n`` kept of every ``m``), or structured: ``ratio`` of the
+    attention + MLP parameters removed as whole heads / channels (structured pruners only)."""
 
-    kind: str  # "unstructured" | "nm"
+    kind: str  # "unstructured" | "nm" | "structured"
     ratio: float = 0.0
     n: int | None = None
     m: int | None = None
 
     @property
     def target_sparsity(self) -> float:
-        return self.ratio if self.kind == "unstructured" else 1.0 - self.n / self.m
+        return 1.0 - self.n / self.m if self.kind == "nm" else self.ratio
 
     @property
     def pruned_per_group(self) -> int:
         return self.m - self.n
 
     def describe(self) -> str:
-        return f"{self.ratio:.0%} unstructured" if self.kind == "unstructured" else f"{self.n}:{self.m}"
+        return f"{self.n}:{self.m}" if self.kind == "nm" else f"{self.ratio:.0%} {self.kind}"
 
     @classmethod
     def from_config(cls, cfg) -> Pattern:
         kind = cfg.kind
-        if kind == "unstructured":
+        if kind in ("unstructured", "structured"):
             ratio = float(cfg.ratio)
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"sparsity.ratio={ratio} is outside [0, 1)")
-            return cls("unstructured", ratio=ratio)
+            return cls(kind, ratio=ratio)
         if kind == "nm":
             n, m = int(cfg.n), int(cfg.m)
             if not (m >= 2 and 0 < n < m):
                 raise ValueError(f"sparsity N:M needs 0 < n < m (got n={n}, m={m})")
             return cls("nm", ratio=1.0 - n / m, n=n, m=m)
-        raise ValueError(f"sparsity.kind='{kind}' is not one of: unstructured, nm")
+        raise ValueError(f"sparsity.kind='{kind}' is not one of: unstructured, nm, structured")
 
 
 def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:

@@ -24,10 +24,19 @@ from evaluators.ppl import perplexity, protocol_windows
 from pruners import prune_sequential
 from pruners.masks import sparsity as measured_sparsity
 
-from .record import code_version, device_info, library_versions, peak_memory, run_id, write_atomic
-from .validate import ConfigError, Plan, validate
+from . import tracking
+from .record import (
+    code_version,
+    device_info,
+    find_record,
+    library_versions,
+    peak_memory,
+    read_record,
+    run_id,
+    write_atomic,
+)
+from .validate import CONF_DIR, ConfigError, Plan, validate
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("prunelab")
 
 _VALUE_FLAGS = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "-p", "--package"}
@@ -55,22 +64,147 @@ def _timed(timings: dict, key: str, start: float) -> float:
     return now
 
 
+def _sparsity_section(adapter, plan: Plan, prunes: bool) -> dict:
+    per_module, zeros, total = {}, 0, 0
+    prefix = adapter.blocks_prefix()
+    for index, block in enumerate(adapter.blocks()):
+        for name, linear in adapter.prunable_linears(block).items():
+            value = measured_sparsity(linear.weight)
+            per_module[f"{prefix}.{index}.{name}"] = round(value, 6)
+            zeros += round(value * linear.weight.numel())
+            total += linear.weight.numel()
+    return {"target": plan.pattern.target_sparsity if prunes else 0.0, "overall": round(zeros / max(total, 1), 6),
+            "prunable_parameters": total, "per_module": per_module}
+
+
+def _evaluate(cfg: DictConfig, plan: Plan, loaded, task_dict, timings: dict, tag: str = "") -> dict:
+    """Every metric the eval config asks for, each with its protocol / provenance."""
+    model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
+    metrics: dict = {"ppl": {}}
+    t = time.perf_counter()
+    for protocol in plan.protocols:
+        ids, provenance = protocol_windows(tokenizer, protocol, plan.eval_seqlen, cfg.eval.ppl.get("dataset_root"),
+                                           cfg.eval.ppl.get("max_windows"))
+        key = f"{protocol.name}@{plan.eval_seqlen}"
+        value = perplexity(model, adapter, ids, plan.device, int(cfg.eval.ppl.batch_size), cfg.eval.ppl.mode,
+                           desc=f"{tag}ppl {key}", progress=bool(cfg.progress))
+        metrics["ppl"][key] = {"value": value, "protocol": provenance}
+        t = _timed(timings, f"{tag}eval/{key}", t)
+    if plan.zeroshot_tasks:
+        from evaluators.zeroshot import evaluate_zeroshot  # lm-eval is imported only when it is used
+
+        zs = cfg.eval.zeroshot
+        metrics["zeroshot"] = evaluate_zeroshot(model, tokenizer, task_dict, plan.device, batch_size=zs.batch_size,
+                                                limit=zs.get("limit"), num_fewshot=int(zs.num_fewshot),
+                                                max_length=plan.eval_seqlen)
+        _timed(timings, f"{tag}eval/zeroshot", t)
+    return metrics
+
+
+def _record(cfg: DictConfig, config: dict, rid: str, loaded, pruner: str, pattern: dict, sparsity: dict,
+            metrics: dict, timings: dict, device: str, calibration=None, method_losses=None) -> dict:
+    return {
+        "schema": 1,
+        "run_id": rid,
+        "sweep": str(cfg.sweep),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": cfg.model.name, **loaded.source},
+        "pruner": pruner,
+        "pattern": pattern,
+        "sparsity": sparsity,
+        "method_losses": method_losses or {},
+        "metrics": metrics,
+        "timings_s": timings,
+        "memory": peak_memory(device),
+        "calibration": calibration,
+        "seed": int(cfg.seed),
+        "device": device_info(device),
+        "versions": library_versions(),
+        "code": code_version(),
+        "config": config,
+    }
+
+
+DENSE_PATTERN = {"kind": "dense", "ratio": 0.0, "n": None, "m": None, "label": "dense"}
+
+
+def dense_config(config: dict) -> dict:
+    """The dense baseline's resolved config: this run's with the ``dense`` pruner."""
+    dense = dict(config)
+    dense["pruner"] = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "pruner" / "dense.yaml"), resolve=True)
+    return dense
+
+
+def _reuse(found: Path, out_path: Path, cfg: DictConfig, write: bool) -> dict:
+    """A run already recorded: skip it (same sweep) or copy its record into this sweep (another sweep)."""
+    record = read_record(found)
+    if found.resolve() == out_path.resolve():
+        record["status"] = "skipped"
+    else:
+        record.update(sweep=str(cfg.sweep), reused_from=str(found))
+        if write:
+            write_atomic(out_path, record)
+        record["status"] = "reused"
+    record["path"] = str(out_path)
+    return record
+
+
 def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> dict:
-    """Run one experiment in-process and return its record (also written unless ``write=False``)."""
+    """Run one experiment in-process and return its record (also written unless ``write=False``).
+
+    A run whose id is already recorded (this sweep, or another sweep under ``output_root``) is not
+    recomputed unless ``force=true``. With ``dense_baseline=true`` a pruning run first evaluates the
+    unpruned model, once per (model, eval config), and records it as the ``dense`` run.
+    """
     plan = plan or validate(cfg)
-    set_determinism(int(cfg.seed))
     config = OmegaConf.to_container(cfg, resolve=True)
     prunes = plan.pruner.removes_weights
     rid = run_id(config, prunes=prunes, calibrates=plan.pruner.needs_calibration)
-    out_path = Path(cfg.output_root) / str(cfg.sweep) / rid / "result.json"
+    root, sweep = Path(cfg.output_root), str(cfg.sweep)
+    out_path = root / sweep / rid / "result.json"
+    dense_cfg = dense_config(config)
+    dense_rid = run_id(dense_cfg, prunes=False, calibrates=False)
+    dense_found = find_record(root, sweep, dense_rid) if write and prunes and cfg.dense_baseline else None
+    if dense_found is not None and dense_found.parent.parent != root / sweep:  # the baseline of another sweep
+        _reuse(dense_found, root / sweep / dense_rid / "result.json", cfg, write)
+    want_dense = write and prunes and bool(cfg.dense_baseline) and dense_found is None
+    if write and not cfg.force:
+        found = find_record(root, sweep, rid)
+        if found is not None:
+            return _reuse(found, out_path, cfg, write)
+
     timings: dict = {}
     t_start = t = time.perf_counter()
+    task_dict = None
+    if plan.zeroshot_tasks:  # datasets first: a task that cannot be loaded fails before the model is
+        from evaluators.zeroshot import load_tasks
+
+        zs = cfg.eval.zeroshot
+        try:
+            task_dict = load_tasks(plan.zeroshot_tasks, zs.get("include_path"), int(zs.num_fewshot))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        t = _timed(timings, "zeroshot_tasks", t)
+    set_determinism(int(cfg.seed))
     if plan.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(plan.device))
-
     loaded = models.load(cfg.model, plan.device)
     model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
     t = _timed(timings, "load", t)
+
+    if want_dense:
+        dense_timings = {"load": timings["load"]}
+        metrics = _evaluate(cfg, plan, loaded, task_dict, dense_timings, tag="dense ")
+        dense_timings = {k.removeprefix("dense "): v for k, v in dense_timings.items()}
+        dense_timings.update(prune=0.0, total=round(sum(dense_timings.values()), 3))
+        dense = _record(cfg, dense_cfg, dense_rid, loaded, "dense", DENSE_PATTERN,
+                        _sparsity_section(adapter, plan, prunes=False), metrics, dense_timings, plan.device)
+        dense_path = root / sweep / dense_rid / "result.json"
+        write_atomic(dense_path, dense)
+        dense["path"] = str(dense_path)
+        log.info("dense baseline recorded: %s", dense_path)
+        tracking.log_run(dense, cfg)
+        t = time.perf_counter()
 
     calib_ids, calibration = None, None
     if plan.pruner.needs_calibration:
@@ -84,79 +218,58 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     module_results = prune_sequential(model, adapter, plan.pruner, plan.pattern, calib_ids, plan.device,
                                       int(cfg.engine.batch_size), stats_dtype, bool(cfg.progress))
     t = _timed(timings, "prune", t)
-
-    per_module, zeros, total = {}, 0, 0
-    prefix = adapter.blocks_prefix()
-    for index, block in enumerate(adapter.blocks()):
-        for name, linear in adapter.prunable_linears(block).items():
-            full = f"{prefix}.{index}.{name}"
-            value = measured_sparsity(linear.weight)
-            per_module[full] = round(value, 6)
-            zeros += round(value * linear.weight.numel())
-            total += linear.weight.numel()
-
-    metrics: dict = {"ppl": {}}
-    for protocol in plan.protocols:
-        ids, provenance = protocol_windows(tokenizer, protocol, plan.eval_seqlen, cfg.eval.ppl.get("dataset_root"),
-                                           cfg.eval.ppl.get("max_windows"))
-        key = f"{protocol.name}@{plan.eval_seqlen}"
-        value = perplexity(model, adapter, ids, plan.device, int(cfg.eval.ppl.batch_size), cfg.eval.ppl.mode,
-                           desc=f"ppl {key}", progress=bool(cfg.progress))
-        metrics["ppl"][key] = {"value": value, "protocol": provenance}
-        t = _timed(timings, f"eval/{key}", t)
+    sparsity = _sparsity_section(adapter, plan, prunes)
+    metrics = _evaluate(cfg, plan, loaded, task_dict, timings)
     timings["total"] = round(time.perf_counter() - t_start, 3)
 
-    record = {
-        "schema": 1,
-        "run_id": rid,
-        "sweep": str(cfg.sweep),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": cfg.model.name, **loaded.source},
-        "pruner": plan.pruner.name,
-        "pattern": ({"kind": plan.pattern.kind, "ratio": plan.pattern.ratio, "n": plan.pattern.n,
-                     "m": plan.pattern.m, "label": plan.pattern.describe()} if prunes
-                    else {"kind": "dense", "ratio": 0.0, "n": None, "m": None, "label": "dense"}),
-        "sparsity": {"target": plan.pattern.target_sparsity if prunes else 0.0, "overall": round(zeros / max(total, 1), 6),
-                     "prunable_parameters": total, "per_module": per_module},
-        "method_losses": {k: v.loss for k, v in module_results.items() if v.loss is not None},
-        "metrics": metrics,
-        "timings_s": timings,
-        "memory": peak_memory(plan.device),
-        "calibration": calibration,
-        "seed": int(cfg.seed),
-        "device": device_info(plan.device),
-        "versions": library_versions(),
-        "code": code_version(),
-        "config": config,
-    }
+    pattern = ({"kind": plan.pattern.kind, "ratio": plan.pattern.ratio, "n": plan.pattern.n, "m": plan.pattern.m,
+                "label": plan.pattern.describe()} if prunes else DENSE_PATTERN)
+    record = _record(cfg, config, rid, loaded, plan.pruner.name, pattern, sparsity, metrics, timings, plan.device,
+                     calibration, {k: v.loss for k, v in module_results.items() if v.loss is not None})
     if write:
         write_atomic(out_path, record)
         record["path"] = str(out_path)
+        tracking.log_run(record, cfg)
+    record["status"] = "computed"
     return record
 
 
 def summary(record: dict) -> str:
+    head = f"{record['model']['name']} | {record['pruner']} | {record['pattern']['label']}"
+    if record.get("status") == "skipped":
+        return f"{head} | skipped: already recorded at {record['path']} (force=true recomputes)"
     ppl = ", ".join(f"{k} {v['value']:.2f}" for k, v in record["metrics"]["ppl"].items()) or "no ppl"
+    zeroshot = record["metrics"].get("zeroshot")
     lines = [
         f"{record['model']['name']} | {record['pruner']} | {record['pattern']['label']} | "
         f"sparsity {record['sparsity']['overall']:.2%} of {record['sparsity']['prunable_parameters']:,} prunable weights",
         f"  perplexity: {ppl}",
+        *(["  zero-shot: " + ", ".join(f"{k} {v['acc']:.4f}" for k, v in zeroshot["tasks"].items())
+           + f" | average acc {zeroshot['average']['acc']:.4f}"] if zeroshot else []),
         f"  time: prune {record['timings_s']['prune']:.1f}s, total {record['timings_s']['total']:.1f}s | "
         f"peak host {record['memory']['peak_host_rss_mb']:.0f} MB",
     ]
+    if record.get("status") == "reused":
+        lines.append(f"  reused from {record['reused_from']}")
     if "path" in record:
         lines.append(f"  record: {record['path']}")
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def hydra_entry(cfg: DictConfig) -> None:
+def run_task(cfg: DictConfig) -> None:
+    """Hydra's task function: one job. A plain module attribute, so that launchers can pickle it."""
     try:
         plan = validate(cfg)
     except ConfigError as err:
         fail(str(err))
-    record = execute(cfg, plan)
+    try:
+        record = execute(cfg, plan)
+    except ConfigError as err:
+        fail(str(err))
     print(summary(record), flush=True)
+
+
+hydra_entry = hydra.main(version_base="1.3", config_path="../conf", config_name="config")(run_task)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ one line and exits with code 2.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +18,8 @@ from evaluators.ppl import Protocol, resolve_protocol
 from pruners import Pattern, Pruner, build_pruner
 
 CALIB_SOURCES = ("bundled", "text", "c4", "wikitext2")
+WANDB_MODES = ("offline", "online", "disabled")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -35,6 +38,7 @@ class Plan:
     calib_seqlen: int
     eval_seqlen: int
     protocols: list[Protocol]
+    zeroshot_tasks: list[str]
 
 
 def resolve_device(name: str) -> str:
@@ -103,6 +107,13 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
         _positive_int(cfg.eval.ppl.max_windows, "eval.ppl.max_windows")
     if cfg.eval.ppl.mode not in ("auto", "full", "sequential"):
         raise ConfigError(f"eval.ppl.mode={cfg.eval.ppl.mode} is not one of: auto, full, sequential")
+    zeroshot_tasks = _check_zeroshot(cfg.eval.get("zeroshot"))
+    wandb_mode = cfg.get("wandb", {}).get("mode", "disabled")
+    if wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"wandb.mode={wandb_mode} is not one of: {', '.join(WANDB_MODES)}")
+    published = cfg.get("report", {}).get("published")
+    if published and not published_path(published).is_file():
+        raise ConfigError(f"report.published={published}: no file {published_path(published)}")
     if cfg.model.dtype not in ("auto", *models.loading.DTYPES):
         raise ConfigError(f"model.dtype={cfg.model.dtype} is not one of: auto, {', '.join(models.loading.DTYPES)}")
 
@@ -120,4 +131,43 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
         for key, value in (("calib.seqlen", calib_seqlen), ("eval.ppl.seqlen", eval_seqlen)):
             if limit and value > limit:
                 raise ConfigError(f"{key}={value} exceeds the model's max_position_embeddings={limit}")
-    return Plan(pruner, pattern, device, model_path, model_type, calib_seqlen, eval_seqlen, protocols)
+    return Plan(pruner, pattern, device, model_path, model_type, calib_seqlen, eval_seqlen, protocols, zeroshot_tasks)
+
+
+def published_path(name: str) -> Path:
+    """The published numbers a preset is reported against: ``conf/experiment/<name>.published.csv``."""
+    return CONF_DIR / "experiment" / f"{name}.published.csv"
+
+
+def _check_zeroshot(section) -> list[str]:
+    """``eval.zeroshot``: task names lm-eval knows, batch size ``auto`` or a positive int, a sane limit."""
+    if section is None or not section.get("tasks"):
+        return []
+    tasks = [str(t) for t in section.tasks]
+    batch_size = section.get("batch_size", "auto")
+    if not (batch_size == "auto" or str(batch_size).startswith("auto:")):
+        _positive_int(batch_size, "eval.zeroshot.batch_size")
+    limit = section.get("limit")
+    if limit is not None and not (isinstance(limit, int) and limit >= 1 or isinstance(limit, float) and 0 < limit <= 1):
+        raise ConfigError(f"eval.zeroshot.limit={limit} must be null, a positive int (docs per task) or a fraction in (0, 1]")
+    fewshot = section.get("num_fewshot", 0)
+    if not isinstance(fewshot, int) or isinstance(fewshot, bool) or fewshot < 0:
+        raise ConfigError(f"eval.zeroshot.num_fewshot={fewshot} must be a non-negative integer")
+    from evaluators.zeroshot import check_task_names
+
+    try:
+        check_task_names(tasks, _include_paths(section))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return tasks
+
+
+def _include_paths(section) -> list[str] | None:
+    paths = section.get("include_path")
+    if paths is None:
+        return None
+    paths = [str(paths)] if isinstance(paths, str) else [str(p) for p in paths]
+    for path in paths:
+        if not Path(path).is_dir():
+            raise ConfigError(f"eval.zeroshot.include_path={path}: no such directory")
+    return paths

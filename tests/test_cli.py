@@ -10,7 +10,7 @@ import pytest
 
 from .conftest import ROOT
 
-FAST = ["calib.nsamples=8", "eval.ppl.max_windows=4", "progress=false"]
+FAST = ["calib.nsamples=8", "eval.ppl.max_windows=4", "progress=false", "wandb.mode=disabled"]
 
 
 def run_cli(*args, cwd=ROOT):
@@ -30,7 +30,10 @@ def finished_sweep(tmp_path_factory):
 
 def test_multirun_writes_one_complete_record_per_job(finished_sweep):
     out, proc = finished_sweep
-    records = [json.loads(p.read_text()) for p in sorted((out / "cli").glob("*/result.json"))]
+    everything = [json.loads(p.read_text()) for p in sorted((out / "cli").glob("*/result.json"))]
+    dense = [r for r in everything if r["pruner"] == "dense"]
+    assert sorted(r["model"]["name"] for r in dense) == ["tiny-llama", "tiny-mamba"], "one dense baseline per model"
+    records = [r for r in everything if r["pruner"] != "dense"]
     assert len(records) == 4
     assert {(r["model"]["name"], r["pruner"]) for r in records} == {
         (m, p) for m in ("tiny-llama", "tiny-mamba") for p in ("magnitude", "wanda")}
@@ -49,6 +52,16 @@ def test_multirun_writes_one_complete_record_per_job(finished_sweep):
             assert r["calibration"] is None
     assert not list((out / "cli").glob("*/.tmp-*"))
     assert proc.stdout.count("record:") == 4
+
+
+def test_rerunning_a_sweep_recomputes_nothing(finished_sweep):
+    out, _ = finished_sweep
+    before = {p: p.read_bytes() for p in (out / "cli").glob("*/result.json")}
+    proc = run_cli("-m", "model=tiny-llama,tiny-mamba", "pruner=magnitude,wanda", "sparsity=2of4",
+                   f"output_root={out}", "sweep=cli", *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("skipped: already recorded") == 4
+    assert {p: p.read_bytes() for p in (out / "cli").glob("*/result.json")} == before
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,0 +1,473 @@
+"""``python -m runners.report outputs/<sweep>``: result records -> paper-style tables, plots and W&B.
+
+Reads every ``result.json`` under the sweep folder and writes to ``<sweep>/report/`` (or ``--out``):
+
+- ``ppl.{md,csv,tex}``: perplexity, method rows (dense first) x (model, protocol) columns, one block per
+  pattern, with the change vs dense; a ``paper`` column beside ``ours`` when the sweep's preset has
+  published numbers (``report.published`` in the records' config, or ``--published NAME``);
+- ``ppl_by_sparsity.{md,csv,tex}``: per (model, protocol), method rows x sparsity-pattern columns;
+- ``zeroshot.{md,csv,tex}``: per model, method/pattern rows x task accuracy columns + average (when any
+  record has zero-shot metrics);
+- ``records.csv``: every metric of every record, one row each (the tidy source of all tables);
+- ``ppl_vs_sparsity.png`` (log scale when the values span more than a decade) and
+  ``zeroshot_vs_sparsity.png``;
+- W&B: the tables as ``wandb.Table`` and the plots as images, in a ``report`` run of the sweep's group
+  (offline by default; ``--wandb disabled`` to skip).
+
+Every table's caption names the protocol (dataset, split, windows x seqlen) its numbers come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .record import read_record
+from .validate import published_path
+
+DENSE = "dense"
+
+
+# ---------------------------------------------------------------------------------------------
+# records -> tidy rows
+
+
+def pattern_key(pattern: dict) -> str:
+    """Short column label of a sparsity pattern: ``dense``, ``50%``, ``2:4``."""
+    if pattern["kind"] == "dense":
+        return DENSE
+    if pattern["kind"] == "nm":
+        return f"{pattern['n']}:{pattern['m']}"
+    if pattern["kind"] == "structured":
+        return f"{round(pattern['ratio'] * 100)}% struct"
+    return f"{round(pattern['ratio'] * 100)}%"
+
+
+def load_records(folder: Path) -> list[dict]:
+    """All complete records under ``folder`` (temporary files of an interrupted write are not records)."""
+    records = []
+    for path in sorted(Path(folder).rglob("result.json")):
+        if ".hydra" in path.parts or "wandb" in path.parts:
+            continue
+        record = read_record(path)
+        if record is not None and "metrics" in record:
+            record["path"] = str(path)
+            records.append(record)
+    return records
+
+
+def tidy(records: list[dict]) -> pd.DataFrame:
+    """One row per (record, metric): model, method, pattern, ratio, metric, dataset, value, stderr, protocol."""
+    rows = []
+    for rec in records:
+        base = {"model": rec["model"]["name"], "method": rec["pruner"], "pattern": pattern_key(rec["pattern"]),
+                "kind": rec["pattern"]["kind"], "ratio": rec["sparsity"]["target"],
+                "measured_sparsity": rec["sparsity"]["overall"], "run_id": rec["run_id"],
+                "prune_s": rec["timings_s"].get("prune")}
+        for key, entry in rec["metrics"].get("ppl", {}).items():
+            prov = entry.get("protocol", {})
+            rows.append({**base, "metric": "ppl", "dataset": key, "value": entry["value"], "stderr": None,
+                         "protocol": _describe_protocol(key, prov)})
+        zeroshot = rec["metrics"].get("zeroshot")
+        if zeroshot:
+            for task, values in zeroshot["tasks"].items():
+                rows.append({**base, "metric": "acc", "dataset": task, "value": values["acc"],
+                             "stderr": values.get("acc_stderr"), "protocol": _describe_zeroshot(zeroshot)})
+                if values.get("acc_norm") is not None:
+                    rows.append({**base, "metric": "acc_norm", "dataset": task, "value": values["acc_norm"],
+                                 "stderr": values.get("acc_norm_stderr"), "protocol": _describe_zeroshot(zeroshot)})
+            rows.append({**base, "metric": "acc", "dataset": "average", "value": zeroshot["average"]["acc"],
+                         "stderr": None, "protocol": _describe_zeroshot(zeroshot)})
+    columns = ["model", "method", "pattern", "kind", "ratio", "measured_sparsity", "metric", "dataset", "value",
+               "stderr", "protocol", "run_id", "prune_s"]
+    frame = pd.DataFrame(rows, columns=columns)
+    # a sweep re-run with force=true leaves one record per id; two ids for one cell (e.g. a seed sweep)
+    # are averaged below and counted in the caption
+    return frame
+
+
+def _describe_protocol(key: str, prov: dict) -> str:
+    parts = [prov.get("reference") or prov.get("name") or key]
+    if prov.get("windows") and prov.get("seqlen"):
+        parts.append(f"{prov['windows']} windows x {prov['seqlen']} tokens")
+    return f"{key}: " + ", ".join(parts)
+
+
+def _describe_zeroshot(zeroshot: dict) -> str:
+    limit = zeroshot.get("limit")
+    return (f"lm-evaluation-harness {zeroshot.get('lm_eval_version')}, {zeroshot.get('num_fewshot', 0)}-shot"
+            + (f", limit {limit}" if limit else ""))
+
+
+def method_order(methods) -> list[str]:
+    """Dense first, then the baselines in their usual order, then the rest alphabetically."""
+    known = [DENSE, "magnitude", "wanda", "sparsegpt"]
+    present = set(methods)
+    return [m for m in known if m in present] + sorted(present - set(known))
+
+
+def pattern_order(patterns) -> list[str]:
+    def key(p: str):
+        if p == DENSE:
+            return (0, 0.0)
+        if ":" in p:
+            n, m = (int(v) for v in p.split(":"))
+            return (2, 1 - n / m, -m)
+        if p.endswith("struct"):
+            return (3, float(p.split("%")[0]))
+        return (1, float(p.rstrip("%")))
+    return sorted(set(patterns), key=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# published numbers
+
+
+def load_published(name: str | None, model_map: dict | None = None, dataset_map: dict | None = None) -> pd.DataFrame:
+    """``conf/experiment/<name>.published.csv`` (model, method, pattern, dataset, metric, value, tag, source),
+    with paper models and protocols renamed to ours through ``model_map`` / ``dataset_map`` ({ours: paper})."""
+    columns = ["model", "method", "pattern", "dataset", "metric", "value", "tag", "source"]
+    if not name:
+        return pd.DataFrame(columns=columns)
+    frame = pd.read_csv(published_path(name), comment="#", dtype={"pattern": str})
+    frame = frame[[c for c in columns if c in frame.columns]]
+    if model_map:
+        reverse = {paper: ours for ours, paper in model_map.items()}
+        frame = frame.assign(model=frame["model"].map(lambda m: reverse.get(m, m)))
+    if dataset_map:
+        reverse = {paper: ours for ours, paper in dataset_map.items()}
+        frame = frame.assign(dataset=frame["dataset"].map(lambda d: reverse.get(d, d)))
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _delta(value, dense) -> str:
+    if value is None or dense is None or any(isinstance(v, float) and math.isnan(v) for v in (value, dense)):
+        return ""
+    return f" ({value - dense:+.2f})"
+
+
+def ppl_table(frame: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
+    """Wide perplexity table: one row per (method, pattern), dense first; per (model, protocol) the columns
+    ``ours``, ``delta`` (to dense) and, where published numbers exist, ``paper``."""
+    ppl = frame[frame.metric == "ppl"]
+    if ppl.empty:
+        return pd.DataFrame()
+    cells = ppl.groupby(["method", "pattern", "model", "dataset"])["value"].mean()
+    paper = published[published.metric == "ppl"].set_index(["method", "pattern", "model", "dataset"])["value"] \
+        if not published.empty else pd.Series(dtype=float)
+    targets = sorted(set(zip(ppl.model, ppl.dataset, strict=True)))
+    rows = []
+    shown_models = {model for model, _ in targets}
+    pairs = set(zip(ppl.method, ppl.pattern, strict=True))
+    if not paper.empty:  # paper rows for the models we show, even where we have no run (yet)
+        pairs |= {(m, p) for m, p, model, _ in paper.index if model in shown_models}
+    combos = [(m, p) for p in pattern_order(p for _, p in pairs) for m in method_order(m for m, _ in pairs)
+              if (m, p) in pairs]
+    for method, pattern in combos:
+        row = {"method": method, "pattern": pattern}
+        for model, dataset in targets:
+            value = cells.get((method, pattern, model, dataset))
+            dense = cells.get((DENSE, DENSE, model, dataset))
+            row[f"{model} | {dataset} | ours"] = value
+            row[f"{model} | {dataset} | delta"] = (value - dense) if value is not None and dense is not None else None
+            if not paper.empty and any(paper.index.get_level_values("model") == model):
+                row[f"{model} | {dataset} | paper"] = paper.get((method, pattern, model, dataset))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    keep = table.filter(like="| ours").notna().any(axis=1) | table.filter(like="| paper").notna().any(axis=1)
+    return table[keep].reset_index(drop=True)
+
+
+def ppl_by_sparsity(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+    """Per (model, protocol): method rows x pattern columns (the Wanda README layout), dense in its own column."""
+    ppl = frame[frame.metric == "ppl"]
+    out = {}
+    for (model, dataset), part in ppl.groupby(["model", "dataset"]):
+        pivot = part.pivot_table(index="method", columns="pattern", values="value", aggfunc="mean")
+        pivot = pivot.reindex(index=method_order(pivot.index), columns=pattern_order(pivot.columns))
+        out[(model, dataset)] = pivot
+    return out
+
+
+def zeroshot_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy (acc, %) per task and the average; rows (model, method, pattern), dense first per model."""
+    acc = frame[frame.metric == "acc"]
+    if acc.empty:
+        return pd.DataFrame()
+    pivot = acc.pivot_table(index=["model", "method", "pattern"], columns="dataset", values="value", aggfunc="mean")
+    tasks = [c for c in pivot.columns if c != "average"] + ["average"]
+    pivot = pivot[tasks] * 100
+    order = [(model, m, p) for model in sorted(set(acc.model)) for m in method_order(acc.method)
+             for p in pattern_order(acc.pattern) if (model, m, p) in pivot.index]
+    pivot = pivot.reindex(order)
+    dense_avg = {model: pivot.loc[(model, DENSE, DENSE), "average"] for model in set(acc.model)
+                 if (model, DENSE, DENSE) in pivot.index}
+    pivot["delta avg"] = [pivot.loc[i, "average"] - dense_avg[i[0]] if i[0] in dense_avg else None for i in pivot.index]
+    return pivot.reset_index()
+
+
+def _captions(frame: pd.DataFrame, metric_filter) -> str:
+    protocols = sorted(set(frame[metric_filter(frame)].protocol))
+    return "; ".join(protocols)
+
+
+def markdown_ppl(table: pd.DataFrame, caption: str) -> str:
+    if table.empty:
+        return ""
+    groups = list(dict.fromkeys(c.rsplit(" | ", 1)[0] for c in table.columns if " | " in c))
+    title = {g: g.replace(" | ", " ") for g in groups}
+    has_paper = any(c.endswith("| paper") for c in table.columns)
+    head = ["method", "pattern"]
+    for group in groups:
+        head.append(f"{title[group]} ours (vs dense)")
+        if f"{group} | paper" in table.columns:
+            head.append(f"{title[group]} paper")
+    lines = [f"**Perplexity (lower is better).** {caption}" + (" Paper: published value, same method and pattern."
+                                                                 if has_paper else ""), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for _, row in table.iterrows():
+        cells = [row["method"], row["pattern"]]
+        for group in groups:
+            value, delta = row.get(f"{group} | ours"), row.get(f"{group} | delta")
+            cells.append(_fmt(value) + (f" ({delta:+.2f})" if delta is not None and not pd.isna(delta)
+                                        and row["method"] != DENSE else ""))
+            if f"{group} | paper" in table.columns:
+                cells.append(_fmt(row.get(f"{group} | paper")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_by_sparsity(tables: dict, captions: dict) -> str:
+    out = []
+    for (model, dataset), pivot in tables.items():
+        out.append(f"**{model}, perplexity on {dataset}** ({captions[(model, dataset)]})\n")
+        cols = list(pivot.columns)
+        out.append("| method | " + " | ".join(cols) + " |")
+        out.append("|---|" + "---:|" * len(cols))
+        for method, row in pivot.iterrows():
+            out.append(f"| {method} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def markdown_zeroshot(table: pd.DataFrame, caption: str) -> str:
+    if table.empty:
+        return ""
+    cols = [c for c in table.columns if c not in ("model", "method", "pattern")]
+    lines = [f"**Zero-shot accuracy (%, higher is better).** {caption}", "",
+             "| model | method | pattern | " + " | ".join(cols) + " |", "|---|---|---|" + "---:|" * len(cols)]
+    for _, row in table.iterrows():
+        cells = [_fmt(row[c]) if c != "delta avg" else ("" if pd.isna(row[c]) or row["method"] == DENSE
+                                                         else f"{row[c]:+.2f}") for c in cols]
+        lines.append(f"| {row['model']} | {row['method']} | {row['pattern']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def latex(table: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs table (numbers with two decimals, dashes for missing cells)."""
+    if table.empty:
+        return ""
+    shown = table.rename(columns=lambda c: str(c).replace(" | ", " "))
+    for col in shown.columns:
+        if shown[col].dtype.kind == "f" or shown[col].dtype == object and col not in ("method", "pattern", "model"):
+            shown[col] = [_fmt(v) if isinstance(v, (int, float)) or v is None else v for v in shown[col]]
+    return shown.to_latex(index=False, caption=caption.replace("%", r"\%").replace("_", r"\_"), label=label,
+                          escape=True, column_format="ll" + "r" * (len(shown.columns) - 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def _x(pattern: str) -> float:
+    if pattern == DENSE:
+        return 0.0
+    if ":" in pattern:
+        n, m = (int(v) for v in pattern.split(":"))
+        return 100 * (1 - n / m)
+    return float(pattern.split("%")[0])
+
+
+def plot_vs_sparsity(frame: pd.DataFrame, metric: str, dataset: str | None, ylabel: str, path: Path) -> bool:
+    """One panel per (model, dataset): a line per method over the unstructured ratios, N:M patterns as
+    markers in the method's colour (offset right of their sparsity so they do not hide the line), dense
+    as a dashed line; one legend for the figure. Log y when the values span more than a decade."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    part = frame[(frame.metric == metric) & ((frame.dataset == dataset) if dataset else frame.dataset.notna())]
+    if part.empty:
+        return False
+    panels = sorted(set(zip(part.model, part.dataset, strict=True)))
+    methods = [m for m in method_order(part.method) if m != DENSE]
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    nm_patterns = pattern_order(p for p in part.pattern if ":" in p)
+    nm_marker = dict(zip(nm_patterns, "sDP^vX", strict=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 2.2, 3.6), squeeze=False)
+    for ax, (model, data) in zip(axes[0], panels, strict=True):
+        cell = part[(part.model == model) & (part.dataset == data)]
+        cell = cell.groupby(["method", "pattern"], as_index=False)["value"].mean()
+        dense = cell[cell.method == DENSE]
+        if not dense.empty:
+            ax.axhline(dense.value.mean(), color="black", linestyle="--", linewidth=1)
+        for method in methods:
+            rows = cell[cell.method == method]
+            line = rows[~rows.pattern.str.contains(":")].assign(x=lambda d: d.pattern.map(_x)).sort_values("x")
+            if not line.empty:
+                ax.plot(line.x, line.value, marker="o", color=colors[method])
+            for _, nm in rows[rows.pattern.str.contains(":")].iterrows():
+                offset = 1.2 * (1 + nm_patterns.index(nm.pattern))
+                ax.scatter([_x(nm.pattern) + offset], [nm.value], marker=nm_marker[nm.pattern], s=40,
+                           color=colors[method], edgecolors="black", linewidths=0.5, zorder=3)
+        values = cell.value[cell.value > 0]
+        if metric == "ppl" and len(values) and values.max() / values.min() > 10:
+            ax.set_yscale("log")
+        ax.set_title(f"{model} | {data}", fontsize=10)
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color="black", linestyle="--", label="dense")]
+    handles += [Line2D([], [], color=colors[m], marker="o", label=m) for m in methods]
+    handles += [Line2D([], [], color="gray", marker=nm_marker[p], linestyle="none", markeredgecolor="black",
+                       label=f"{p} (at {_x(p):.0f}%, shifted right)") for p in nm_patterns]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.1 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def build_report(folder: Path, out: Path | None = None, published: str | None = None,
+                 wandb_mode: str | None = None) -> dict:
+    """Write every table and plot for the records under ``folder``; return what was written."""
+    folder = Path(folder)
+    records = load_records(folder)
+    if not records:
+        raise FileNotFoundError(f"no result records under {folder}")
+    out = Path(out) if out else folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    frame = tidy(records)
+    report_cfg = records[0]["config"].get("report") or {}
+    published = published or report_cfg.get("published")
+    paper = load_published(published, report_cfg.get("model_map"), report_cfg.get("dataset_map"))
+    written: dict = {"tables": {}, "plots": [], "records": len(records), "published": published}
+    frame.to_csv(out / "records.csv", index=False)
+
+    ppl = ppl_table(frame, paper)
+    if not ppl.empty:
+        caption = "Protocols: " + _captions(frame, lambda f: f.metric == "ppl") + "."
+        if published:
+            caption += f" Published numbers: conf/experiment/{published}.published.csv"
+            maps = {**(report_cfg.get("model_map") or {}), **(report_cfg.get("dataset_map") or {})}
+            if maps:
+                pairs = ", ".join(f"{k} <- {v}" for k, v in maps.items())
+                caption += f" (shape check only: the paper's numbers shown beside stand-ins: {pairs})"
+            caption += "."
+        (out / "ppl.md").write_text(markdown_ppl(ppl, caption))
+        ppl.to_csv(out / "ppl.csv", index=False)
+        (out / "ppl.tex").write_text(latex(ppl, "Perplexity. " + caption, "tab:ppl"))
+        written["tables"]["ppl"] = ppl
+        by_sparsity = ppl_by_sparsity(frame)
+        captions = {key: _captions(frame[(frame.model == key[0]) & (frame.dataset == key[1])],
+                                   lambda f: f.metric == "ppl") for key in by_sparsity}
+        (out / "ppl_by_sparsity.md").write_text(markdown_by_sparsity(by_sparsity, captions))
+        flat = pd.concat([p.reset_index().assign(model=k[0], dataset=k[1]) for k, p in by_sparsity.items()])
+        flat.to_csv(out / "ppl_by_sparsity.csv", index=False)
+        (out / "ppl_by_sparsity.tex").write_text("\n".join(
+            latex(p.reset_index().rename(columns={"index": "method"}), f"{k[0]}, perplexity, {captions[k]}",
+                  f"tab:ppl-{k[0]}-{k[1]}") for k, p in by_sparsity.items()))
+        written["tables"]["ppl_by_sparsity"] = flat
+        if plot_vs_sparsity(frame, "ppl", None, "perplexity", out / "ppl_vs_sparsity.png"):
+            written["plots"].append(out / "ppl_vs_sparsity.png")
+
+    zs = zeroshot_table(frame)
+    if not zs.empty:
+        caption = _captions(frame, lambda f: f.metric == "acc") + "; average over the tasks shown."
+        (out / "zeroshot.md").write_text(markdown_zeroshot(zs, caption))
+        zs.to_csv(out / "zeroshot.csv", index=False)
+        (out / "zeroshot.tex").write_text(latex(zs, "Zero-shot accuracy (\\%). " + caption, "tab:zeroshot"))
+        written["tables"]["zeroshot"] = zs
+        if plot_vs_sparsity(frame, "acc", "average", "zero-shot average acc", out / "zeroshot_vs_sparsity.png"):
+            written["plots"].append(out / "zeroshot_vs_sparsity.png")
+
+    opts = _wandb_options(records[0], folder, wandb_mode)
+    if opts is not None:
+        from . import tracking
+
+        written["wandb"] = tracking.log_report(opts, f"report-{folder.name}", written["tables"],
+                                               {p.stem: p for p in written["plots"]})
+    (out / "report.json").write_text(json.dumps(
+        {"records": len(records), "published": published, "tables": sorted(written["tables"]),
+         "plots": [str(p) for p in written["plots"]], "wandb": written.get("wandb")}, indent=2) + "\n")
+    written["out"] = out
+    return written
+
+
+def _wandb_options(record: dict, folder: Path, mode: str | None) -> dict | None:
+    section = dict(record["config"].get("wandb") or {"mode": "offline"})
+    if mode:
+        section["mode"] = mode
+    if section.get("mode", "disabled") == "disabled":
+        return None
+    return {"mode": section["mode"], "project": section.get("project") or "prunelab", "entity": section.get("entity"),
+            "dir": section.get("dir") or str(folder), "tags": list(section.get("tags") or []), "group": folder.name}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runners.report", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a sweep folder, e.g. outputs/<sweep>")
+    parser.add_argument("--out", default=None, help="where to write (default <folder>/report)")
+    parser.add_argument("--published", default=None,
+                        help="published numbers to compare with (conf/experiment/<NAME>.published.csv); "
+                             "default: the records' report.published")
+    parser.add_argument("--wandb", default=None, choices=("offline", "online", "disabled"),
+                        help="W&B mode for the report run (default: the records' wandb.mode)")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"prunelab: error: {folder} is not a folder", file=sys.stderr)
+        return 2
+    if args.published and not published_path(args.published).is_file():
+        print(f"prunelab: error: --published {args.published}: no file {published_path(args.published)}",
+              file=sys.stderr)
+        return 2
+    try:
+        written = build_report(folder, args.out, args.published, args.wandb)
+    except FileNotFoundError as err:
+        print(f"prunelab: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{written['records']} records -> {written['out']}")
+    for name in ("ppl.md", "ppl_by_sparsity.md", "zeroshot.md"):
+        if (written["out"] / name).exists():
+            print(f"\n{(written['out'] / name).read_text()}")
+    for plot in written["plots"]:
+        print(f"plot: {plot}")
+    if written.get("wandb"):
+        print(f"W&B: {written['wandb']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

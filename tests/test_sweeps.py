@@ -1,0 +1,129 @@
+"""Resumable sweeps: ids, skips, reuse across sweeps, the dense baseline once, kills lose nothing; W&B offline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runners import tracking
+from runners.record import source_digest
+from runners.run import execute
+
+from .conftest import ROOT, compose
+
+FAST = ["calib.nsamples=8", "eval.ppl.max_windows=4", "progress=false"]
+
+
+def records(folder):
+    return {p.parent.name: p.read_bytes() for p in sorted(folder.glob("*/result.json"))}
+
+
+def test_same_run_is_skipped_other_sweeps_reuse_it_and_force_recomputes(tmp_path):
+    common = ["pruner=magnitude", f"output_root={tmp_path}", "wandb.mode=disabled", *FAST]
+    first = execute(compose(*common, "sweep=a"))
+    assert first["status"] == "computed"
+    dense = [p for p in (tmp_path / "a").glob("*/result.json") if "_dense_" in p.parent.name]
+    assert len(dense) == 1, "the dense baseline is recorded before the first pruning run"
+    dense_record = json.loads(dense[0].read_text())
+    assert dense_record["pruner"] == "dense" and dense_record["sparsity"]["overall"] == 0.0
+    before = records(tmp_path / "a")
+
+    again = execute(compose(*common, "sweep=a"))
+    assert again["status"] == "skipped" and again["run_id"] == first["run_id"]
+    assert records(tmp_path / "a") == before, "a skipped run rewrites nothing"
+
+    # another sweep: the record (and the dense baseline) is copied, not recomputed
+    other = execute(compose(*common, "sweep=b"))
+    assert other["status"] == "reused" and other["reused_from"].endswith(f"a/{first['run_id']}/result.json")
+    copied = json.loads((tmp_path / "b" / first["run_id"] / "result.json").read_text())
+    assert copied["metrics"] == first["metrics"] and copied["sweep"] == "b"
+    assert (tmp_path / "b" / dense[0].parent.name / "result.json").exists()
+
+    # a different dense-independent setting reuses the dense baseline of the same model and eval
+    second = execute(compose(*common, "sweep=a", "sparsity.ratio=0.6"))
+    assert second["status"] == "computed"
+    assert len([p for p in (tmp_path / "a").glob("*_dense_*/result.json")]) == 1
+
+    forced = execute(compose(*common, "sweep=a", "force=true"))
+    assert forced["status"] == "computed" and records(tmp_path / "a")[first["run_id"]] != before[first["run_id"]]
+    assert forced["metrics"]["ppl"] == first["metrics"]["ppl"], "deterministic: same config, same numbers"
+
+
+def test_run_id_includes_the_code_version(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from runners import record
+
+    config = OmegaConf.to_container(compose(), resolve=True)
+    base = record.run_id(config)
+    assert len(source_digest()) == 12
+    monkeypatch.setattr(record, "source_digest", lambda: "0" * 12)
+    assert record.run_id(config) != base
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "runners.run", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_killed_sweep_keeps_its_records_and_the_rerun_finishes_the_rest(tmp_path):
+    args = ["-m", "model=tiny-llama", "pruner=magnitude", "sparsity.ratio=0.3,0.5,0.7", f"output_root={tmp_path}",
+            "sweep=k", "wandb.mode=disabled", *FAST]
+    proc = _cli(*args, start_new_session=True)
+    folder = tmp_path / "k"
+    deadline = time.time() + 300
+    while time.time() < deadline and len([p for p in folder.glob("*_magnitude_*/result.json")]) < 1:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    done = records(folder)
+    assert any("_magnitude_" in name for name in done), "the first job finished before the kill"
+    for content in done.values():
+        json.loads(content)  # every record that exists is complete
+
+    rerun = _cli(*args)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-2000:]
+    finished = records(folder)
+    assert len([n for n in finished if "_magnitude_" in n]) == 3
+    for name, content in done.items():
+        assert finished[name] == content, f"{name} was recomputed"
+    assert out.count("skipped: already recorded") == len([n for n in done if "_magnitude_" in n])
+
+
+def test_wandb_offline_logs_config_summary_and_per_layer_sparsity(tmp_path):
+    cfg = compose("pruner=wanda", "sparsity=2of4", f"output_root={tmp_path}", "sweep=wb", "wandb.mode=offline",
+                  "dense_baseline=false", *FAST)
+    record = execute(cfg)
+    runs = tracking.offline_runs(tmp_path / "wb")
+    assert len(runs) == 1
+    logged = tracking.read_offline_run(runs[0])
+    assert logged["group"] == "wb" and logged["name"] == record["run_id"] and logged["job_type"] == "wanda"
+    assert logged["config"]["run_id"] == record["run_id"]
+    assert logged["config"]["sparsity"] == {"kind": "nm", "n": 2, "m": 4}
+    key = "ppl/bundled@256"
+    assert logged["summary"][key] == pytest.approx(record["metrics"]["ppl"]["bundled@256"]["value"])
+    assert logged["summary"]["sparsity/overall"] == pytest.approx(record["sparsity"]["overall"])
+    (table,) = [t for name, t in logged["tables"].items() if name.startswith("per_layer_sparsity")]
+    assert dict(table["data"]) == record["sparsity"]["per_module"]
+
+
+def test_wandb_failure_never_fails_the_run(tmp_path, monkeypatch):
+    # online without credentials or network: W&B refuses, the run and its record go on
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = compose("pruner=magnitude", f"output_root={tmp_path}", "sweep=wbfail", "wandb.mode=online",
+                  "dense_baseline=false", *FAST)
+    start = time.time()
+    record = execute(cfg)
+    assert record["status"] == "computed"
+    assert json.loads((tmp_path / "wbfail" / record["run_id"] / "result.json").read_text())["run_id"] == record["run_id"]
+    assert time.time() - start < 120
