@@ -318,11 +318,12 @@ def prevalidate(argv: list[str]) -> str | None:
     overrides, config_name, multirun = split
     parser = OverridesParser.create()
     try:
-        parsed = parser.parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+        parsed = parser.parse_overrides(overrides)
     except Exception as err:  # Hydra's own syntax errors
         return str(err).strip().splitlines()[0]
     for o in parsed:
-        options = _group_options(o.key_or_group)
+        # hydra/<group> options include Hydra's plugins (basic, submitit_slurm, ...): Hydra's compose checks them
+        options = None if o.key_or_group.startswith("hydra") else _group_options(o.key_or_group)
         if options is not None and not o.is_delete():
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
             for value in values:

@@ -9,11 +9,13 @@ from .conftest import CONF_DIR, compose
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS if g != "experiment" for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"], ("calib", "text"): ["calib.path=corpora/austen/train.txt"]}
+NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"], ("calib", "text"): ["calib.path=corpora/austen/train.txt"],
+         ("sparsity", "structured"): ["pruner=dense"]}  # the structured pruners come with their own issue
 
 
 def test_groups_are_the_documented_ones():
-    assert GROUPS == ["calib", "eval", "experiment", "model", "pruner", "sparsity"]
+    assert GROUPS == ["calib", "eval", "experiment", "hydra", "model", "pruner", "sparsity"]
+    assert sorted(p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml")) == ["gpus", "slurm"]
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -56,6 +58,11 @@ def test_paper_defaults():
     (["eval.ppl.datasets=[nope]"], "neither a protocol"),
     (["model.seqlen=4096"], "exceeds the model's max_position_embeddings=512"),
     (["device=tpu"], "not one of: auto, cpu, cuda"),
+    (["sparsity=structured"], "pruner 'sparsegpt' does not support sparsity kind 'structured'"),
+    (["eval=tiny-zeroshot", "eval.zeroshot.tasks=[austen_nxt]"], "austen_nxt"),
+    (["eval=tiny-zeroshot", "eval.zeroshot.limit=0"], "eval.zeroshot.limit=0"),
+    (["wandb.mode=sometimes"], "wandb.mode=sometimes is not one of"),
+    (["report.published=nope"], "report.published=nope: no file"),
 ])
 def test_bad_values_raise_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -80,13 +87,38 @@ def preset_jobs(name: str) -> list:
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_experiment_preset_expands_to_valid_jobs(name):
     jobs = preset_jobs(name)
-    assert len(jobs) >= 6
+    assert len(jobs) >= 2
     for cfg in jobs:
         plan = validate(cfg, check_model=str(cfg.model.path).startswith("bundled:"))
         assert cfg.sweep == name
-        if not name.startswith("tiny"):
-            assert cfg.calib.source == "c4" and [p.name for p in plan.protocols] == ["wikitext2"]
-    assert {cfg.pruner.name for cfg in jobs} >= {"sparsegpt", "apt"}
+        if name.startswith("tiny"):  # offline: bundled models, calibration and evaluation text
+            assert cfg.model.path.startswith("bundled:") and cfg.calib.source == "bundled"
+            assert {p.source for p in plan.protocols} <= {"bundled", "bundled-val"}
+        else:
+            assert cfg.calib.source == "c4" and "wikitext2" in [p.name for p in plan.protocols]
+    if name in ("llama2-unstructured-nm", "mamba-apt", "tiny-unstructured-nm", "tiny-mamba-apt"):
+        assert {cfg.pruner.name for cfg in jobs} >= {"sparsegpt", "apt"}  # APT rows beside SparseGPT
+
+
+PUBLISHED = sorted(p.name.split(".")[0] for p in (CONF_DIR / "experiment").glob("*.published.csv"))
+EXTERNAL_METHODS = {"llm-pruner", "slicegpt", "flap", "numerical"}  # rows of the papers' own comparisons
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_numbers_are_well_formed_and_belong_to_a_preset(name):
+    from pruners import PRUNERS
+    from runners.report import load_published
+
+    assert (CONF_DIR / "experiment" / f"{name}.yaml").exists()
+    table = load_published(name)
+    assert len(table) >= 10 and table.value.gt(0).all()
+    assert set(table.tag) <= {"QUOTE", "PAPER", "README", "R"} and table.source.notna().all()
+    assert set(table.model) <= {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
+    assert set(table.method) <= set(PRUNERS) | EXTERNAL_METHODS
+    assert table.duplicated(["model", "method", "pattern", "dataset", "metric"]).sum() == 0
+    for cfg in preset_jobs(name):  # the paper's protocol keys are the ones our runs produce
+        keys = {f"{p}@{cfg.eval.ppl.seqlen or cfg.model.seqlen}" for p in cfg.eval.ppl.datasets}
+        assert set(table[table.model == cfg.model.name].dataset) <= keys
 
 
 def test_prevalidate_checks_every_job_of_a_preset():

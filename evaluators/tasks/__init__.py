@@ -1,0 +1,1 @@
+"""Bundled offline lm-eval tasks (YAML + data) and their generator, ``build_tasks``."""

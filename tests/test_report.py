@@ -1,0 +1,152 @@
+"""The issue's done-means: a 3 pruners x 3 patterns x 2 models preset sweep from one command, re-run with
+nothing recomputed, then ``runners.report`` -> tables, plots, W&B files; and every tiny preset runs offline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from runners import tracking
+from runners.report import load_published, main, pattern_order
+
+from .conftest import ROOT
+
+FAST = ["calib.nsamples=8", "eval.ppl.max_windows=4", "progress=false", "wandb.mode=disabled"]
+
+
+def cli(module, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def preset_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    args = ["+experiment=tiny-wanda-llama", f"output_root={out}", "eval.zeroshot.limit=24", *FAST]
+    proc = cli("runners.run", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "tiny-wanda-llama", args
+
+
+def load(folder):
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*/result.json"))]
+
+
+def test_preset_sweep_runs_every_job_and_a_rerun_recomputes_nothing(preset_sweep):
+    folder, args = preset_sweep
+    records = load(folder)
+    pruned = {(r["model"]["name"], r["pruner"], r["pattern"]["label"]) for r in records if r["pruner"] != "dense"}
+    assert len(pruned) == 18
+    assert sorted(r["model"]["name"] for r in records if r["pruner"] == "dense") == ["tiny-llama", "tiny-opt"]
+    for r in records:
+        zs = r["metrics"]["zeroshot"]
+        assert set(zs["tasks"]) == {"austen_next", "austen_cloze"} and zs["limit"] == 24
+    before = {p: p.read_bytes() for p in folder.glob("*/result.json")}
+    proc = cli("runners.run", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped: already recorded") == 18
+    assert {p: p.read_bytes() for p in folder.glob("*/result.json")} == before
+
+
+@pytest.fixture(scope="module")
+def report(preset_sweep):
+    folder, _ = preset_sweep
+    proc = cli("runners.report", str(folder), "--wandb", "offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder, folder / "report", proc.stdout
+
+
+def test_report_writes_tables_plots_and_csv(report):
+    _, out, stdout = report
+    for name in ("ppl", "ppl_by_sparsity", "zeroshot"):
+        for ext in ("md", "csv", "tex"):
+            assert (out / f"{name}.{ext}").stat().st_size > 100, f"{name}.{ext}"
+    import matplotlib.image
+
+    for plot in ("ppl_vs_sparsity.png", "zeroshot_vs_sparsity.png"):
+        image = matplotlib.image.imread(out / plot)
+        assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.01  # not blank
+    assert "bundled@256" in (out / "ppl.md").read_text()  # the caption names the protocol
+    assert "\\begin{table}" in (out / "ppl.tex").read_text()
+    assert "Perplexity" in stdout
+
+
+def test_ppl_table_matches_the_records_with_dense_first_and_deltas(report):
+    folder, out, _ = report
+    records = load(folder)
+    table = pd.read_csv(out / "ppl.csv", dtype={"pattern": str})
+    assert tuple(table.iloc[0][["method", "pattern"]]) == ("dense", "dense")
+    assert pattern_order(table.pattern) == ["dense", "50%", "4:8", "2:4"]
+    value = {(r["model"]["name"], r["pruner"], r["pattern"]["label"]): r["metrics"]["ppl"]["bundled@256"]["value"]
+             for r in records}
+    row = table[(table.method == "wanda") & (table.pattern == "2:4")].iloc[0]
+    for model in ("tiny-llama", "tiny-opt"):
+        ours = value[(model, "wanda", "2:4")]
+        assert row[f"{model} | bundled@256 | ours"] == pytest.approx(ours)
+        assert row[f"{model} | bundled@256 | delta"] == pytest.approx(ours - value[(model, "dense", "dense")])
+
+
+def test_paper_column_comes_from_the_presets_published_numbers(report):
+    _, out, _ = report
+    table = pd.read_csv(out / "ppl.csv", dtype={"pattern": str})
+    paper = load_published("wanda-llama").set_index(["model", "method", "pattern", "dataset"])["value"]
+    # the tiny preset maps tiny-llama -> llama-7b and bundled@256 -> wikitext2@2048 (a shape check)
+    for method, pattern in (("dense", "dense"), ("wanda", "50%"), ("wanda", "2:4"), ("magnitude", "4:8")):
+        row = table[(table.method == method) & (table.pattern == pattern)].iloc[0]
+        assert row["tiny-llama | bundled@256 | paper"] == paper[("llama-7b", method, pattern, "wikitext2@2048")]
+        assert row["tiny-llama | bundled@256 | ours"] > 0
+    assert "tiny-opt | bundled@256 | paper" not in table.columns  # no paper model for tiny-opt
+    assert "paper" in (out / "ppl.md").read_text() and "llama-7b" in (out / "ppl.md").read_text()
+
+
+def test_zeroshot_table_has_tasks_average_and_delta(report):
+    folder, out, _ = report
+    table = pd.read_csv(out / "zeroshot.csv", dtype={"pattern": str})
+    assert {"austen_next", "austen_cloze", "average", "delta avg"} <= set(table.columns)
+    for _, row in table.iterrows():
+        assert row["average"] == pytest.approx((row["austen_next"] + row["austen_cloze"]) / 2)
+    dense = table[(table.model == "tiny-opt") & (table.method == "dense")].iloc[0]
+    some = table[(table.model == "tiny-opt") & (table.method == "magnitude") & (table.pattern == "2:4")].iloc[0]
+    assert some["delta avg"] == pytest.approx(some["average"] - dense["average"])
+
+
+def test_report_logs_tables_and_plots_to_wandb_offline(report):
+    folder, _, _ = report
+    runs = [r for r in tracking.offline_runs(folder) if tracking.read_offline_run(r)["job_type"] == "report"]
+    assert len(runs) == 1
+    logged = tracking.read_offline_run(runs[0])
+    assert logged["group"] == "tiny-wanda-llama"
+    names = set(logged["tables"])
+    assert any(n.startswith("ppl_") and not n.startswith("ppl_by") for n in names)
+    assert any(n.startswith("zeroshot_") for n in names)
+    assert len(logged["images"]) == 2
+    (ppl,) = [t for n, t in logged["tables"].items() if n.startswith("ppl_") and not n.startswith("ppl_by")]
+    table = pd.read_csv(report[1] / "ppl.csv")
+    assert len(ppl["data"]) == len(table) and ppl["columns"] == list(table.columns)
+
+
+def test_report_bad_input_exits_2(tmp_path):
+    assert main([str(tmp_path / "missing")]) == 2
+    assert main([str(tmp_path)]) == 2  # no records
+    assert main([str(tmp_path), "--published", "no-such-preset"]) == 2
+
+
+@pytest.mark.parametrize("preset", ["tiny-unstructured-nm", "tiny-sparsegpt-opt", "tiny-numprune-llama",
+                                    "tiny-mamba-apt"])
+def test_every_tiny_preset_runs_offline_and_reports_against_its_paper(tmp_path, preset):
+    proc = cli("runners.run", f"+experiment={preset}", f"output_root={tmp_path}", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / preset
+    records = load(folder)
+    assert records and all(r["metrics"]["ppl"] for r in records)
+    rep = cli("runners.report", str(folder), "--wandb", "disabled")
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    table = pd.read_csv(folder / "report" / "ppl.csv", dtype={"pattern": str})
+    published = records[0]["config"]["report"]["published"]
+    if published:
+        paper_cols = [c for c in table.columns if c.endswith("| paper")]
+        assert paper_cols, "a preset with published numbers gets a paper column"
