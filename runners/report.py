@@ -393,7 +393,8 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
         captions = {key: _captions(frame[(frame.model == key[0]) & (frame.dataset == key[1])],
                                    lambda f: f.metric == "ppl") for key in by_sparsity}
         (out / "ppl_by_sparsity.md").write_text(markdown_by_sparsity(by_sparsity, captions))
-        flat = pd.concat([p.reset_index().assign(model=k[0], dataset=k[1]) for k, p in by_sparsity.items()])
+        flat = pd.concat([p.reset_index().assign(model=k[0], dataset=k[1]) for k, p in by_sparsity.items()],
+                         ignore_index=True)
         flat.to_csv(out / "ppl_by_sparsity.csv", index=False)
         (out / "ppl_by_sparsity.tex").write_text("\n".join(
             latex(p.reset_index().rename(columns={"index": "method"}), f"{k[0]}, perplexity, {captions[k]}",

@@ -94,8 +94,7 @@ def log_report(opts: dict, name: str, tables: dict, images: dict) -> str | None:
 
         run = _init(opts, name, "report", {"tables": sorted(tables), "plots": sorted(images)})
         try:
-            payload = {key: wandb.Table(dataframe=frame.reset_index(drop=True).astype(object).where(frame.notna(), None))
-                       for key, frame in tables.items()}
+            payload = {key: wandb.Table(dataframe=_json_ready(frame)) for key, frame in tables.items()}
             payload.update({key: wandb.Image(str(path)) for key, path in images.items()})
             run.log(payload)
             folder = str(Path(run.dir).parent)
@@ -105,6 +104,12 @@ def log_report(opts: dict, name: str, tables: dict, images: dict) -> str | None:
     except Exception as err:
         log.warning("W&B report logging skipped (%s: %s)", type(err).__name__, err)
         return None
+
+
+def _json_ready(frame):
+    """A fresh 0..n-1 index (tables concatenated from pivots repeat labels) and None for missing cells."""
+    frame = frame.reset_index(drop=True).astype(object)
+    return frame.where(frame.notna(), None)
 
 
 # ---------------------------------------------------------------------------------------------
