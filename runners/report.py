@@ -337,6 +337,11 @@ def plot_vs_sparsity(frame: pd.DataFrame, metric: str, dataset: str | None, ylab
                 offset = 1.2 * (1 + nm_patterns.index(nm.pattern))
                 ax.scatter([_x(nm.pattern) + offset], [nm.value], marker=nm_marker[nm.pattern], s=40,
                            color=colors[method], edgecolors="black", linewidths=0.5, zorder=3)
+        # ticks at the measured unstructured ratios and at each N:M marker, labelled by its pattern
+        ratios = sorted({_x(p) for p in cell.pattern if p != DENSE and ":" not in p})
+        nm_here = [p for p in nm_patterns if p in set(cell.pattern)]
+        ax.set_xticks([*ratios, *(_x(p) + 1.2 * (1 + nm_patterns.index(p)) for p in nm_here)],
+                      [*(f"{r:g}%" for r in ratios), *nm_here])
         values = cell.value[cell.value > 0]
         if metric == "ppl" and len(values) and values.max() / values.min() > 10:
             ax.set_yscale("log")
@@ -347,7 +352,7 @@ def plot_vs_sparsity(frame: pd.DataFrame, metric: str, dataset: str | None, ylab
     handles = [Line2D([], [], color="black", linestyle="--", label="dense")]
     handles += [Line2D([], [], color=colors[m], marker="o", label=m) for m in methods]
     handles += [Line2D([], [], color="gray", marker=nm_marker[p], linestyle="none", markeredgecolor="black",
-                       label=f"{p} (at {_x(p):.0f}%, shifted right)") for p in nm_patterns]
+                       label=f"{p} ({_x(p):.0f}% sparse)") for p in nm_patterns]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 2.1 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=120)
