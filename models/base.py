@@ -53,11 +53,24 @@ class UnitGroup:
     ``owned[param_path] = (axis, index)`` where ``index`` has shape ``[count, width]``: unit ``u``
     owns ``param.index_select(axis, index[u])``. Axis 0 of a linear weight is its output rows,
     axis 1 its input columns. Removing unit ``u`` means deleting those slices everywhere.
+
+    ``reader`` is the linear whose input columns carry the units' outputs (o_proj / out_proj, down_proj
+    / fc2, Mamba's out_proj): where structured methods score units and compensate their removal
+    (METHODS.md §4.1, §3.7). ``refines`` names the group this one is a finer alternative of (query
+    heads inside KV groups): a structured method uses one or the other, never both.
     """
 
     kind: str
     count: int
     owned: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    reader: str = ""
+    refines: str | None = None
+
+    def reader_columns(self) -> torch.Tensor:
+        """``[count, width]`` input columns of ``reader`` owned by each unit."""
+        axis, index = self.owned[f"{self.reader}.weight"]
+        assert axis == 1, "a unit group's reader owns input columns"
+        return index
 
     def params_per_unit(self, block: nn.Module) -> int:
         total = 0
@@ -128,8 +141,100 @@ class Adapter:
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    # --- structured removal (METHODS.md §1.4) -----------------------------------------------------
+    def unit_group(self, block: nn.Module, kind: str) -> UnitGroup:
+        for group in self.unit_groups(block):
+            if group.kind == kind:
+                return group
+        raise ValueError(f"{self.family} blocks have no '{kind}' units "
+                         f"(they have: {', '.join(g.kind for g in self.unit_groups(block))})")
+
+    def structure_groups(self, block: nn.Module, refined: tuple[str, ...] = ()) -> list[UnitGroup]:
+        """Unit groups that together partition a block's structures: the coarse groups, except where a
+        finer alternative is named in ``refined`` (e.g. ``("query_head",)`` instead of whole KV groups)."""
+        groups = self.unit_groups(block)
+        chosen = {g.refines for g in groups if g.kind in refined and g.refines}
+        return [g for g in groups if (g.refines is None and g.kind not in chosen) or g.kind in refined]
+
+    def block_counts(self, block: nn.Module) -> dict[str, int]:
+        """Units of every kind this block has now (after any removal)."""
+        return {g.kind: g.count for g in self.unit_groups(block)}
+
+    def check_removal(self, block: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
+        """Raise ValueError if keeping only ``keep`` of ``group`` leaves an invalid block (family rules)."""
+        if keep.numel() == 0:
+            raise ValueError(f"removing every {group.kind} of a block is not supported (keep at least one)")
+
+    def remove_units(self, block: nn.Module, kind: str, keep) -> None:
+        """Physically delete every unit of ``kind`` not in ``keep`` (indices): the owned slices of every
+        parameter are cut out, linears / convolutions get their new sizes, then the family updates the
+        block's own size attributes (:meth:`resized`)."""
+        group = self.unit_group(block, kind)
+        keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+        if keep.numel() and (keep.min() < 0 or keep.max() >= group.count or keep.unique().numel() != keep.numel()):
+            raise ValueError(f"keep indices for {kind} must be distinct and in [0, {group.count})")
+        self.check_removal(block, group, keep)
+        if keep.numel() == group.count:
+            return
+        for path, (axis, index) in group.owned.items():
+            param = block.get_parameter(path)
+            # the complement of the removed slices, in the parameter's own order (Mamba's in_proj: x rows, then gate rows)
+            kept = index[keep].reshape(-1).sort().values.to(param.device)
+            module_path, _, name = path.rpartition(".")
+            module = block.get_submodule(module_path) if module_path else block
+            setattr(module, name, nn.Parameter(param.data.index_select(axis, kept).contiguous(),
+                                               requires_grad=param.requires_grad))
+        for module in block.modules():
+            _sync_sizes(module)
+        self.resized(block, kind, int(keep.numel()))
+
+    def repair_keep(self, block: nn.Module, group: UnitGroup, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """A keep mask for ``group`` that the family can realize, as close as possible to ``keep`` (the
+        units with the highest ``scores`` win where a rule forces a change); here: ``keep`` as it is."""
+        return keep
+
+    def default_keep(self, block: nn.Module, group: UnitGroup, count: int) -> torch.Tensor:
+        """Which ``count`` units a reloaded checkpoint keeps (only the shapes matter: weights are loaded after)."""
+        return torch.arange(count)
+
+    def restructure(self, block: nn.Module, counts: dict[str, int]) -> None:
+        """Shrink a freshly built block to ``counts`` units per kind (the loader of pruned checkpoints)."""
+        for group in self.unit_groups(block):  # coarse groups first: a refinement is counted inside them
+            if group.kind in counts and counts[group.kind] != self.unit_group(block, group.kind).count:
+                current = self.unit_group(block, group.kind)
+                self.remove_units(block, group.kind, self.default_keep(block, current, counts[group.kind]))
+
+    def resized(self, block: nn.Module, kind: str, count: int) -> None:
+        """Family hook: update per-layer size attributes after ``kind`` now has ``count`` units."""
+
+    def config_for_counts(self, counts: dict[str, int]) -> dict | None:
+        """Config fields that make a fresh model of this family have ``counts`` units in every block,
+        or None where the family's config cannot express it (then only the PruneLab loader reloads)."""
+        return None
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last block's output (final norm, projections, LM head)."""
         for module in self.post_block_modules():
             hidden = module(hidden)
         return hidden
+
+
+def _sync_sizes(module: nn.Module) -> None:
+    """Make a linear's / convolution's size attributes agree with its (cut) parameters."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.Conv1d):
+        channels = module.weight.shape[0]
+        depthwise = module.groups == module.in_channels
+        module.out_channels = channels
+        if depthwise:
+            module.in_channels = module.groups = channels
+
+
+def add_bias(linear: nn.Linear) -> torch.Tensor:
+    """The linear's bias, created as zeros first where it has none (FLAP's bias compensation)."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device))
+        linear.prunelab_added_bias = True  # a fresh model of this config has none: the checkpoint says so
+    return linear.bias

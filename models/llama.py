@@ -7,6 +7,8 @@ KV heads, each shared by ``num_attention_heads / num_key_value_heads`` query hea
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous
@@ -34,8 +36,13 @@ class LlamaAdapter(Adapter):
             LinearGroup(("mlp.down_proj",), Tap("mlp.down_proj")),
         ]
 
-    def head_layout(self) -> tuple[int, int, int]:
-        """(query heads, key/value heads, head dim)."""
+    def head_layout(self, block=None) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head dim): of ``block`` as it is now (after any head removal),
+        or of the config."""
+        if block is not None:
+            attn = block.self_attn
+            head_dim = attn.head_dim
+            return attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, head_dim
         cfg = self.config
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -43,7 +50,7 @@ class LlamaAdapter(Adapter):
         return heads, kv_heads, head_dim
 
     def unit_groups(self, block):
-        heads, kv_heads, head_dim = self.head_layout()
+        heads, kv_heads, head_dim = self.head_layout(block)
         rep = heads // kv_heads
         attn = block.self_attn
         q_rows = _contiguous(heads, head_dim)  # query head h
@@ -61,16 +68,63 @@ class LlamaAdapter(Adapter):
         with_bias(kv_owned, "k_proj", kv_rows)
         with_bias(kv_owned, "v_proj", kv_rows)
         kv_owned["self_attn.o_proj.weight"] = (1, group_q_rows)
-        groups = [UnitGroup("kv_group", kv_heads, kv_owned)]
+        groups = [UnitGroup("kv_group", kv_heads, kv_owned, reader="self_attn.o_proj")]
         if rep > 1:
-            # query heads inside their groups (removal must keep every group non-empty; structured issue)
+            # query heads inside their groups: every group must keep the same number (check_removal)
             q_owned: dict = {}
             with_bias(q_owned, "q_proj", q_rows)
             q_owned["self_attn.o_proj.weight"] = (1, q_rows)
-            groups.append(UnitGroup("query_head", heads, q_owned))
+            groups.append(UnitGroup("query_head", heads, q_owned, reader="self_attn.o_proj", refines="kv_group"))
         inter = block.mlp.gate_proj.out_features
         neurons = _contiguous(inter, 1)
-        groups.append(UnitGroup("mlp_neuron", inter, {
-            "mlp.gate_proj.weight": (0, neurons), "mlp.up_proj.weight": (0, neurons), "mlp.down_proj.weight": (1, neurons),
-        }))
+        owned = {"mlp.gate_proj.weight": (0, neurons), "mlp.up_proj.weight": (0, neurons),
+                 "mlp.down_proj.weight": (1, neurons)}
+        for proj in ("gate_proj", "up_proj"):
+            if getattr(block.mlp, proj).bias is not None:
+                owned[f"mlp.{proj}.bias"] = (0, neurons)
+        groups.append(UnitGroup("mlp_neuron", inter, owned, reader="mlp.down_proj"))
         return groups
+
+    def _groups_of_query_heads(self, block, keep: torch.Tensor) -> torch.Tensor:
+        heads, kv_heads, _ = self.head_layout(block)
+        return torch.bincount(keep // (heads // kv_heads), minlength=kv_heads)
+
+    def check_removal(self, block, group, keep):
+        super().check_removal(block, group, keep)
+        if group.kind == "query_head":
+            per_group = self._groups_of_query_heads(block, keep)
+            if len(set(per_group.tolist())) != 1:
+                raise ValueError(f"query heads kept per KV group must be equal (repeat_kv shares each KV head "
+                                 f"with the same number of query heads); got {per_group.tolist()}")
+
+    def repair_keep(self, block, group, keep, scores):
+        if group.kind != "query_head":
+            return keep
+        # every KV group keeps the same number of query heads: the allocated total, spread evenly
+        heads, kv_heads, _ = self.head_layout(block)
+        rep = heads // kv_heads
+        per_group = min(rep, max(1, math.floor(int(keep.sum()) / kv_heads + 0.5)))  # nearest, ties keep more
+        best = torch.argsort(scores.view(kv_heads, rep).double(), dim=1, descending=True, stable=True)[:, :per_group]
+        fixed = torch.zeros(kv_heads, rep, dtype=torch.bool)
+        fixed.scatter_(1, best, True)
+        return fixed.view(-1)
+
+    def default_keep(self, block, group, count):
+        if group.kind == "query_head":  # the first count / kv_heads query heads of every group
+            heads, kv_heads, _ = self.head_layout(block)
+            rep, per_group = heads // kv_heads, count // kv_heads
+            return (torch.arange(kv_heads).unsqueeze(1) * rep + torch.arange(per_group)).reshape(-1)
+        return super().default_keep(block, group, count)
+
+    def resized(self, block, kind, count):
+        if kind == "query_head":
+            heads, kv_heads, _ = self.head_layout(block)
+            block.self_attn.num_key_value_groups = heads // kv_heads
+        elif kind == "mlp_neuron":
+            block.mlp.intermediate_size = count
+
+    def config_for_counts(self, counts):
+        kv_heads = counts["kv_group"]
+        heads = counts.get("query_head", kv_heads)  # no query_head group: one query head per KV head
+        return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": self.head_layout()[2],
+                "intermediate_size": counts["mlp_neuron"]}

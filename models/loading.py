@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .base import Adapter
 from .registry import adapter_class
 
@@ -98,9 +99,14 @@ def load(cfg, device: str = "cpu") -> LoadedModel:
     path, hf_config, adapter_cls = inspect_model(cfg)
     dtype = torch_dtype(cfg.get("dtype", "auto"), device)
     kwargs = _hf_kwargs(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=cfg.get("attn_implementation") or None, **kwargs
-    )
+    structure = None
+    if checkpoint.is_pruned_checkpoint(path):  # structurally pruned: block sizes from the structure file
+        model, structure = checkpoint.load_pruned(path, dtype, cfg.get("attn_implementation") or None,
+                                                  kwargs["trust_remote_code"])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=cfg.get("attn_implementation") or None, **kwargs
+        )
     model.eval()
     model.config.use_cache = False
     tok_path = resolve_path(cfg.tokenizer) if cfg.get("tokenizer") else path
@@ -115,5 +121,7 @@ def load(cfg, device: str = "cpu") -> LoadedModel:
         "dtype": str(dtype).replace("torch.", ""),
         "parameters": sum(p.numel() for p in model.parameters()),
         "commit_hash": getattr(hf_config, "_commit_hash", None),
+        "pruned_structure": None if structure is None else {"blocks": structure["blocks"],
+                                                            "added_biases": len(structure["added_biases"])},
     }
     return LoadedModel(model, tokenizer, adapter_cls(model), source)

@@ -57,4 +57,9 @@ class MambaAdapter(Adapter):
             module, _, name = path.rpartition(".")
             if getattr(block.get_submodule(module), name, None) is not None:
                 owned[path] = (0, index)
-        return [UnitGroup("mamba_channel", d_inner, owned)]
+        return [UnitGroup("mamba_channel", d_inner, owned, reader="mixer.out_proj")]
+
+    def resized(self, block, kind, count):
+        block.mixer.intermediate_size = count
+    # config_for_counts: MambaConfig derives intermediate_size = int(expand * hidden_size) (expand an int),
+    # so a pruned Mamba reloads through models.load_pruned only

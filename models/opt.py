@@ -34,8 +34,8 @@ class OPTAdapter(Adapter):
 
     def unit_groups(self, block):
         attn = block.self_attn
-        heads = self.config.num_attention_heads
-        head_dim = attn.q_proj.out_features // heads
+        head_dim = attn.head_dim
+        heads = attn.q_proj.out_features // head_dim  # as the block is now (after any head removal)
         rows = _contiguous(heads, head_dim)
         head_owned = {}
         for proj in ("q_proj", "k_proj", "v_proj"):
@@ -48,4 +48,15 @@ class OPTAdapter(Adapter):
         neuron_owned = {"fc1.weight": (0, neurons), "fc2.weight": (1, neurons)}
         if block.fc1.bias is not None:
             neuron_owned["fc1.bias"] = (0, neurons)
-        return [UnitGroup("attention_head", heads, head_owned), UnitGroup("mlp_neuron", ffn, neuron_owned)]
+        return [UnitGroup("attention_head", heads, head_owned, reader="self_attn.out_proj"),
+                UnitGroup("mlp_neuron", ffn, neuron_owned, reader="fc2")]
+
+    def resized(self, block, kind, count):
+        if kind == "attention_head":  # OPTAttention reshapes with num_heads
+            block.self_attn.num_heads = count
+
+    def config_for_counts(self, counts):
+        # OPTConfig derives head_dim = hidden_size / num_attention_heads: fewer heads are not expressible
+        if counts["attention_head"] != self.config.num_attention_heads:
+            return None
+        return {"ffn_dim": counts["mlp_neuron"]}

@@ -5,13 +5,15 @@ from __future__ import annotations
 from .apt import APT
 from .base import ModuleResult, Pruner
 from .dense import Dense
-from .engine import capture_block_inputs, prune_sequential, run_block
+from .engine import capture_block_inputs, prune_sequential, run_block, walk_blocks
+from .flap import FLAP
 from .magnitude import Magnitude
 from .masks import Pattern
+from .numerical import Numerical
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-PRUNERS: dict[str, type[Pruner]] = {cls.name: cls for cls in (Dense, Magnitude, Wanda, SparseGPT, APT)}
+PRUNERS: dict[str, type[Pruner]] = {cls.name: cls for cls in (Dense, Magnitude, Wanda, SparseGPT, APT, Numerical, FLAP)}
 
 
 def build_pruner(cfg: dict) -> Pruner:
@@ -28,4 +30,4 @@ def build_pruner(cfg: dict) -> Pruner:
 
 
 __all__ = ["PRUNERS", "Pattern", "Pruner", "ModuleResult", "build_pruner", "prune_sequential",
-           "capture_block_inputs", "run_block"]
+           "capture_block_inputs", "run_block", "walk_blocks"]

@@ -19,6 +19,8 @@ class ModuleResult:
     pruned: int
     total: int
     loss: float | None = None  # the method's own layer-wise loss estimate, where it has one
+    unit_kind: str | None = None  # structured pruning: the kind of unit removed (recorded under its reader)
+    kept_units: list[int] | None = None  # ... and the indices of the units kept
 
 
 class Pruner:
@@ -50,6 +52,13 @@ class Pruner:
     def prune_group(self, modules: dict[str, nn.Linear], stat, pattern: Pattern) -> dict[str, ModuleResult]:
         """Prune the linears of one group in place, using the group's statistic."""
         raise NotImplementedError
+
+    def prune(self, model, adapter, pattern: Pattern, calib_ids, device="cpu", batch_size: int = 8,
+              stats_dtype=torch.float32, progress: bool = True) -> dict[str, ModuleResult]:
+        """Prune the whole model; layer-wise methods go block by block through the sequential engine."""
+        from .engine import prune_sequential
+
+        return prune_sequential(model, adapter, self, pattern, calib_ids, device, batch_size, stats_dtype, progress)
 
 
 def apply_prune_mask(module: nn.Linear, weight: torch.Tensor, prune_mask: torch.Tensor) -> ModuleResult:

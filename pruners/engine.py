@@ -105,49 +105,67 @@ def run_block(adapter: Adapter, block: nn.Module, inputs: BlockInputs) -> list[t
     return [adapter.call_block(block, h, inputs.kwargs(h)) for h in inputs.batches]
 
 
-@torch.no_grad()
-def prune_sequential(model, adapter: Adapter, pruner: Pruner, pattern: Pattern, calib_ids: torch.Tensor | None,
-                     device="cpu", batch_size: int = 8, stats_dtype=torch.float32, progress: bool = True
-                     ) -> dict[str, ModuleResult]:
-    """Prune every block in order; returns per-module results keyed by full module name."""
-    pruner.check(pattern)
+def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of, statistic, device="cpu",
+                batch_size: int = 8, stats_dtype=torch.float32, propagate: str = "pruned", progress: bool = True,
+                desc: str = "blocks"):
+    """Yield ``(index, block, stats)`` for every block in order, the block on ``device``.
+
+    ``taps_of(block)`` maps keys to ``(Tap, width)``: each gets a ``statistic(width, device, dtype)``
+    fed by a hook while the calibration windows run through the block (``stats`` is empty without
+    calibration data). The consumer may change the block (prune it, remove units) before asking for
+    the next one; the next block's inputs are then this block's outputs after the change
+    (``propagate="pruned"``) or before it (``"dense"``). Used under ``torch.no_grad()``.
+    """
     blocks = adapter.blocks()
-    prefix = adapter.blocks_prefix()
-    inputs = None
-    if pruner.needs_calibration:
-        if calib_ids is None:
-            raise ValueError(f"pruner '{pruner.name}' needs calibration data")
-        inputs = capture_block_inputs(model, adapter, calib_ids, device, batch_size)
-    results: dict[str, ModuleResult] = {}
-    bar = tqdm(range(len(blocks)), desc=f"{pruner.name} {pattern.describe()}", unit="block", disable=not progress)
-    for index in bar:
+    inputs = capture_block_inputs(model, adapter, calib_ids, device, batch_size) if calib_ids is not None else None
+    for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
         block = blocks[index]
         block.to(device)
-        groups = adapter.linear_groups(block)
-        stats = {}
+        stats, dense_outputs = {}, None
         if inputs is not None:
             handles = []
-            for group in groups:
-                first = block.get_submodule(group.names[0])
-                stats[group] = pruner.statistic(first.in_features, device, stats_dtype)
-                handles.append(_hook(block.get_submodule(group.tap.module), group.tap, stats[group]))
+            for key, (tap, width) in taps_of(block).items():
+                stats[key] = statistic(width, device, stats_dtype)
+                handles.append(_hook(block.get_submodule(tap.module), tap, stats[key]))
             try:
                 dense_outputs = run_block(adapter, block, inputs)
             finally:
                 for handle in handles:
                     handle.remove()
-            for group, stat in stats.items():
+            for key, stat in stats.items():
                 if stat.count == 0:  # e.g. a fused kernel that bypassed the hooked module
-                    raise RuntimeError(f"block {index}: tap {group.tap} never saw an input for {group.names}")
-        for group in groups:
-            modules = {name: block.get_submodule(name) for name in group.names}
-            for name, result in pruner.prune_group(modules, stats.get(group), pattern).items():
-                results[f"{prefix}.{index}.{name}"] = result
+                    raise RuntimeError(f"block {index}: tap for {key} never saw an input")
+        yield index, block, stats
         del stats
         if inputs is not None:
-            outputs = run_block(adapter, block, inputs) if pruner.propagate == "pruned" else dense_outputs
+            outputs = run_block(adapter, block, inputs) if propagate == "pruned" else dense_outputs
             inputs = BlockInputs(outputs, inputs.kwargs_by_batch_size)
         if str(device) != "cpu":
             block.to("cpu")
             torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def prune_sequential(model, adapter: Adapter, pruner: Pruner, pattern: Pattern, calib_ids: torch.Tensor | None,
+                     device="cpu", batch_size: int = 8, stats_dtype=torch.float32, progress: bool = True
+                     ) -> dict[str, ModuleResult]:
+    """Prune every block in order (layer-wise methods); returns per-module results keyed by full module name."""
+    pruner.check(pattern)
+    if pruner.needs_calibration and calib_ids is None:
+        raise ValueError(f"pruner '{pruner.name}' needs calibration data")
+    prefix = adapter.blocks_prefix()
+
+    def taps_of(block):  # one statistic per group of linears sharing an input
+        return {group: (group.tap, block.get_submodule(group.names[0]).in_features)
+                for group in adapter.linear_groups(block)}
+
+    results: dict[str, ModuleResult] = {}
+    blocks = walk_blocks(model, adapter, calib_ids if pruner.needs_calibration else None, taps_of, pruner.statistic,
+                         device, batch_size, stats_dtype, pruner.propagate, progress,
+                         desc=f"{pruner.name} {pattern.describe()}")
+    for index, block, stats in blocks:
+        for group in adapter.linear_groups(block):
+            modules = {name: block.get_submodule(name) for name in group.names}
+            for name, result in pruner.prune_group(modules, stats.get(group), pattern).items():
+                results[f"{prefix}.{index}.{name}"] = result
     return results

@@ -59,6 +59,39 @@ class ColumnSquares(Statistic):
         return self.mean_sq.sqrt()
 
 
+class ChannelMoments(Statistic):
+    """Per input feature j: mean ``x̄_j``, sample variance (FLAP's "fluctuation") and mean square.
+
+    Batches are merged with Chan et al.'s parallel update of (mean, sum of squared deviations), which
+    stays accurate in fp32 where ``E[x^2] - E[x]^2`` would cancel.
+    """
+
+    def __init__(self, dim, device, dtype=torch.float32):
+        super().__init__(dim, device, dtype)
+        self.mean = torch.zeros(dim, device=device, dtype=dtype)
+        self.m2 = torch.zeros(dim, device=device, dtype=dtype)
+
+    def add(self, x):
+        rows = self._rows(x)
+        new = rows.shape[0]
+        batch_mean = rows.mean(0)
+        batch_m2 = (rows - batch_mean).pow(2).sum(0)
+        total = self.count + new
+        delta = batch_mean - self.mean
+        self.mean += delta * (new / total)
+        self.m2 += batch_m2 + delta.pow(2) * (self.count * new / total)
+        self.count = total
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Unbiased sample variance over tokens (FLAP's ``fluc_inp``)."""
+        return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        return self.m2 / max(self.count, 1) + self.mean.pow(2)
+
+
 def damped_inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6):
     """Upper Cholesky factor ``U`` of ``(H + damp*I)^{-1}`` (``H^{-1} = U^T U``) and the dead-input mask.
 

@@ -97,7 +97,7 @@ def run_id(config: dict, prunes: bool = True, calibrates: bool = True) -> str:
     A run that prunes nothing (dense) does not depend on the sparsity pattern, and one without
     calibration (dense, magnitude) not on the calibration data, so those keys leave its id.
     """
-    ignored = (set(NON_RESULT_KEYS) | ({"sparsity", "engine"} if not prunes else set())
+    ignored = (set(NON_RESULT_KEYS) | ({"sparsity", "engine", "speed", "save_model"} if not prunes else set())
                | ({"calib"} if not calibrates else set()))
     relevant = {k: v for k, v in config.items() if k not in ignored}
     relevant["_code"] = source_digest()

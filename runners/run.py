@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import corpora
 import models
 from evaluators.ppl import perplexity, protocol_windows
-from pruners import prune_sequential
+from evaluators.speed import measure_speed, speedup
 from pruners.masks import sparsity as measured_sparsity
 
 from . import tracking
@@ -75,6 +75,68 @@ def _sparsity_section(adapter, plan: Plan, prunes: bool) -> dict:
             total += linear.weight.numel()
     return {"target": plan.pattern.target_sparsity if prunes else 0.0, "overall": round(zeros / max(total, 1), 6),
             "prunable_parameters": total, "per_module": per_module}
+
+
+def _unit_parameters(adapter) -> int:
+    """Parameters owned by removable units (attention + MLP, or Mamba mixers): what ``sparsity.ratio`` counts."""
+    return sum(g.count * g.params_per_unit(block) for block in adapter.blocks() for g in adapter.structure_groups(block))
+
+
+def _structure_before(model, adapter) -> dict:
+    return {"parameters": sum(p.numel() for p in model.parameters()), "unit_parameters": _unit_parameters(adapter),
+            "blocks": [adapter.block_counts(block) for block in adapter.blocks()]}
+
+
+def _structure_section(model, adapter, plan: Plan, before: dict, module_results: dict) -> tuple[dict, dict]:
+    """Structured runs: parameter counts before / after, per-block kept units (and which), and the
+    sparsity section in the same terms (removed fraction of the unit-owned parameters)."""
+    after = _structure_before(model, adapter)
+    removed = 1 - after["unit_parameters"] / before["unit_parameters"]
+    prefix = adapter.blocks_prefix()
+    blocks = []
+    for index, (was, now) in enumerate(zip(before["blocks"], after["blocks"], strict=True)):
+        entry = {kind: {"kept": now[kind], "of": was[kind]} for kind in was}
+        for name, result in module_results.items():
+            if result.kept_units is not None and name.startswith(f"{prefix}.{index}."):
+                entry[result.unit_kind]["kept_units"] = result.kept_units
+        blocks.append(entry)
+    structure = {"parameters_before": before["parameters"], "parameters_after": after["parameters"],
+                 "unit_parameters_before": before["unit_parameters"], "unit_parameters_after": after["unit_parameters"],
+                 "removed_fraction": round(removed, 6), "blocks": blocks}
+    sparsity = {"target": plan.pattern.ratio, "overall": round(removed, 6),
+                "prunable_parameters": before["unit_parameters"],
+                "per_module": {name: round(r.pruned / r.total, 6) for name, r in module_results.items()}}
+    return structure, sparsity
+
+
+def _speed_wanted(cfg: DictConfig, plan: Plan) -> bool:
+    mode = str(cfg.speed.mode)
+    return mode == "on" or (mode == "auto" and plan.pattern.kind == "structured" and plan.pruner.removes_weights)
+
+
+def _speed(cfg: DictConfig, model, device: str) -> dict:
+    sp = cfg.speed
+    return measure_speed(model, device, int(sp.batch_size), int(sp.prompt_len), int(sp.new_tokens), int(sp.repeats),
+                         int(sp.warmup), seed=int(cfg.seed), threads=sp.get("threads"))
+
+
+def _save_model(loaded, directory: Path) -> str:
+    """Save the pruned model (structure file included) into ``directory``, via a temporary folder: a
+    killed run never leaves a half-written model there."""
+    import shutil
+    import tempfile
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tmp-model-"))
+    try:
+        models.save_pruned(loaded.model, loaded.tokenizer, tmp, loaded.adapter)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(directory)
 
 
 def _evaluate(cfg: DictConfig, plan: Plan, loaded, task_dict, timings: dict, tag: str = "") -> dict:
@@ -214,18 +276,41 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
         calib_ids, calibration = windows.ids, windows.provenance
         t = _timed(timings, "calibration_data", t)
 
+    structured = prunes and plan.pattern.kind == "structured"
+    before = _structure_before(model, adapter) if structured else None
+    dense_speed = None
+    if _speed_wanted(cfg, plan):  # the dense model's speed, in this process, for a like-for-like ratio
+        dense_speed = _speed(cfg, model, plan.device)
+        t = _timed(timings, "speed/dense", t)
     stats_dtype = torch.float64 if cfg.engine.stats_dtype == "float64" else torch.float32
-    module_results = prune_sequential(model, adapter, plan.pruner, plan.pattern, calib_ids, plan.device,
-                                      int(cfg.engine.batch_size), stats_dtype, bool(cfg.progress))
+    module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids, plan.device,
+                                       int(cfg.engine.batch_size), stats_dtype, bool(cfg.progress))
     t = _timed(timings, "prune", t)
-    sparsity = _sparsity_section(adapter, plan, prunes)
+    structure = None
+    if structured:
+        structure, sparsity = _structure_section(model, adapter, plan, before, module_results)
+    else:
+        sparsity = _sparsity_section(adapter, plan, prunes)
     metrics = _evaluate(cfg, plan, loaded, task_dict, timings)
+    t = time.perf_counter()
+    if dense_speed is not None:
+        pruned_speed = _speed(cfg, model, plan.device)
+        metrics["speed"] = {"dense": dense_speed, "pruned": pruned_speed, "speedup": speedup(dense_speed, pruned_speed)}
+        t = _timed(timings, "speed/pruned", t)
+    saved = None
+    if write and cfg.save_model:
+        saved = _save_model(loaded, out_path.parent / "model")
+        _timed(timings, "save_model", t)
     timings["total"] = round(time.perf_counter() - t_start, 3)
 
     pattern = ({"kind": plan.pattern.kind, "ratio": plan.pattern.ratio, "n": plan.pattern.n, "m": plan.pattern.m,
                 "label": plan.pattern.describe()} if prunes else DENSE_PATTERN)
     record = _record(cfg, config, rid, loaded, plan.pruner.name, pattern, sparsity, metrics, timings, plan.device,
                      calibration, {k: v.loss for k, v in module_results.items() if v.loss is not None})
+    if structure is not None:
+        record["structure"] = structure
+    if saved is not None:
+        record["saved_model"] = saved
     if write:
         write_atomic(out_path, record)
         record["path"] = str(out_path)
@@ -240,20 +325,38 @@ def summary(record: dict) -> str:
         return f"{head} | skipped: already recorded at {record['path']} (force=true recomputes)"
     ppl = ", ".join(f"{k} {v['value']:.2f}" for k, v in record["metrics"]["ppl"].items()) or "no ppl"
     zeroshot = record["metrics"].get("zeroshot")
+    structure, speed = record.get("structure"), record["metrics"].get("speed")
+    if structure:
+        head_line = (f"{head} | parameters {structure['parameters_before']:,} -> {structure['parameters_after']:,} "
+                     f"({structure['parameters_after'] / structure['parameters_before'] - 1:+.1%}; attention+MLP "
+                     f"{-structure['removed_fraction']:+.1%} of {structure['unit_parameters_before']:,})")
+    else:
+        head_line = (f"{head} | sparsity {record['sparsity']['overall']:.2%} of "
+                     f"{record['sparsity']['prunable_parameters']:,} prunable weights")
     lines = [
-        f"{record['model']['name']} | {record['pruner']} | {record['pattern']['label']} | "
-        f"sparsity {record['sparsity']['overall']:.2%} of {record['sparsity']['prunable_parameters']:,} prunable weights",
+        head_line,
         f"  perplexity: {ppl}",
         *(["  zero-shot: " + ", ".join(f"{k} {v['acc']:.4f}" for k, v in zeroshot["tasks"].items())
            + f" | average acc {zeroshot['average']['acc']:.4f}"] if zeroshot else []),
+        *([_speed_line(speed)] if speed else []),
         f"  time: prune {record['timings_s']['prune']:.1f}s, total {record['timings_s']['total']:.1f}s | "
         f"peak host {record['memory']['peak_host_rss_mb']:.0f} MB",
+        *([f"  saved model: {record['saved_model']}"] if record.get("saved_model") else []),
     ]
     if record.get("status") == "reused":
         lines.append(f"  reused from {record['reused_from']}")
     if "path" in record:
         lines.append(f"  record: {record['path']}")
     return "\n".join(lines)
+
+
+def _speed_line(speed: dict) -> str:
+    d, p, x = speed["dense"], speed["pruned"], speed["speedup"]
+    setup = p["setup"]
+    return (f"  speed: decode {d['decode_ms_per_token']:.2f} -> {p['decode_ms_per_token']:.2f} ms/token "
+            f"({x['decode']:.2f}x), prefill {d['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms ({x['prefill']:.2f}x) | "
+            f"batch {setup['batch_size']}, prompt {setup['prompt_len']}, {setup['new_tokens']} new tokens, "
+            f"{setup['device']}, {setup['threads']} threads")
 
 
 def run_task(cfg: DictConfig) -> None:

@@ -108,6 +108,9 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
     if cfg.eval.ppl.mode not in ("auto", "full", "sequential"):
         raise ConfigError(f"eval.ppl.mode={cfg.eval.ppl.mode} is not one of: auto, full, sequential")
     zeroshot_tasks = _check_zeroshot(cfg.eval.get("zeroshot"))
+    speed = _check_speed(cfg.get("speed"))
+    if not isinstance(cfg.get("save_model", False), bool):
+        raise ConfigError(f"save_model={cfg.get('save_model')} must be true or false")
     wandb_mode = cfg.get("wandb", {}).get("mode", "disabled")
     if wandb_mode not in WANDB_MODES:
         raise ConfigError(f"wandb.mode={wandb_mode} is not one of: {', '.join(WANDB_MODES)}")
@@ -128,10 +131,29 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
             raise ConfigError(f"model.path={cfg.model.path}: cannot load the model config ({first})") from None
         model_type = hf_config.model_type
         limit = getattr(hf_config, "max_position_embeddings", None)
-        for key, value in (("calib.seqlen", calib_seqlen), ("eval.ppl.seqlen", eval_seqlen)):
+        for key, value in (("calib.seqlen", calib_seqlen), ("eval.ppl.seqlen", eval_seqlen),
+                           ("speed.prompt_len + speed.new_tokens", speed)):
             if limit and value > limit:
                 raise ConfigError(f"{key}={value} exceeds the model's max_position_embeddings={limit}")
     return Plan(pruner, pattern, device, model_path, model_type, calib_seqlen, eval_seqlen, protocols, zeroshot_tasks)
+
+
+def _check_speed(section) -> int:
+    """``speed``: the mode and positive sizes; returns the longest sequence it generates (0 when off)."""
+    if section is None:
+        return 0
+    if section.get("mode") not in ("auto", "on", "off"):
+        raise ConfigError(f"speed.mode={section.get('mode')} is not one of: auto, on, off")
+    for key in ("batch_size", "prompt_len", "new_tokens", "repeats"):
+        _positive_int(section.get(key), f"speed.{key}")
+    if section.new_tokens < 2:
+        raise ConfigError(f"speed.new_tokens={section.new_tokens} must be >= 2")
+    warmup = section.get("warmup", 0)
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ConfigError(f"speed.warmup={warmup} must be a non-negative integer")
+    if section.get("threads") is not None:
+        _positive_int(section.threads, "speed.threads")
+    return 0 if section.mode == "off" else int(section.prompt_len) + int(section.new_tokens)
 
 
 def published_path(name: str) -> Path:

@@ -72,6 +72,9 @@ def test_rerunning_a_sweep_recomputes_nothing(finished_sweep):
     (["-m", "pruner=wanda,sparsegpt", "sparsity.ratio=0.5,1.5"], "outside [0, 1)"),
     (["pruner=wanda,sparsegpt"], "is a sweep: add -m"),
     (["not_a_key=3"], "not_a_key"),
+    (["pruner=numerical"], "pruner 'numerical' does not support sparsity kind 'unstructured'"),
+    (["sparsity=structured", "sparsity.ratio=0.3"], "pruner 'sparsegpt' does not support sparsity kind 'structured'"),
+    (["-m", "pruner=numerical,flap", "sparsity=structured", "sparsity.ratio=0.2,1.2"], "outside [0, 1)"),
 ])
 def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args, message):
     out, _ = finished_sweep
@@ -91,3 +94,35 @@ def test_unsupported_architecture_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "model_type 'gpt2' is not supported" in proc.stderr
     assert not (Path(tmp_path) / "default").exists() or not list((Path(tmp_path) / "default").glob("*/result.json"))
+
+
+def test_structured_run_prints_the_smaller_model_its_speed_and_saves_a_reloadable_checkpoint(tmp_path):
+    """The issue's command: parameter counts before -> after, decode / prefill speed dense vs pruned, a record
+    with the kept units per block, and save_model=true -> a folder that model=local reloads exactly."""
+    speed = ["speed.repeats=2", "speed.new_tokens=4", "speed.prompt_len=16", "speed.batch_size=2", "speed.threads=1"]
+    proc = run_cli("pruner=numerical", "sparsity=structured", "sparsity.ratio=0.3", "model=tiny-llama", "save_model=true",
+                   f"output_root={tmp_path}", "sweep=struct", *FAST, *speed)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "parameters 1,262,720 -> " in proc.stdout and "speed: decode " in proc.stdout, proc.stdout
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "struct").glob("*numerical*/result.json")]
+    structure = record["structure"]
+    assert structure["parameters_after"] < structure["parameters_before"] == 1262720
+    assert record["sparsity"]["target"] == 0.3 and abs(record["sparsity"]["overall"] - 0.3) < 0.05
+    assert record["sparsity"]["overall"] == structure["removed_fraction"]
+    for block in structure["blocks"]:
+        kept = block["mlp_neuron"]
+        assert kept["of"] == 352 and len(kept["kept_units"]) == kept["kept"] < 352
+    sp = record["metrics"]["speed"]
+    assert sp["pruned"]["parameters"] == structure["parameters_after"] and sp["dense"]["setup"]["batch_size"] == 2
+    assert sp["speedup"]["parameters"] > 1
+    # the saved model reloads through the documented path with the very same perplexity
+    import models
+    from evaluators.ppl import PROTOCOLS, perplexity, protocol_windows
+
+    from .conftest import compose
+
+    again = models.load(compose("model=local", f"model.path={record['saved_model']}", "model.seqlen=256").model, "cpu")
+    ids, _ = protocol_windows(again.tokenizer, PROTOCOLS["bundled"], 256, max_windows=4)
+    value = perplexity(again.model, again.adapter, ids, batch_size=8, progress=False)
+    assert value == pytest.approx(record["metrics"]["ppl"]["bundled@256"]["value"], rel=1e-6)
+    assert sum(p.numel() for p in again.model.parameters()) == structure["parameters_after"]

@@ -10,7 +10,8 @@ GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS if g != "experiment" for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"], ("calib", "text"): ["calib.path=corpora/austen/train.txt"],
-         ("sparsity", "structured"): ["pruner=dense"]}  # the structured pruners come with their own issue
+         ("sparsity", "structured"): ["pruner=numerical"], ("pruner", "numerical"): ["sparsity=structured"],
+         ("pruner", "flap"): ["sparsity=structured"]}  # the structured pruners accept structured sparsity only
 
 
 def test_groups_are_the_documented_ones():
@@ -46,6 +47,11 @@ def test_paper_defaults():
     assert compose("model=llama-2-7b").model.seqlen == 4096 and compose("model=opt-125m").model.seqlen == 2048
     ppl = compose("eval=ppl").eval.ppl
     assert list(ppl.datasets) == ["wikitext2", "ptb", "c4"]
+    num = validate(compose("pruner=numerical", "sparsity=structured")).pruner
+    assert (num.solver, num.iterations, num.clip, num.allocation, num.compensate) == ("closed_form", 50, False, "global", True)
+    flap = validate(compose("pruner=flap", "sparsity=structured")).pruner
+    assert (flap.metric, flap.allocation, flap.bias_compensation) == ("WIFV", "global", True)
+    assert compose("sparsity=structured").sparsity.ratio == 0.2
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -59,6 +65,15 @@ def test_paper_defaults():
     (["model.seqlen=4096"], "exceeds the model's max_position_embeddings=512"),
     (["device=tpu"], "not one of: auto, cpu, cuda"),
     (["sparsity=structured"], "pruner 'sparsegpt' does not support sparsity kind 'structured'"),
+    (["pruner=numerical"], "pruner 'numerical' does not support sparsity kind 'unstructured'"),
+    (["pruner=flap", "sparsity=2of4"], "pruner 'flap' does not support sparsity kind 'nm'"),
+    (["pruner=numerical", "sparsity=structured", "pruner.solver=lbfgs"], "pruner.solver='lbfgs' is not one of"),
+    (["pruner=numerical", "sparsity=structured", "pruner.allocation=owl"], "pruner.allocation='owl' is not one of"),
+    (["pruner=flap", "sparsity=structured", "pruner.metric=L1"], "pruner.metric='L1' is not one of"),
+    (["pruner=flap", "sparsity=structured", "pruner.attention_unit=head"], "pruner.attention_unit='head'"),
+    (["speed.mode=always"], "speed.mode=always is not one of"),
+    (["speed.new_tokens=1"], "speed.new_tokens=1 must be >= 2"),
+    (["speed.prompt_len=500"], "speed.prompt_len \\+ speed.new_tokens=532 exceeds"),
     (["eval=tiny-zeroshot", "eval.zeroshot.tasks=[austen_nxt]"], "austen_nxt"),
     (["eval=tiny-zeroshot", "eval.zeroshot.limit=0"], "eval.zeroshot.limit=0"),
     (["wandb.mode=sometimes"], "wandb.mode=sometimes is not one of"),

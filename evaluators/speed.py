@@ -1,0 +1,106 @@
+"""Inference speed and memory of a (pruned) model: prefill and decode latency / throughput (DESIGN.md "Evaluation").
+
+Every number is tagged with the device, dtype, threads and shapes it was taken with; the median of
+``repeats`` timed runs after ``warmup`` untimed ones:
+
+- **prefill**: one forward over ``batch_size x prompt_len`` tokens with the KV cache on (``use_cache=True``),
+  as the first step of generation; latency in ms, throughput in tokens/s;
+- **decode**: greedy generation of ``new_tokens`` after that prompt with the cache; per-token latency is
+  ``(t(generate new_tokens) - t(generate 1)) / (new_tokens - 1)`` so that the prefill is not counted;
+  throughput = ``batch_size / per-token latency`` (tokens/s across the batch);
+- **memory**: parameter bytes, and on CUDA the peak allocated during generation.
+
+Family-independent: it only uses ``model(...)`` and ``model.generate(...)``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def _median_seconds(fn, device: str, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@torch.no_grad()
+def measure_speed(model, device: str = "cpu", batch_size: int = 1, prompt_len: int = 64, new_tokens: int = 32,
+                  repeats: int = 5, warmup: int = 1, vocab_limit: int | None = None, seed: int = 0,
+                  threads: int | None = None) -> dict:
+    """Prefill / decode latency and throughput of ``model`` on ``device`` (see the module docstring).
+    ``threads`` sets torch's intra-op threads for the measurement only (None: as they are)."""
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return measure_speed(model, device, batch_size, prompt_len, new_tokens, repeats, warmup, vocab_limit, seed)
+        finally:
+            torch.set_num_threads(previous)
+    if new_tokens < 2:
+        raise ValueError("speed.new_tokens must be >= 2 (the decode time is a difference of two generations)")
+    vocab = vocab_limit or model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    was_on = next(model.parameters()).device
+    model.to(device)
+    # sampling off, no early stop: every run generates exactly the tokens asked for
+    kwargs = {"attention_mask": mask, "do_sample": False, "use_cache": True, "pad_token_id": 0,
+              "eos_token_id": None}
+    try:
+        prefill = _median_seconds(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True), device,
+                                  repeats, warmup)
+
+        def generate(n):
+            return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+        if str(device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(torch.device(device))
+        first = _median_seconds(generate(1), device, repeats, warmup)
+        full = _median_seconds(generate(new_tokens), device, repeats, warmup)
+        peak = (torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+                if str(device).startswith("cuda") else None)
+    finally:
+        model.to(was_on)
+    per_token = max(full - first, 1e-9) / (new_tokens - 1)
+    dtype = next(model.parameters()).dtype
+    return {
+        "prefill_ms": round(prefill * 1e3, 3),
+        "prefill_tokens_per_s": round(batch_size * prompt_len / prefill, 1),
+        "decode_ms_per_token": round(per_token * 1e3, 3),
+        "decode_tokens_per_s": round(batch_size / per_token, 1),
+        "generate_ms": round(full * 1e3, 3),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameter_mb": round(parameter_bytes(model) / 2**20, 3),
+        "peak_device_mb": None if peak is None else round(peak, 1),
+        "setup": {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                  "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+                  "warmup": warmup},
+    }
+
+
+def speedup(dense: dict, pruned: dict) -> dict:
+    """Ratios dense / pruned (> 1 = the pruned model is faster / smaller)."""
+    return {"prefill": round(dense["prefill_ms"] / pruned["prefill_ms"], 3),
+            "decode": round(dense["decode_ms_per_token"] / pruned["decode_ms_per_token"], 3),
+            "parameters": round(dense["parameters"] / pruned["parameters"], 3)}

@@ -1,0 +1,167 @@
+"""Structured pruning shared by every method that removes whole units (Numerical Pruning, FLAP).
+
+A unit is an attention head (a whole KV group under GQA, or a query head inside its group), an MLP
+neuron or a Mamba inner channel; the adapter says which parameter slices it owns and which linear
+(its *reader*: o_proj / out_proj, down_proj / fc2, Mamba's out_proj) reads its output. The flow:
+
+1. a scoring pass over the calibration windows on the **dense** model (``walk_blocks`` with dense
+   propagation), the method's statistic hooked on every reader's input, the method's per-unit score;
+2. allocation: which units to keep, either **global** (every unit of every block sorted by score, the
+   lowest removed until the removed parameters are closest to ``ratio`` of all unit-owned parameters;
+   METHODS.md §4.3 decision, FLAP's AL-AM count, §3.7) or **uniform** (``ratio`` of each block's units);
+3. the method's compensation on each reader, then the adapter physically removes the units.
+
+This module holds steps 1-2 and the glue; a method file holds its score and its compensation.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from models import Adapter, UnitGroup
+
+from .base import ModuleResult, Pruner
+from .engine import walk_blocks
+from .masks import Pattern
+
+ALLOCATIONS = ("global", "uniform")
+ATTENTION_UNITS = ("kv_group", "query_head")
+
+
+def reader_taps(adapter: Adapter, block, groups: list[UnitGroup]) -> dict[str, tuple]:
+    """``{unit kind: (Tap, width)}``: where each group's reader input is observed (the adapter's taps)."""
+    taps = {name: group.tap for group in adapter.linear_groups(block) for name in group.names}
+    return {g.kind: (taps[g.reader], block.get_submodule(g.reader).in_features) for g in groups}
+
+
+def unit_mean(channel_scores: torch.Tensor, group: UnitGroup) -> torch.Tensor:
+    """A unit's score is the mean of its reader channels' scores (heads average their channels, §4.3)."""
+    return channel_scores[group.reader_columns().to(channel_scores.device)].mean(dim=1)
+
+
+def global_keep(scores: dict, weights: dict, ratio: float, protected: dict | None = None) -> dict:
+    """Keep masks from one sort of every unit: remove the lowest-scoring units until the removed weight
+    is closest to ``ratio`` of the total (``weights[key]``: the weight of one unit of group ``key``, e.g.
+    its parameter count; FLAP's ``argmin |cumsum - target|``). ``protected[key]`` masks units never removed."""
+    keys = list(scores)
+    flat = torch.cat([scores[k].double().cpu() for k in keys])
+    unit_weight = torch.cat([torch.full((scores[k].numel(),), float(weights[k]), dtype=torch.float64) for k in keys])
+    guard = torch.cat([(protected or {}).get(k, torch.zeros(scores[k].numel(), dtype=torch.bool)).cpu()
+                       for k in keys])
+    order = torch.argsort(flat.masked_fill(guard, float("inf")), stable=True)
+    removable = order[~guard[order]]
+    target = ratio * float(unit_weight.sum())
+    cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(unit_weight[removable], 0)])
+    n_remove = int(torch.argmin((cumulative - target).abs()))
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[removable[:n_remove]] = False
+    return dict(zip(keys, keep.split([scores[k].numel() for k in keys]), strict=True))
+
+
+def uniform_keep(scores: dict, ratio: float, protected: dict | None = None) -> dict:
+    """Keep masks that remove ``round(ratio * count)`` lowest-scoring units of every group (FLAP's UL-UM)."""
+    out = {}
+    for key, score in scores.items():
+        guard = (protected or {}).get(key, torch.zeros(score.numel(), dtype=torch.bool))
+        order = torch.argsort(score.double().cpu().masked_fill(guard, float("inf")), stable=True)
+        n_remove = min(round(ratio * score.numel()), int((~guard).sum()))
+        keep = torch.ones(score.numel(), dtype=torch.bool)
+        keep[order[:n_remove]] = False
+        out[key] = keep
+    return out
+
+
+def top_units(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` highest-scoring units (the ones ``min_units`` protects)."""
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[torch.argsort(score.double().cpu(), descending=True, stable=True)[:count]] = True
+    return mask
+
+
+class StructuredPruner(Pruner):
+    """A method that scores units on the dense model, allocates, compensates and removes.
+
+    Subclasses are dataclasses with at least ``allocation``, ``attention_unit`` and ``min_units`` fields,
+    and implement :meth:`unit_scores` and :meth:`apply`.
+    """
+
+    patterns: ClassVar[tuple[str, ...]] = ("structured",)
+    propagate: ClassVar[str] = "dense"  # the scoring pass sees the dense model (allocation needs all blocks)
+    keeps_statistics: ClassVar[bool] = True  # apply() gets the scoring pass's statistics
+    allocations: ClassVar[tuple[str, ...]] = ALLOCATIONS
+    allocation: str
+    attention_unit: str
+    min_units: int
+
+    def check(self, pattern: Pattern) -> None:
+        super().check(pattern)
+        if self.allocation not in self.allocations:
+            raise ValueError(f"pruner.allocation='{self.allocation}' is not one of: {', '.join(self.allocations)}")
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise ValueError(f"pruner.attention_unit='{self.attention_unit}' is not one of: {', '.join(ATTENTION_UNITS)}")
+        if not isinstance(self.min_units, int) or self.min_units < 1:
+            raise ValueError(f"pruner.min_units={self.min_units} must be an integer >= 1")
+
+    def groups(self, adapter: Adapter, block) -> list[UnitGroup]:
+        """The unit groups this run removes from ``block`` (query heads only where the family has them)."""
+        refined = ("query_head",) if self.attention_unit == "query_head" else ()
+        return adapter.structure_groups(block, refined)
+
+    # --- the method ------------------------------------------------------------------------------
+    def unit_scores(self, block, group: UnitGroup, stat, pattern: Pattern) -> torch.Tensor:
+        """Score per unit of ``group`` (higher = keep) from its reader's statistic."""
+        raise NotImplementedError
+
+    def allocate(self, scores: dict, params: dict, pattern: Pattern, protected: dict) -> dict:
+        if self.allocation == "uniform":
+            return uniform_keep(scores, pattern.ratio, protected)
+        return global_keep(scores, params, pattern.ratio, protected)
+
+    def apply(self, model, adapter: Adapter, keep: dict, stats: dict, calib_ids, device, batch_size, stats_dtype,
+              progress) -> dict[str, ModuleResult]:
+        """Compensate and remove: ``keep[(block index, kind)]`` masks; ``stats`` those of the scoring pass."""
+        raise NotImplementedError
+
+    # --- the driver --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, device="cpu", batch_size: int = 8,
+              stats_dtype=torch.float32, progress: bool = True) -> dict[str, ModuleResult]:
+        self.check(pattern)
+        if calib_ids is None:
+            raise ValueError(f"pruner '{self.name}' needs calibration data")
+        scores, params, protected, kept_stats = {}, {}, {}, {}
+        blocks = walk_blocks(model, adapter, calib_ids, lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
+                             self.statistic, device, batch_size, stats_dtype, "dense", progress,
+                             desc=f"{self.name} scores")
+        for index, block, stats in blocks:
+            for group in self.groups(adapter, block):
+                key = (index, group.kind)
+                scores[key] = self.unit_scores(block, group, stats[group.kind], pattern).cpu()
+                params[key] = group.params_per_unit(block)
+                protected[key] = top_units(scores[key], self.min_units)
+                if self.keeps_statistics:
+                    kept_stats[key] = _to_cpu(stats[group.kind])
+        keep = self.allocate(scores, params, pattern, protected)
+        keep = {key: adapter.repair_keep(adapter.blocks()[key[0]], adapter.unit_group(adapter.blocks()[key[0]], key[1]),
+                                         mask, scores[key]) for key, mask in keep.items()}
+        return self.apply(model, adapter, keep, kept_stats, calib_ids, device, batch_size, stats_dtype, progress)
+
+
+def remove_kept(adapter: Adapter, block, group: UnitGroup, keep: torch.Tensor, prefix: str, index: int,
+                loss: float | None = None) -> tuple[str, ModuleResult]:
+    """Remove the units ``keep`` does not mark; the result is recorded under the group's reader."""
+    kept = keep.nonzero().flatten()
+    adapter.remove_units(block, group.kind, kept)
+    result = ModuleResult(pruned=int((~keep).sum()), total=keep.numel(), loss=loss, unit_kind=group.kind,
+                          kept_units=kept.tolist())
+    return f"{prefix}.{index}.{group.reader}", result
+
+
+def _to_cpu(stat):
+    for name, value in vars(stat).items():
+        if isinstance(value, torch.Tensor):
+            setattr(stat, name, value.cpu())
+    stat.device = "cpu"
+    return stat
