@@ -69,7 +69,7 @@ class LlamaAdapter(Adapter):
         with_bias(kv_owned, "v_proj", kv_rows)
         kv_owned["self_attn.o_proj.weight"] = (1, group_q_rows)
         groups = [UnitGroup("kv_group", kv_heads, kv_owned, reader="self_attn.o_proj")]
-        if rep > 1:
+        if rep > 1 or self.head_layout()[0] > self.head_layout()[1]:  # GQA (also once pruned to one per group)
             # query heads inside their groups: every group must keep the same number (check_removal)
             q_owned: dict = {}
             with_bias(q_owned, "q_proj", q_rows)

@@ -8,6 +8,8 @@ Reads every ``result.json`` under the sweep folder and writes to ``<sweep>/repor
 - ``ppl_by_sparsity.{md,csv,tex}``: per (model, protocol), method rows x sparsity-pattern columns;
 - ``zeroshot.{md,csv,tex}``: per model, method/pattern rows x task accuracy columns + average (when any
   record has zero-shot metrics);
+- ``speed.{md,csv,tex}``: parameters and decode / prefill time, pruned vs dense (runs that measured speed:
+  structured runs by default);
 - ``records.csv``: every metric of every record, one row each (the tidy source of all tables);
 - ``ppl_vs_sparsity.png`` (log scale when the values span more than a decade) and
   ``zeroshot_vs_sparsity.png``;
@@ -221,6 +223,45 @@ def zeroshot_table(frame: pd.DataFrame) -> pd.DataFrame:
     return pivot.reset_index()
 
 
+def speed_table(records: list[dict]) -> pd.DataFrame:
+    """Runs that measured speed (structured runs by default): size and decode / prefill time, dense vs pruned,
+    each pair taken in the same process."""
+    rows = []
+    for rec in records:
+        speed = rec["metrics"].get("speed")
+        if not speed:
+            continue
+        d, p, x = speed["dense"], speed["pruned"], speed["speedup"]
+        rows.append({"model": rec["model"]["name"], "method": rec["pruner"], "pattern": pattern_key(rec["pattern"]),
+                     "parameters": p["parameters"], "parameters dense": d["parameters"],
+                     "decode ms/token dense": d["decode_ms_per_token"], "decode ms/token": p["decode_ms_per_token"],
+                     "decode speedup": x["decode"], "prefill ms dense": d["prefill_ms"], "prefill ms": p["prefill_ms"],
+                     "prefill speedup": x["prefill"],
+                     "setup": "{device}, {dtype}, {threads} threads, batch {batch_size}, prompt {prompt_len}, "
+                              "{new_tokens} new tokens".format(**p["setup"])})
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows)
+    order = {(m, pt): i for i, (m, pt) in enumerate((m, pt) for pt in pattern_order(table.pattern)
+                                                    for m in method_order(table.method))}
+    return table.assign(_o=[order[(m, pt)] for m, pt in zip(table.method, table.pattern, strict=True)]) \
+        .sort_values(["model", "_o"]).drop(columns="_o").reset_index(drop=True)
+
+
+def markdown_speed(table: pd.DataFrame) -> str:
+    setups = "; ".join(sorted(set(table.setup)))
+    cols = ["parameters", "decode ms/token", "decode speedup", "prefill ms", "prefill speedup"]
+    lines = [f"**Inference speed, pruned vs dense (measured in the same process).** {setups}. Speedup = dense time "
+             "/ pruned time.", "", "| model | method | pattern | " + " | ".join(cols) + " |",
+             "|---|---|---|" + "---:|" * len(cols)]
+    for _, row in table.iterrows():
+        lines.append(f"| {row['model']} | {row['method']} | {row['pattern']} | {row['parameters']:,} "
+                     f"(dense {row['parameters dense']:,}) | {row['decode ms/token']:.2f} (dense "
+                     f"{row['decode ms/token dense']:.2f}) | {row['decode speedup']:.2f}x | {row['prefill ms']:.1f} "
+                     f"(dense {row['prefill ms dense']:.1f}) | {row['prefill speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def _captions(frame: pd.DataFrame, metric_filter) -> str:
     protocols = sorted(set(frame[metric_filter(frame)].protocol))
     return "; ".join(protocols)
@@ -418,6 +459,14 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
         if plot_vs_sparsity(frame, "acc", "average", "zero-shot average acc", out / "zeroshot_vs_sparsity.png"):
             written["plots"].append(out / "zeroshot_vs_sparsity.png")
 
+    speed = speed_table(records)
+    if not speed.empty:
+        (out / "speed.md").write_text(markdown_speed(speed))
+        speed.to_csv(out / "speed.csv", index=False)
+        (out / "speed.tex").write_text(latex(speed.drop(columns="setup"), "Inference speed, pruned vs dense. "
+                                             + "; ".join(sorted(set(speed.setup))), "tab:speed"))
+        written["tables"]["speed"] = speed
+
     opts = _wandb_options(records[0], folder, wandb_mode)
     if opts is not None:
         from . import tracking
@@ -465,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunelab: error: {err}", file=sys.stderr)
         return 2
     print(f"{written['records']} records -> {written['out']}")
-    for name in ("ppl.md", "ppl_by_sparsity.md", "zeroshot.md"):
+    for name in ("ppl.md", "ppl_by_sparsity.md", "zeroshot.md", "speed.md"):
         if (written["out"] / name).exists():
             print(f"\n{(written['out'] / name).read_text()}")
     for plot in written["plots"]:

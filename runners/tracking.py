@@ -53,6 +53,15 @@ def run_summary(record: dict) -> dict:
         for metric, value in zeroshot["average"].items():
             if value is not None:
                 out[f"zeroshot/average/{metric}"] = value
+    structure = record.get("structure")
+    if structure:
+        out["parameters/before"] = structure["parameters_before"]
+        out["parameters/after"] = structure["parameters_after"]
+    speed = record["metrics"].get("speed")
+    if speed:
+        out.update({f"speed/{k}_speedup": v for k, v in speed["speedup"].items()})
+        out["speed/decode_ms_per_token"] = speed["pruned"]["decode_ms_per_token"]
+        out["speed/prefill_ms"] = speed["pruned"]["prefill_ms"]
     out["sparsity/overall"] = record["sparsity"]["overall"]
     out["sparsity/target"] = record["sparsity"]["target"]
     out.update({f"time_s/{k}": v for k, v in record["timings_s"].items()})

@@ -126,3 +126,13 @@ def test_structured_run_prints_the_smaller_model_its_speed_and_saves_a_reloadabl
     value = perplexity(again.model, again.adapter, ids, batch_size=8, progress=False)
     assert value == pytest.approx(record["metrics"]["ppl"]["bundled@256"]["value"], rel=1e-6)
     assert sum(p.numel() for p in again.model.parameters()) == structure["parameters_after"]
+    # the report's speed table carries the record's numbers
+    import pandas as pd
+
+    from runners.report import main as report_main
+
+    assert report_main([str(tmp_path / "struct"), "--wandb", "disabled"]) == 0
+    table = pd.read_csv(tmp_path / "struct" / "report" / "speed.csv")
+    (row,) = table.to_dict("records")
+    assert row["parameters"] == structure["parameters_after"] and row["decode speedup"] == sp["speedup"]["decode"]
+    assert "batch 2, prompt 16" in (tmp_path / "struct" / "report" / "speed.md").read_text()

@@ -109,10 +109,13 @@ def test_every_experiment_preset_expands_to_valid_jobs(name):
         if name.startswith("tiny"):  # offline: bundled models, calibration and evaluation text
             assert cfg.model.path.startswith("bundled:") and cfg.calib.source == "bundled"
             assert {p.source for p in plan.protocols} <= {"bundled", "bundled-val"}
-        else:
-            assert cfg.calib.source == "c4" and "wikitext2" in [p.name for p in plan.protocols]
+        else:  # each paper's calibration: C4 (SparseGPT / Wanda / APT), WikiText-2 train (Numerical Pruning, FLAP)
+            assert cfg.calib.source == ("wikitext2" if name == "numprune-llama" else "c4")
+            assert "wikitext2" in [p.name for p in plan.protocols]
     if name in ("llama2-unstructured-nm", "mamba-apt", "tiny-unstructured-nm", "tiny-mamba-apt"):
         assert {cfg.pruner.name for cfg in jobs} >= {"sparsegpt", "apt"}  # APT rows beside SparseGPT
+    if name.endswith("numprune-llama"):
+        assert {cfg.pruner.name for cfg in jobs} == {"numerical", "flap"} and {cfg.sparsity.kind for cfg in jobs} == {"structured"}
 
 
 PUBLISHED = sorted(p.name.split(".")[0] for p in (CONF_DIR / "experiment").glob("*.published.csv"))

@@ -77,15 +77,19 @@ def test_removal_equals_zeroing_the_units_slices(tiny):
     assert torch.equal(tiny.model.generate(prompt, **kwargs), zeroed.generate(prompt, **kwargs))
 
 
-def test_gqa_query_heads_are_removed_equally_per_group():
+def test_gqa_query_heads_are_removed_equally_per_group(tmp_path):
     loaded = load_tiny("tiny-llama")
     adapter, block = loaded.adapter, loaded.adapter.blocks()[0]
     with pytest.raises(ValueError, match="query heads kept per KV group must be equal"):
         adapter.remove_units(block, "query_head", [0, 1, 2])  # group 0 keeps 2, group 1 keeps 1
     adapter.remove_units(block, "query_head", [1, 2])  # one query head of each group
     assert block.self_attn.num_key_value_groups == 1 and block.self_attn.q_proj.out_features == 2 * 32
-    assert adapter.block_counts(block) == {"kv_group": 2, "mlp_neuron": 352}
-    assert torch.isfinite(logits(loaded.model)).all()
+    assert adapter.block_counts(block) == {"kv_group": 2, "query_head": 2, "mlp_neuron": 352}
+    with pytest.raises(ValueError, match="must be equal"):  # one per group left: a group cannot lose its last
+        adapter.remove_units(block, "query_head", [0])
+    models.save_pruned(loaded.model, loaded.tokenizer, tmp_path, adapter)
+    again = models.load(compose("model=local", f"model.path={tmp_path}", "model.seqlen=256").model, "cpu")
+    assert torch.equal(logits(again.model), logits(loaded.model))
     scores = torch.tensor([0.1, 0.9, 0.8, 0.2])
     group = adapter.unit_group(adapter.blocks()[1], "query_head")
     repaired = adapter.repair_keep(adapter.blocks()[1], group, torch.tensor([False, True, False, False]), scores)
@@ -225,9 +229,9 @@ def test_parameter_count_matches_the_ratio(tiny, pruner):
 
 
 def test_compensation_lowers_the_pruned_models_perplexity():
-    from .conftest import QUALITY_WINDOWS
-
     from evaluators.ppl import PROTOCOLS, perplexity, protocol_windows
+
+    from .conftest import QUALITY_WINDOWS
 
     values = {}
     for compensate in (True, False):
