@@ -111,7 +111,7 @@ def _structure_section(model, adapter, plan: Plan, before: dict, module_results:
 
 def _speed_wanted(cfg: DictConfig, plan: Plan) -> bool:
     mode = str(cfg.speed.mode)
-    return mode == "on" or (mode == "auto" and plan.pattern.kind == "structured" and plan.pruner.removes_weights)
+    return mode == "always" or (mode == "auto" and plan.pattern.kind == "structured" and plan.pruner.removes_weights)
 
 
 def _speed(cfg: DictConfig, model, device: str) -> dict:

@@ -19,6 +19,7 @@ from pruners import Pattern, Pruner, build_pruner
 
 CALIB_SOURCES = ("bundled", "text", "c4", "wikitext2")
 WANDB_MODES = ("offline", "online", "disabled")
+SPEED_MODES = ("auto", "always", "never")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -142,8 +143,8 @@ def _check_speed(section) -> int:
     """``speed``: the mode and positive sizes; returns the longest sequence it generates (0 when off)."""
     if section is None:
         return 0
-    if section.get("mode") not in ("auto", "on", "off"):
-        raise ConfigError(f"speed.mode={section.get('mode')} is not one of: auto, on, off")
+    if section.get("mode") not in SPEED_MODES:  # (not on / off: YAML reads those as booleans)
+        raise ConfigError(f"speed.mode={section.get('mode')} is not one of: {', '.join(SPEED_MODES)}")
     for key in ("batch_size", "prompt_len", "new_tokens", "repeats"):
         _positive_int(section.get(key), f"speed.{key}")
     if section.new_tokens < 2:
@@ -153,7 +154,7 @@ def _check_speed(section) -> int:
         raise ConfigError(f"speed.warmup={warmup} must be a non-negative integer")
     if section.get("threads") is not None:
         _positive_int(section.threads, "speed.threads")
-    return 0 if section.mode == "off" else int(section.prompt_len) + int(section.new_tokens)
+    return 0 if section.mode == "never" else int(section.prompt_len) + int(section.new_tokens)
 
 
 def published_path(name: str) -> Path:
