@@ -199,10 +199,10 @@ class Adapter:
 
     def restructure(self, block: nn.Module, counts: dict[str, int]) -> None:
         """Shrink a freshly built block to ``counts`` units per kind (the loader of pruned checkpoints)."""
-        for group in self.unit_groups(block):  # coarse groups first: a refinement is counted inside them
-            if group.kind in counts and counts[group.kind] != self.unit_group(block, group.kind).count:
-                current = self.unit_group(block, group.kind)
-                self.remove_units(block, group.kind, self.default_keep(block, current, counts[group.kind]))
+        for kind in [g.kind for g in self.unit_groups(block)]:  # coarse first: a refinement counts inside them
+            current = self.unit_group(block, kind)  # as the block is after the removals before it
+            if kind in counts and counts[kind] != current.count:
+                self.remove_units(block, kind, self.default_keep(block, current, counts[kind]))
 
     def resized(self, block: nn.Module, kind: str, count: int) -> None:
         """Family hook: update per-layer size attributes after ``kind`` now has ``count`` units."""

@@ -356,7 +356,7 @@ def _speed_line(speed: dict) -> str:
     return (f"  speed: decode {d['decode_ms_per_token']:.2f} -> {p['decode_ms_per_token']:.2f} ms/token "
             f"({x['decode']:.2f}x), prefill {d['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms ({x['prefill']:.2f}x) | "
             f"batch {setup['batch_size']}, prompt {setup['prompt_len']}, {setup['new_tokens']} new tokens, "
-            f"{setup['device']}, {setup['threads']} threads")
+            f"{setup['device']}, {setup['threads']} thread{'s' if setup['threads'] != 1 else ''}")
 
 
 def run_task(cfg: DictConfig) -> None:
