@@ -90,6 +90,7 @@ class Adapter:
     """Base class; one subclass per model family (registered in :mod:`models.registry`)."""
 
     family: ClassVar[str]
+    unit_scope: ClassVar[str] = "attention+MLP"  # what the removable units make up, in words
     model_types: ClassVar[tuple[str, ...]]  # HF ``config.model_type`` values this adapter handles
 
     def __init__(self, model: nn.Module):
@@ -155,6 +156,10 @@ class Adapter:
         groups = self.unit_groups(block)
         chosen = {g.refines for g in groups if g.kind in refined and g.refines}
         return [g for g in groups if (g.refines is None and g.kind not in chosen) or g.kind in refined]
+
+    def unit_parameters(self) -> int:
+        """Parameters owned by removable units, what a structured ``ratio`` counts (:attr:`unit_scope`)."""
+        return sum(g.count * g.params_per_unit(block) for block in self.blocks() for g in self.structure_groups(block))
 
     def block_counts(self, block: nn.Module) -> dict[str, int]:
         """Units of every kind this block has now (after any removal)."""

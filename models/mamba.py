@@ -19,6 +19,7 @@ from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous
 
 class MambaAdapter(Adapter):
     family = "mamba"
+    unit_scope = "mixer"
     model_types = ("mamba",)
 
     def blocks(self):

@@ -77,13 +77,8 @@ def _sparsity_section(adapter, plan: Plan, prunes: bool) -> dict:
             "prunable_parameters": total, "per_module": per_module}
 
 
-def _unit_parameters(adapter) -> int:
-    """Parameters owned by removable units (attention + MLP, or Mamba mixers): what ``sparsity.ratio`` counts."""
-    return sum(g.count * g.params_per_unit(block) for block in adapter.blocks() for g in adapter.structure_groups(block))
-
-
 def _structure_before(model, adapter) -> dict:
-    return {"parameters": sum(p.numel() for p in model.parameters()), "unit_parameters": _unit_parameters(adapter),
+    return {"parameters": sum(p.numel() for p in model.parameters()), "unit_parameters": adapter.unit_parameters(),
             "blocks": [adapter.block_counts(block) for block in adapter.blocks()]}
 
 
@@ -102,7 +97,7 @@ def _structure_section(model, adapter, plan: Plan, before: dict, module_results:
         blocks.append(entry)
     structure = {"parameters_before": before["parameters"], "parameters_after": after["parameters"],
                  "unit_parameters_before": before["unit_parameters"], "unit_parameters_after": after["unit_parameters"],
-                 "removed_fraction": round(removed, 6), "blocks": blocks}
+                 "unit_scope": adapter.unit_scope, "removed_fraction": round(removed, 6), "blocks": blocks}
     sparsity = {"target": plan.pattern.ratio, "overall": round(removed, 6),
                 "prunable_parameters": before["unit_parameters"],
                 "per_module": {name: round(r.pruned / r.total, 6) for name, r in module_results.items()}}
@@ -328,8 +323,9 @@ def summary(record: dict) -> str:
     structure, speed = record.get("structure"), record["metrics"].get("speed")
     if structure:
         head_line = (f"{head} | parameters {structure['parameters_before']:,} -> {structure['parameters_after']:,} "
-                     f"({structure['parameters_after'] / structure['parameters_before'] - 1:+.1%}; attention+MLP "
-                     f"{-structure['removed_fraction']:+.1%} of {structure['unit_parameters_before']:,})")
+                     f"({structure['parameters_after'] / structure['parameters_before'] - 1:+.1%}; "
+                     f"{structure['unit_scope']} {-structure['removed_fraction']:+.1%} of "
+                     f"{structure['unit_parameters_before']:,})")
     else:
         head_line = (f"{head} | sparsity {record['sparsity']['overall']:.2%} of "
                      f"{record['sparsity']['prunable_parameters']:,} prunable weights")

@@ -214,8 +214,7 @@ def _prune(name, pruner, ratio, **keys):
 @pytest.mark.parametrize("pruner", ["numerical", "flap"])
 def test_parameter_count_matches_the_ratio(tiny, pruner):
     adapter = tiny.adapter
-    unit_params = lambda: sum(g.count * g.params_per_unit(b) for b in adapter.blocks()  # noqa: E731
-                              for g in adapter.structure_groups(b))
+    unit_params = adapter.unit_parameters
     biggest_unit = max(g.params_per_unit(b) for b in adapter.blocks() for g in adapter.structure_groups(b))
     before = unit_params()
     calib = corpora.calibration_windows(tiny.tokenizer, "bundled", 8, 128, seed=0).ids
