@@ -45,22 +45,20 @@ def parameter_bytes(model) -> int:
 
 @torch.no_grad()
 def measure_speed(model, device: str = "cpu", batch_size: int = 1, prompt_len: int = 64, new_tokens: int = 32,
-                  repeats: int = 5, warmup: int = 1, vocab_limit: int | None = None, seed: int = 0,
-                  threads: int | None = None) -> dict:
+                  repeats: int = 5, warmup: int = 1, seed: int = 0, threads: int | None = None) -> dict:
     """Prefill / decode latency and throughput of ``model`` on ``device`` (see the module docstring).
     ``threads`` sets torch's intra-op threads for the measurement only (None: as they are)."""
     if threads is not None:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return measure_speed(model, device, batch_size, prompt_len, new_tokens, repeats, warmup, vocab_limit, seed)
+            return measure_speed(model, device, batch_size, prompt_len, new_tokens, repeats, warmup, seed)
         finally:
             torch.set_num_threads(previous)
     if new_tokens < 2:
         raise ValueError("speed.new_tokens must be >= 2 (the decode time is a difference of two generations)")
-    vocab = vocab_limit or model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).to(device)
     mask = torch.ones_like(ids)
     was_on = next(model.parameters()).device
     model.to(device)

@@ -95,9 +95,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32, attn_
         add_bias(model.get_submodule(name))
     state = _state_dict(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())  # a list (v4) or {tied: source} (v5)
     still_missing = [k for k in missing if k not in tied]
     if still_missing or unexpected:
         raise ValueError(f"{directory}: weights do not match the structure (missing {still_missing[:5]}, "
