@@ -24,7 +24,7 @@ import torch
 from models import add_bias
 
 from .stats import ChannelMoments
-from .structured import StructuredPruner, remove_kept, unit_mean
+from .structured import StructuredPruner, unit_mean
 
 METRICS = ("IFV", "WIFV", "WIFN")
 
@@ -72,18 +72,9 @@ class FLAP(StructuredPruner):
             channels = channels.pow(2)
         return unit_mean(standardize(channels.double()), group)
 
-    def apply(self, model, adapter, keep, stats, calib_ids, device, batch_size, stats_dtype, progress):
-        prefix = adapter.blocks_prefix()
-        results = {}
-        for index, block in enumerate(adapter.blocks()):
-            for group in self.groups(adapter, block):
-                mask = keep[(index, group.kind)]
-                if self.bias_compensation and not bool(mask.all()):
-                    reader = block.get_submodule(group.reader)
-                    removed = group.reader_columns()[~mask].reshape(-1)
-                    shift = bias_compensation(reader.weight.data, stats[(index, group.kind)].mean, removed)
-                    bias = add_bias(reader)
-                    bias.data += shift.to(bias.dtype)
-                name, result = remove_kept(adapter, block, group, mask, prefix, index)
-                results[name] = result
-        return results
+    def compensate_reader(self, reader, removed_cols, stat):
+        if self.bias_compensation:
+            shift = bias_compensation(reader.weight.data, stat.mean.to(reader.weight.device), removed_cols)
+            bias = add_bias(reader)
+            bias.data += shift.to(bias.dtype)
+        return None

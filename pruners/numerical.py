@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from .engine import walk_blocks
-from .stats import Hessian
-from .structured import StructuredPruner, global_keep, reader_taps, remove_kept, unit_mean
+from .stats import Hessian, damped_inverse_cholesky
+from .structured import StructuredPruner, global_keep, reader_taps, unit_mean
 
 
 def numerical_kernel(weight: torch.Tensor, gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -90,14 +90,11 @@ def numerical_score_newton(K: torch.Tensor, r: float, lam: float, iterations: in
 def compensate_column_removal(weight: torch.Tensor, hessian: torch.Tensor, prune_cols: torch.Tensor,
                               percdamp: float = 0.01) -> tuple[torch.Tensor, float]:
     """Theorem 3: ``W - W[:, P] (S_PP)^-1 S_P,:`` with ``S = (H + gamma I)^-1``; returns (W, loss
-    ``1/2 tr(W_P S_PP^-1 W_P^T)``). Only the kept columns of the result are meaningful. Dead inputs
-    (``H_jj = 0``) get ``H_jj = 1``, as in SparseGPT."""
-    H = hessian.double().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    H += percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    S = torch.cholesky_inverse(torch.linalg.cholesky(H))
-    P = prune_cols.to(H.device)
+    ``1/2 tr(W_P S_PP^-1 W_P^T)``). Only the kept columns of the result are meaningful. Damping and dead
+    inputs as everywhere (:func:`pruners.stats.damped_inverse_cholesky`)."""
+    U, _ = damped_inverse_cholesky(hessian.double(), percdamp)
+    S = U.T @ U
+    P = prune_cols.to(S.device)
     W = weight.double()
     W_P = W[:, P]
     coef = torch.linalg.solve(S[P][:, P], W_P.T).T  # W_P S_PP^-1   [d_out, |P|]
@@ -158,32 +155,21 @@ class Numerical(StructuredPruner):
         scaled = {key: score * (params[key] / smallest) for key, score in scores.items()}
         return global_keep(scaled, {key: 1 for key in scores}, pattern.ratio, protected)
 
-    def _prune_block(self, adapter, block, index, keep, stats, prefix, results):
-        """Compensate each reader from ``stats[kind]`` (its input Gram), then remove the units."""
-        for group in self.groups(adapter, block):
-            mask = keep[(index, group.kind)]
-            loss = None
-            if self.compensate and not bool(mask.all()):
-                reader = block.get_submodule(group.reader)
-                removed = group.reader_columns()[~mask].reshape(-1)
-                hessian = stats[group.kind].matrix
-                updated, loss = compensate_column_removal(reader.weight.data.float(), hessian.to(reader.weight.device),
-                                                          removed, self.percdamp)
-                reader.weight.data.copy_(updated.to(reader.weight.dtype))
-            name, result = remove_kept(adapter, block, group, mask, prefix, index, loss)
-            results[name] = result
+    def compensate_reader(self, reader, removed_cols, stat):
+        if not self.compensate:
+            return None
+        updated, loss = compensate_column_removal(reader.weight.data.float(), stat.matrix.to(reader.weight.device),
+                                                  removed_cols, self.percdamp)
+        reader.weight.data.copy_(updated.to(reader.weight.dtype))
+        return loss
 
     def apply(self, model, adapter, keep, stats, calib_ids, device, batch_size, stats_dtype, progress):
-        prefix = adapter.blocks_prefix()
+        if not (self.compensate and self.compensation_inputs == "pruned"):
+            return super().apply(model, adapter, keep, stats, calib_ids, device, batch_size, stats_dtype, progress)
+        # fresh Grams of the readers, block by block, on the inputs of the already-pruned blocks
         results = {}
-        if self.compensate and self.compensation_inputs == "pruned":
-            blocks = walk_blocks(model, adapter, calib_ids, lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
-                                 Hessian, device, batch_size, stats_dtype, "pruned", progress,
-                                 desc=f"{self.name} compensate")
-            for index, block, block_stats in blocks:
-                self._prune_block(adapter, block, index, keep, block_stats, prefix, results)
-        else:
-            for index, block in enumerate(adapter.blocks()):
-                block_stats = {kind: stat for (i, kind), stat in stats.items() if i == index}
-                self._prune_block(adapter, block, index, keep, block_stats, prefix, results)
+        blocks = walk_blocks(model, adapter, calib_ids, lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
+                             Hessian, device, batch_size, stats_dtype, "pruned", progress, desc=f"{self.name} compensate")
+        for index, block, block_stats in blocks:
+            self.prune_block(adapter, block, index, keep, block_stats, results)
         return results

@@ -119,10 +119,32 @@ class StructuredPruner(Pruner):
             return uniform_keep(scores, pattern.ratio, protected)
         return global_keep(scores, params, pattern.ratio, protected)
 
+    def compensate_reader(self, reader, removed_cols: torch.Tensor, stat) -> float | None:
+        """Update ``reader`` before its input columns ``removed_cols`` go (``stat``: its input statistic);
+        return the method's loss estimate. None: no compensation."""
+        return None
+
+    def prune_block(self, adapter: Adapter, block, index: int, keep: dict, stats: dict, results: dict) -> None:
+        """Compensate each reader from ``stats[kind]``, then remove the units ``keep`` does not mark."""
+        prefix = adapter.blocks_prefix()
+        for group in self.groups(adapter, block):
+            mask = keep[(index, group.kind)]
+            loss = None
+            if not bool(mask.all()):
+                removed = group.reader_columns()[~mask].reshape(-1)
+                loss = self.compensate_reader(block.get_submodule(group.reader), removed, stats.get(group.kind))
+            name, result = remove_kept(adapter, block, group, mask, prefix, index, loss)
+            results[name] = result
+
     def apply(self, model, adapter: Adapter, keep: dict, stats: dict, calib_ids, device, batch_size, stats_dtype,
               progress) -> dict[str, ModuleResult]:
-        """Compensate and remove: ``keep[(block index, kind)]`` masks; ``stats`` those of the scoring pass."""
-        raise NotImplementedError
+        """Compensate and remove every block: ``keep[(block index, kind)]`` masks; ``stats`` those kept from
+        the scoring pass (methods that need fresh statistics override this)."""
+        results: dict[str, ModuleResult] = {}
+        for index, block in enumerate(adapter.blocks()):
+            block_stats = {kind: stat for (i, kind), stat in stats.items() if i == index}
+            self.prune_block(adapter, block, index, keep, block_stats, results)
+        return results
 
     # --- the driver --------------------------------------------------------------------------------
     @torch.no_grad()
