@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 import corpora
-from pruners.engine import capture_block_inputs, run_block
+from models.blocks import capture_block_inputs, on_device, run_blocks
 
 
 @dataclass(frozen=True)
@@ -107,30 +107,17 @@ def perplexity(model, adapter, ids: torch.Tensor, device="cpu", batch_size: int 
     mode = choose_mode(model, device, mode)
     nll = []
     if mode == "full":
-        model.to(device)
-        try:
+        with on_device(model, device):
             for start in tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
                 batch = ids[start : start + batch_size].to(device)
                 nll.append(window_nll(model(input_ids=batch, use_cache=False).logits, batch).cpu())
-        finally:
-            if str(device) != "cpu":
-                model.to("cpu")
     elif mode == "sequential":
         inputs = capture_block_inputs(model, adapter, ids, device, batch_size)
-        for block in tqdm(adapter.blocks(), desc=desc, unit="block", disable=not progress):
-            block.to(device)
-            inputs.batches = run_block(adapter, block, inputs)
-            if str(device) != "cpu":
-                block.to("cpu")
-        post = adapter.post_block_modules()
-        for module in post:
-            module.to(device)
-        for start, hidden in zip(range(0, ids.shape[0], batch_size), inputs.batches, strict=True):
-            batch = ids[start : start + batch_size].to(device)
-            nll.append(window_nll(adapter.head(hidden), batch).cpu())
-        if str(device) != "cpu":
-            for module in post:
-                module.to("cpu")
+        outputs = run_blocks(adapter, inputs, device, progress, desc)
+        with on_device(adapter.post_block_modules(), device):
+            for start, hidden in zip(range(0, ids.shape[0], batch_size), outputs, strict=True):
+                batch = ids[start : start + batch_size].to(device)
+                nll.append(window_nll(adapter.head(hidden), batch).cpu())
     else:
         raise ValueError(f"eval.ppl.mode='{mode}' is not one of: auto, full, sequential")
     return math.exp(torch.cat(nll).double().mean().item())

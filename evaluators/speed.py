@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from models.blocks import on_device
+
 
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
@@ -60,12 +62,10 @@ def measure_speed(model, device: str = "cpu", batch_size: int = 1, prompt_len: i
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen).to(device)
     mask = torch.ones_like(ids)
-    was_on = next(model.parameters()).device
-    model.to(device)
     # sampling off, no early stop: every run generates exactly the tokens asked for
     kwargs = {"attention_mask": mask, "do_sample": False, "use_cache": True, "pad_token_id": 0,
               "eos_token_id": None}
-    try:
+    with on_device(model, device):
         prefill = _median_seconds(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True), device,
                                   repeats, warmup)
 
@@ -78,8 +78,6 @@ def measure_speed(model, device: str = "cpu", batch_size: int = 1, prompt_len: i
         full = _median_seconds(generate(new_tokens), device, repeats, warmup)
         peak = (torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
                 if str(device).startswith("cuda") else None)
-    finally:
-        model.to(was_on)
     per_token = max(full - first, 1e-9) / (new_tokens - 1)
     dtype = next(model.parameters()).dtype
     return {

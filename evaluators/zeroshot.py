@@ -41,6 +41,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from models.blocks import on_device
+
 BUNDLED_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 BUNDLED_TASKS = ["austen_next", "austen_cloze"]
 
@@ -431,32 +433,28 @@ def evaluate_zeroshot(model, tokenizer, task_dict_or_names, device: str, batch_s
     target = torch.device(device)
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
-    first = next(model.parameters())
-    home, was_training = first.device, model.training
+    was_training = model.training
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     requested = batch_size
     bs = _batch_size(batch_size, target.type)
     try:
-        if home != target:
-            model.to(target)
-        model.eval()
-        if use_cache:
-            config.use_cache = False  # scoring needs no KV / SSM cache
-        with quiet(progress), torch.no_grad():
-            lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=bs, max_batch_size=max_batch_size,
-                             max_length=max_length, device=str(target))
-            lm.show_progress = progress
-            results = evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=bootstrap_iters,
-                               log_samples=False)
+        with on_device(model, target):
+            model.eval()
+            if use_cache:
+                config.use_cache = False  # scoring needs no KV / SSM cache
+            with quiet(progress), torch.no_grad():
+                lm = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=bs, max_batch_size=max_batch_size,
+                                 max_length=max_length, device=str(target))
+                lm.show_progress = progress
+                results = evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=bootstrap_iters,
+                                   log_samples=False)
     finally:
         if use_cache:
             config.use_cache = use_cache
         model.train(was_training)
-        if home != target:
-            model.to(home)
-            if target.type == "cuda":
-                torch.cuda.empty_cache()
+        if target.type == "cuda":
+            torch.cuda.empty_cache()
     used = list(lm.batch_sizes.values()) if lm.batch_sizes else bs
     groups = set(task_dict.get("groups") or {})
     out_tasks, out_groups = {}, {}

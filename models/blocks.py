@@ -1,0 +1,120 @@
+"""Block execution and placement, shared by pruning, perplexity, speed and zero-shot (docs/architecture.md §1).
+
+- :func:`capture_block_inputs`: embed once and record what block 0 receives (hidden states and
+  whatever kwargs the installed transformers passes: attention mask, position ids, rotary
+  embeddings, cache position...), batch by batch.
+- :func:`run_block`: call one block alone on those inputs (through the adapter).
+- :func:`run_blocks`: every block in order, one at a time on the device (sequential placement).
+- :func:`on_device`: the whole model on the device for a ``with`` body, moved back afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .base import Adapter
+
+
+class _Caught(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its input and kwargs, then stops the forward."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden, *args, **kwargs):
+        raise _Caught(hidden, args, kwargs)
+
+    def __getattr__(self, name):  # models may read attributes of their layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering the current block, in batches, and the kwargs each batch size needs."""
+
+    batches: list[torch.Tensor]
+    kwargs_by_batch_size: dict[int, dict] = field(default_factory=dict)
+
+    def kwargs(self, hidden: torch.Tensor) -> dict:
+        return self.kwargs_by_batch_size[hidden.shape[0]]
+
+
+def _off_device(modules, device) -> None:
+    if str(device) != "cpu":
+        for module in modules:
+            module.to("cpu")
+
+
+@torch.no_grad()
+def capture_block_inputs(model, adapter: Adapter, ids: torch.Tensor, device, batch_size: int) -> BlockInputs:
+    """Run the embeddings on ``device`` and capture what block 0 receives, batch by batch."""
+    blocks = adapter.blocks()
+    pre = adapter.pre_block_modules()
+    for module in pre:
+        module.to(device)
+    original = blocks[0]
+    blocks[0] = _Catcher(original)
+    captured = BlockInputs([])
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start : start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Caught as caught:
+                hidden, args, kwargs = caught.args
+                if args:
+                    raise RuntimeError("block 0 received unexpected positional arguments") from None
+                captured.batches.append(hidden)
+                # windows are fixed-length and unpadded, so kwargs depend only on the batch size
+                captured.kwargs_by_batch_size.setdefault(hidden.shape[0], kwargs)
+    finally:
+        blocks[0] = original
+        _off_device(pre, device)
+    return captured
+
+
+@torch.no_grad()
+def run_block(adapter: Adapter, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    """One block's outputs for every batch of ``inputs`` (the block already on the inputs' device)."""
+    return [adapter.call_block(block, h, inputs.kwargs(h)) for h in inputs.batches]
+
+
+@torch.no_grad()
+def run_blocks(adapter: Adapter, inputs: BlockInputs, device, progress: bool = True, desc: str = "blocks"
+               ) -> list[torch.Tensor]:
+    """The last block's outputs: every block in order, each moved to ``device`` for its turn only."""
+    batches = inputs.batches
+    for block in tqdm(adapter.blocks(), desc=desc, unit="block", disable=not progress):
+        block.to(device)
+        batches = run_block(adapter, block, BlockInputs(batches, inputs.kwargs_by_batch_size))
+        _off_device([block], device)
+    return batches
+
+
+@contextmanager
+def on_device(modules: nn.Module | list[nn.Module], device) -> Iterator[None]:
+    """Move ``modules`` to ``device`` for the body and back to where their parameters were."""
+    modules = modules if isinstance(modules, list) else [modules]
+    homes = [next(m.parameters()).device if any(True for _ in m.parameters()) else None for m in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(modules, homes, strict=True):
+            if home is not None:
+                module.to(home)
