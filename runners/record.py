@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -21,6 +23,11 @@ NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline"
 ROOT = Path(__file__).resolve().parent.parent
 # the code and bundled data a result depends on (the report, benchmarks and docs do not count)
 SOURCE_PATHS = ("corpora", "models", "pruners", "evaluators", "runners/run.py", "runners/validate.py")
+# the scoped code fingerprint (:func:`code_fingerprint`): the shared code every result depends on ...
+SHARED_CODE = ("pruners", "models", "corpora", "evaluators", "runners/run.py", "runners/validate.py")
+# ... minus scripts that build bundled data or benchmark, which no run imports
+SCRIPT_PREFIXES = ("build_", "train_", "bench_")
+DENSE = "dense"
 PACKAGES = ("prunelab", "torch", "transformers", "tokenizers", "datasets", "hydra-core", "omegaconf",
             "lm_eval", "wandb", "numpy", "safetensors", "mambapy", "gguf")
 
@@ -39,9 +46,9 @@ def library_versions() -> dict:
 def source_digest() -> str:
     """sha256 (12 hex) over the files a result depends on (:data:`SOURCE_PATHS`), names included.
 
-    Part of every run id, so that a code change recomputes runs while edits to docs, reports or
-    benchmarks do not; unlike a git commit it also sees uncommitted changes. Hashes ~15 MB (the
-    tiny checkpoints and the corpus) once per process.
+    Recorded for provenance (``code.source_digest``); unlike a git commit it also sees uncommitted
+    changes. The run id uses the scoped :func:`code_fingerprint` instead. Hashes ~15 MB (the tiny
+    checkpoints and the corpus) once per process.
     """
     digest = hashlib.sha256()
     for entry in SOURCE_PATHS:
@@ -54,10 +61,97 @@ def source_digest() -> str:
     return digest.hexdigest()[:12]
 
 
-def code_version() -> dict:
+def _normalized_python(source: bytes) -> bytes:
+    """The AST of a Python file without docstrings (or any other bare string statement, a no-op) and without
+    line numbers: comments, docstrings, blank lines and formatting do not change it (Python-version specific)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # not parseable: the bytes themselves
+        return source
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            node.body = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                                 and isinstance(s.value.value, str))]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
+def _is_script(path: Path) -> bool:
+    return path.suffix == ".py" and path.name.startswith(SCRIPT_PREFIXES)
+
+
+@functools.lru_cache(maxsize=1)
+def method_files() -> dict[str, tuple[str, ...]]:
+    """Per registered pruner (``pruners.PRUNERS``), the files (relative to the repository) of its class and of
+    its base classes inside ``pruners/``, found through the MRO; ``dense`` has none (it prunes nothing)."""
+    from pruners import PRUNERS
+
+    package = ROOT / "pruners"
+    out = {}
+    for name, cls in PRUNERS.items():
+        files = set()
+        for klass in cls.__mro__:
+            try:
+                path = Path(inspect.getfile(klass)).resolve()
+            except TypeError:  # builtins (object)
+                continue
+            if path.parent == package:
+                files.add(path.relative_to(ROOT).as_posix())
+        out[name] = () if name == DENSE else tuple(sorted(files))
+    return out
+
+
+def _own_files() -> set[str]:
+    """The files that define a registered method: a result depends on its own method's file only."""
+    from pruners import PRUNERS
+
+    return {Path(inspect.getfile(cls)).resolve().relative_to(ROOT).as_posix() for cls in PRUNERS.values()}
+
+
+def fingerprint_files(pruner_name: str, root: Path | str | None = None) -> list[str]:
+    """The files :func:`code_fingerprint` covers for ``pruner_name``, relative to ``root`` (default: this
+    checkout): the shared code (:data:`SHARED_CODE` minus :data:`SCRIPT_PREFIXES` scripts, minus every
+    method's own file, documentation ``*.md`` left out, bundled data kept) plus the method's own files."""
+    root = Path(root) if root is not None else ROOT
+    methods = method_files()
+    if pruner_name not in methods:
+        raise ValueError(f"pruner '{pruner_name}' is not one of: {', '.join(sorted(methods))}")
+    own = _own_files()
+    files = set(methods[pruner_name])
+    for entry in SHARED_CODE:
+        path = root / entry
+        for file in (sorted(path.rglob("*")) if path.is_dir() else [path]):
+            if (not file.is_file() or "__pycache__" in file.parts or file.suffix in (".pyc", ".md")
+                    or _is_script(file)):
+                continue
+            rel = file.relative_to(root).as_posix()
+            if rel not in own:
+                files.add(rel)
+    return sorted(files)
+
+
+@functools.cache
+def code_fingerprint(pruner_name: str, root: Path | str | None = None) -> str:
+    """sha256 (12 hex) of the code that produces a ``pruner_name`` result: :func:`fingerprint_files`, Python
+    files by their docstring-free AST (comments and formatting vanish), data files by their bytes, names
+    included. Part of every run id, so that editing one method's file recomputes that method's runs only,
+    and a comment, docstring, benchmark or build script recomputes nothing. Cached per process.
+    """
+    root = Path(root) if root is not None else ROOT
+    digest = hashlib.sha256()
+    for rel in fingerprint_files(pruner_name, root):
+        data = (root / rel).read_bytes()
+        if rel.endswith(".py"):
+            data = _normalized_python(data)
+        digest.update(rel.encode() + b"\0" + data + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def code_version(pruner: str | None = None) -> dict:
     root = ROOT
-    info = {"prunelab": library_versions()["prunelab"], "source_digest": source_digest(), "git_commit": None,
-            "git_dirty": None}
+    # source_digest: every byte of SOURCE_PATHS (provenance); fingerprint: what the run id covers
+    info = {"prunelab": library_versions()["prunelab"], "source_digest": source_digest(),
+            "fingerprint": code_fingerprint(pruner) if pruner else None, "git_commit": None, "git_dirty": None}
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                             text=True, timeout=5, check=True).stdout.strip()
@@ -90,18 +184,36 @@ def peak_memory(device: str) -> dict:
     return mem
 
 
-def run_id(config: dict, prunes: bool = True, calibrates: bool = True) -> str:
-    """``<model>_<pruner>_<pattern>_<hash>``; the hash covers every key that can change the result
-    and the code version (:func:`source_digest`).
+def result_config(config: dict, prunes: bool = True, calibrates: bool = True) -> dict:
+    """The keys of a resolved config that can change a run's result (seed included, code not).
 
     A run that prunes nothing (dense) does not depend on the sparsity pattern, and one without
-    calibration (dense, magnitude) not on the calibration data, so those keys leave its id.
+    calibration (dense, magnitude) not on the calibration data, so those keys are left out.
     """
     ignored = (set(NON_RESULT_KEYS) | ({"sparsity", "engine", "speed", "save_model"} if not prunes else set())
                | ({"calib"} if not calibrates else set()))
-    relevant = {k: v for k, v in config.items() if k not in ignored}
-    relevant["_code"] = source_digest()
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return {k: v for k, v in config.items() if k not in ignored}
+
+
+def _digest(data, length: int) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def cell_key(config: dict, prunes: bool = True, calibrates: bool = True) -> str:
+    """A run's cell: its result config without the seed and without the code (12 hex). Runs that differ only
+    in seed share a cell (a report averages them); code versions of one cell are told apart by
+    ``code.fingerprint``."""
+    return _digest({k: v for k, v in result_config(config, prunes, calibrates).items() if k != "seed"}, 12)
+
+
+def run_id(config: dict, prunes: bool = True, calibrates: bool = True) -> str:
+    """``<model>_<pruner>_<pattern>_<hash>``; the hash covers every key that can change the result
+    (:func:`result_config`) and the code that produced it, scoped to the method
+    (:func:`code_fingerprint`: editing another method's file, a docstring or a comment keeps the id).
+    """
+    relevant = result_config(config, prunes, calibrates)
+    relevant["_code"] = code_fingerprint(config["pruner"]["name"])
+    digest = _digest(relevant, 10)
     sp = config["sparsity"]
     if not prunes:
         pattern = "dense"

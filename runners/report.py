@@ -10,7 +10,10 @@ Reads every ``result.json`` under the sweep folder and writes to ``<sweep>/repor
   record has zero-shot metrics);
 - ``speed.{md,csv,tex}``: parameters and decode / prefill time, pruned vs dense (runs that measured speed:
   structured runs by default);
-- ``records.csv``: every metric of every record, one row each (the tidy source of all tables);
+- ``records.csv``: every metric of every record shown, one row each (the tidy source of all tables);
+- ``stale.md``: records left out: stale ones (another code fingerprint than the newest record of their
+  cell, i.e. same config but seed; ``--include-stale`` keeps them) and duplicates (same cell, seed and code:
+  the newest is kept). Several seeds of a cell: mean ± sd (n=k);
 - ``ppl_vs_sparsity.png`` (log scale when the values span more than a decade) and
   ``zeroshot_vs_sparsity.png``;
 - W&B: the tables as ``wandb.Table`` and the plots as images, in a ``report`` run of the sweep's group
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .record import read_record
+from .record import cell_key, read_record
 from .validate import published_path
 
 DENSE = "dense"
@@ -63,6 +66,71 @@ def load_records(folder: Path) -> list[dict]:
     return records
 
 
+def record_cell(rec: dict) -> str:
+    """The record's cell (:func:`runners.record.cell_key`): its result config without seed and code."""
+    prunes = rec["pattern"]["kind"] != DENSE
+    return cell_key(rec["config"], prunes=prunes, calibrates=rec.get("calibration") is not None)
+
+
+def record_fingerprint(rec: dict) -> str | None:
+    """The scoped code fingerprint a record's numbers come from (older records: their whole-tree digest)."""
+    code = rec.get("code") or {}
+    if code.get("fingerprint"):
+        return code["fingerprint"]
+    return f"digest:{code['source_digest']}" if code.get("source_digest") else None
+
+
+def select_records(records: list[dict], include_stale: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(kept, stale, duplicates)``: never mix code versions or count a run twice.
+
+    Per cell, the newest record (``created``) fixes the code fingerprint; records of another fingerprint are
+    stale (left out unless ``include_stale``). One record per (cell, seed, fingerprint): the newest; the
+    others are duplicates (a run copied into another sweep, or a forced re-run). Each record in ``stale``
+    and ``duplicates`` gets ``superseded_by`` (the path of the record that replaces it).
+    """
+    by_cell: dict[str, list[dict]] = {}
+    for rec in records:
+        rec["cell"], rec["fingerprint"] = record_cell(rec), record_fingerprint(rec)
+        by_cell.setdefault(rec["cell"], []).append(rec)
+    kept, stale, duplicates = [], [], []
+    for recs in by_cell.values():
+        recs = sorted(recs, key=lambda r: (str(r.get("created") or ""), r.get("path", "")), reverse=True)
+        newest = recs[0]
+        seen: dict = {}
+        for rec in recs:
+            is_stale = rec["fingerprint"] != newest["fingerprint"]
+            rec["stale"] = is_stale
+            if is_stale:
+                stale.append({**rec, "superseded_by": newest.get("path")})
+                if not include_stale:
+                    continue
+            key = (rec.get("seed"), rec["fingerprint"])
+            if key in seen:
+                duplicates.append({**rec, "superseded_by": seen[key].get("path")})
+                continue
+            seen[key] = rec
+            kept.append(rec)
+    return kept, stale, duplicates
+
+
+def markdown_stale(stale: list[dict], duplicates: list[dict], include_stale: bool) -> str:
+    lines = []
+    if stale:
+        lines += ["**Stale records** (code fingerprint differs from the newest record of the same cell; "
+                  + ("included: --include-stale" if include_stale else "left out; --include-stale keeps them")
+                  + ")", "", "| record | run id | seed | created | fingerprint | newest record |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r.get('path')} | {r['run_id']} | {r.get('seed')} | {r.get('created')} | {r['fingerprint']} "
+                  f"| {r['superseded_by']} |" for r in stale]
+        lines.append("")
+    if duplicates:
+        lines += ["**Duplicate records** (same cell, seed and code; the newest is kept)", "",
+                  "| record | run id | seed | created | kept record |", "|---|---|---|---|---|"]
+        lines += [f"| {r.get('path')} | {r['run_id']} | {r.get('seed')} | {r.get('created')} | {r['superseded_by']} |"
+                  for r in duplicates]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def tidy(records: list[dict]) -> pd.DataFrame:
     """One row per (record, metric): model, method, pattern, ratio, metric, dataset, value, stderr, protocol."""
     rows = []
@@ -70,7 +138,9 @@ def tidy(records: list[dict]) -> pd.DataFrame:
         base = {"model": rec["model"]["name"], "method": rec["pruner"], "pattern": pattern_key(rec["pattern"]),
                 "kind": rec["pattern"]["kind"], "ratio": rec["sparsity"]["target"],
                 "measured_sparsity": rec["sparsity"]["overall"], "run_id": rec["run_id"],
-                "prune_s": rec["timings_s"].get("prune")}
+                "prune_s": rec["timings_s"].get("prune"), "seed": rec.get("seed"),
+                "cell": rec.get("cell") or record_cell(rec),
+                "fingerprint": rec.get("fingerprint") or record_fingerprint(rec), "created": rec.get("created")}
         for key, entry in rec["metrics"].get("ppl", {}).items():
             prov = entry.get("protocol", {})
             rows.append({**base, "metric": "ppl", "dataset": key, "value": entry["value"], "stderr": None,
@@ -86,11 +156,9 @@ def tidy(records: list[dict]) -> pd.DataFrame:
             rows.append({**base, "metric": "acc", "dataset": "average", "value": zeroshot["average"]["acc"],
                          "stderr": None, "protocol": _describe_zeroshot(zeroshot)})
     columns = ["model", "method", "pattern", "kind", "ratio", "measured_sparsity", "metric", "dataset", "value",
-               "stderr", "protocol", "run_id", "prune_s"]
-    frame = pd.DataFrame(rows, columns=columns)
-    # a sweep re-run with force=true leaves one record per id; two ids for one cell (e.g. a seed sweep)
-    # are averaged below and counted in the caption
-    return frame
+               "stderr", "protocol", "run_id", "prune_s", "seed", "cell", "fingerprint", "created"]
+    # pass records through select_records first: several seeds of one cell are then averaged below (mean, sd, n)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _describe_protocol(key: str, prov: dict) -> str:
@@ -157,6 +225,13 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _spread(sd, n) -> str:
+    """`` ± sd (n=k)`` for a mean over k > 1 seeds, else nothing."""
+    if n is None or pd.isna(n) or int(n) < 2:
+        return ""
+    return f" ± {_fmt(sd)} (n={int(n)})"
+
+
 def _delta(value, dense) -> str:
     if value is None or dense is None or any(isinstance(v, float) and math.isnan(v) for v in (value, dense)):
         return ""
@@ -169,7 +244,9 @@ def ppl_table(frame: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     ppl = frame[frame.metric == "ppl"]
     if ppl.empty:
         return pd.DataFrame()
-    cells = ppl.groupby(["method", "pattern", "model", "dataset"])["value"].mean()
+    grouped = ppl.groupby(["method", "pattern", "model", "dataset"])["value"]
+    cells, spread, count = grouped.mean(), grouped.std(), grouped.count()
+    seeds = bool((count > 1).any())  # several seeds somewhere: sd and n columns
     paper = published[published.metric == "ppl"].set_index(["method", "pattern", "model", "dataset"])["value"] \
         if not published.empty else pd.Series(dtype=float)
     targets = sorted(set(zip(ppl.model, ppl.dataset, strict=True)))
@@ -187,6 +264,9 @@ def ppl_table(frame: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
             dense = cells.get((DENSE, DENSE, model, dataset))
             row[f"{model} | {dataset} | ours"] = value
             row[f"{model} | {dataset} | delta"] = (value - dense) if value is not None and dense is not None else None
+            if seeds:
+                row[f"{model} | {dataset} | sd"] = spread.get((method, pattern, model, dataset))
+                row[f"{model} | {dataset} | n"] = count.get((method, pattern, model, dataset))
             if not paper.empty and any(paper.index.get_level_values("model") == model):
                 row[f"{model} | {dataset} | paper"] = paper.get((method, pattern, model, dataset))
         rows.append(row)
@@ -195,13 +275,18 @@ def ppl_table(frame: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     return table[keep].reset_index(drop=True)
 
 
-def ppl_by_sparsity(frame: pd.DataFrame) -> dict[tuple[str, str], pd.DataFrame]:
+def ppl_by_sparsity(frame: pd.DataFrame, spreads: dict | None = None) -> dict[tuple[str, str], pd.DataFrame]:
     """Per (model, protocol): method rows x pattern columns (the Wanda README layout), dense in its own column."""
     ppl = frame[frame.metric == "ppl"]
     out = {}
     for (model, dataset), part in ppl.groupby(["model", "dataset"]):
         pivot = part.pivot_table(index="method", columns="pattern", values="value", aggfunc="mean")
-        pivot = pivot.reindex(index=method_order(pivot.index), columns=pattern_order(pivot.columns))
+        rows, cols = method_order(pivot.index), pattern_order(pivot.columns)
+        pivot = pivot.reindex(index=rows, columns=cols)
+        if spreads is not None:  # seeds: shown as mean ± sd (n=k)
+            spreads[(model, dataset)] = tuple(part.pivot_table(index="method", columns="pattern", values="value",
+                                                               aggfunc=agg).reindex(index=rows, columns=cols)
+                                              for agg in ("std", "count"))
         out[(model, dataset)] = pivot
     return out
 
@@ -285,23 +370,27 @@ def markdown_ppl(table: pd.DataFrame, caption: str) -> str:
         cells = [row["method"], row["pattern"]]
         for group in groups:
             value, delta = row.get(f"{group} | ours"), row.get(f"{group} | delta")
-            cells.append(_fmt(value) + (f" ({delta:+.2f})" if delta is not None and not pd.isna(delta)
-                                        and row["method"] != DENSE else ""))
+            cells.append(_fmt(value) + _spread(row.get(f"{group} | sd"), row.get(f"{group} | n"))
+                         + (f" ({delta:+.2f})" if delta is not None and not pd.isna(delta)
+                            and row["method"] != DENSE else ""))
             if f"{group} | paper" in table.columns:
                 cells.append(_fmt(row.get(f"{group} | paper")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def markdown_by_sparsity(tables: dict, captions: dict) -> str:
+def markdown_by_sparsity(tables: dict, captions: dict, spreads: dict | None = None) -> str:
     out = []
     for (model, dataset), pivot in tables.items():
         out.append(f"**{model}, perplexity on {dataset}** ({captions[(model, dataset)]})\n")
         cols = list(pivot.columns)
         out.append("| method | " + " | ".join(cols) + " |")
         out.append("|---|" + "---:|" * len(cols))
+        sd, n = (spreads or {}).get((model, dataset), (None, None))
         for method, row in pivot.iterrows():
-            out.append(f"| {method} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+            out.append(f"| {method} | " + " | ".join(
+                _fmt(row[c]) + (_spread(sd.loc[method, c], n.loc[method, c]) if n is not None else "")
+                for c in cols) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -406,24 +495,42 @@ def plot_vs_sparsity(frame: pd.DataFrame, metric: str, dataset: str | None, ylab
 
 
 def build_report(folder: Path, out: Path | None = None, published: str | None = None,
-                 wandb_mode: str | None = None) -> dict:
-    """Write every table and plot for the records under ``folder``; return what was written."""
+                 wandb_mode: str | None = None, include_stale: bool = False) -> dict:
+    """Write every table and plot for the records under ``folder``; return what was written.
+
+    Stale records (another code fingerprint than the newest of their cell) and duplicates (same cell, seed
+    and code) are listed in ``stale.md`` and noted in the captions; stale ones are left out unless
+    ``include_stale``, duplicates always (the newest is kept)."""
     folder = Path(folder)
     records = load_records(folder)
     if not records:
         raise FileNotFoundError(f"no result records under {folder}")
     out = Path(out) if out else folder / "report"
     out.mkdir(parents=True, exist_ok=True)
+    records, stale, duplicates = select_records(records, include_stale)
+    note = ""
+    if stale:
+        note += (f" {len(stale)} stale record(s) (older code fingerprint than the newest of their cell) "
+                 + ("included (--include-stale)" if include_stale else "left out") + ": stale.md.")
+    if duplicates:
+        note += f" {len(duplicates)} duplicate record(s) (same cell, seed and code) left out, the newest kept: stale.md."
+    (out / "stale.md").unlink(missing_ok=True)
+    if stale or duplicates:
+        (out / "stale.md").write_text(markdown_stale(stale, duplicates, include_stale))
     frame = tidy(records)
+    seeds = frame.groupby(["cell", "dataset", "metric"])["seed"].nunique() if not frame.empty else pd.Series(dtype=int)
+    if len(seeds) and seeds.max() > 1:
+        note += " Several seeds: mean ± sd (n = seeds)."
     report_cfg = records[0]["config"].get("report") or {}
     published = published or report_cfg.get("published")
     paper = load_published(published, report_cfg.get("model_map"), report_cfg.get("dataset_map"))
-    written: dict = {"tables": {}, "plots": [], "records": len(records), "published": published}
+    written: dict = {"tables": {}, "plots": [], "records": len(records), "published": published,
+                     "stale": stale, "duplicates": duplicates}
     frame.to_csv(out / "records.csv", index=False)
 
     ppl = ppl_table(frame, paper)
     if not ppl.empty:
-        caption = "Protocols: " + _captions(frame, lambda f: f.metric == "ppl") + "."
+        caption = "Protocols: " + _captions(frame, lambda f: f.metric == "ppl") + "." + note
         if published:
             caption += f" Published numbers: conf/experiment/{published}.published.csv"
             maps = {**(report_cfg.get("model_map") or {}), **(report_cfg.get("dataset_map") or {})}
@@ -435,10 +542,12 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
         ppl.to_csv(out / "ppl.csv", index=False)
         (out / "ppl.tex").write_text(latex(ppl, "Perplexity. " + caption, "tab:ppl"))
         written["tables"]["ppl"] = ppl
-        by_sparsity = ppl_by_sparsity(frame)
+        spreads: dict = {}
+        by_sparsity = ppl_by_sparsity(frame, spreads)
         captions = {key: _captions(frame[(frame.model == key[0]) & (frame.dataset == key[1])],
-                                   lambda f: f.metric == "ppl") for key in by_sparsity}
-        (out / "ppl_by_sparsity.md").write_text(markdown_by_sparsity(by_sparsity, captions))
+                                   lambda f: f.metric == "ppl") + ("; " + note.strip() if note else "")
+                    for key in by_sparsity}
+        (out / "ppl_by_sparsity.md").write_text(markdown_by_sparsity(by_sparsity, captions, spreads))
         flat = pd.concat([p.reset_index().assign(model=k[0], dataset=k[1]) for k, p in by_sparsity.items()],
                          ignore_index=True)
         flat.to_csv(out / "ppl_by_sparsity.csv", index=False)
@@ -451,7 +560,7 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
 
     zs = zeroshot_table(frame)
     if not zs.empty:
-        caption = _captions(frame, lambda f: f.metric == "acc") + "; average over the tasks shown."
+        caption = _captions(frame, lambda f: f.metric == "acc") + "; average over the tasks shown." + note
         (out / "zeroshot.md").write_text(markdown_zeroshot(zs, caption))
         zs.to_csv(out / "zeroshot.csv", index=False)
         (out / "zeroshot.tex").write_text(latex(zs, "Zero-shot accuracy (\\%). " + caption, "tab:zeroshot"))
@@ -475,6 +584,8 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
                                                {p.stem: p for p in written["plots"]})
     (out / "report.json").write_text(json.dumps(
         {"records": len(records), "published": published, "tables": sorted(written["tables"]),
+         "stale": [r.get("path") for r in stale], "duplicates": [r.get("path") for r in duplicates],
+         "include_stale": include_stale,
          "plots": [str(p) for p in written["plots"]], "wandb": written.get("wandb")}, indent=2) + "\n")
     written["out"] = out
     return written
@@ -499,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
                              "default: the records' report.published")
     parser.add_argument("--wandb", default=None, choices=("offline", "online", "disabled"),
                         help="W&B mode for the report run (default: the records' wandb.mode)")
+    parser.add_argument("--include-stale", action="store_true",
+                        help="keep records whose code fingerprint differs from the newest of their cell "
+                             "(listed in stale.md either way)")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -509,12 +623,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        written = build_report(folder, args.out, args.published, args.wandb)
+        written = build_report(folder, args.out, args.published, args.wandb, args.include_stale)
     except FileNotFoundError as err:
         print(f"prunelab: error: {err}", file=sys.stderr)
         return 2
     print(f"{written['records']} records -> {written['out']}")
-    for name in ("ppl.md", "ppl_by_sparsity.md", "zeroshot.md", "speed.md"):
+    for name in ("stale.md", "ppl.md", "ppl_by_sparsity.md", "zeroshot.md", "speed.md"):
         if (written["out"] / name).exists():
             print(f"\n{(written['out'] / name).read_text()}")
     for plot in written["plots"]:

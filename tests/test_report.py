@@ -133,3 +133,72 @@ def test_report_bad_input_exits_2(tmp_path):
     assert main([str(tmp_path / "missing")]) == 2
     assert main([str(tmp_path)]) == 2  # no records
     assert main([str(tmp_path), "--published", "no-such-preset"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# code versions, duplicates and seeds (hand-written records in the format runners.run writes)
+
+
+def _record(folder, name, *, pruner="sparsegpt", seed=0, fingerprint="aaaaaaaaaaaa", created="2026-01-01T00:00:00+00:00",
+            ppl=100.0):
+    from omegaconf import OmegaConf
+
+    from .conftest import compose
+
+    config = OmegaConf.to_container(compose(f"pruner={pruner}", f"seed={seed}", "wandb.mode=disabled"), resolve=True)
+    dense = pruner == "dense"
+    pattern = ({"kind": "dense", "ratio": 0.0, "n": None, "m": None, "label": "dense"} if dense
+               else {"kind": "unstructured", "ratio": 0.5, "n": None, "m": None, "label": "50% unstructured"})
+    rec = {"schema": 1, "run_id": f"tiny-opt_{pruner}_{name}", "sweep": folder.name, "created": created,
+           "model": {"name": "tiny-opt"}, "pruner": pruner, "pattern": pattern,
+           "sparsity": {"target": 0.0 if dense else 0.5, "overall": 0.0 if dense else 0.5},
+           "method_losses": {}, "metrics": {"ppl": {"bundled@256": {"value": ppl, "protocol": {
+               "name": "bundled", "windows": 4, "seqlen": 256}}}},
+           "timings_s": {"prune": 0.0, "total": 1.0}, "memory": {}, "calibration": None if dense else {"nsamples": 8},
+           "seed": seed, "device": {}, "versions": {},
+           "code": {"source_digest": "d" * 12, "fingerprint": fingerprint}, "config": config}
+    path = folder / rec["run_id"] / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    return path
+
+
+def test_report_shows_the_fresh_record_and_lists_the_stale_one(tmp_path):
+    from runners.report import build_report
+
+    folder = tmp_path / "sweep"
+    _record(folder, "dense", pruner="dense", ppl=50.0)
+    old = _record(folder, "old", fingerprint="0ld0ld0ld0ld", created="2026-01-01T00:00:00+00:00", ppl=200.0)
+    new = _record(folder, "new", fingerprint="7e57e57e57e5", created="2026-02-01T00:00:00+00:00", ppl=100.0)
+    written = build_report(folder, wandb_mode="disabled")
+    table = written["tables"]["ppl"].set_index("method")
+    assert table.loc["sparsegpt", "tiny-opt | bundled@256 | ours"] == pytest.approx(100.0)  # not the mean 150
+    assert [r["path"] for r in written["stale"]] == [str(old)]
+    stale_md = (written["out"] / "stale.md").read_text()
+    assert str(old) in stale_md and str(new) in stale_md
+    assert "stale" in (written["out"] / "ppl.md").read_text()
+    assert written["records"] == 2
+    included = build_report(folder, tmp_path / "with-stale", wandb_mode="disabled", include_stale=True)
+    assert included["tables"]["ppl"].set_index("method").loc["sparsegpt", "tiny-opt | bundled@256 | ours"] \
+        == pytest.approx(150.0)
+    assert main([str(folder), "--wandb", "disabled", "--include-stale"]) == 0
+
+
+def test_report_keeps_one_record_per_seed_and_gives_mean_spread_and_n(tmp_path):
+    from runners.report import build_report
+
+    folder = tmp_path / "sweep"
+    _record(folder, "dense", pruner="dense", ppl=50.0)
+    _record(folder, "s0", seed=0, ppl=100.0)
+    _record(folder, "s1", seed=1, ppl=102.0)
+    _record(folder, "s2", seed=2, ppl=104.0, created="2026-01-02T00:00:00+00:00")
+    dup = _record(folder, "s2copy", seed=2, ppl=999.0, created="2026-01-01T12:00:00+00:00")  # same cell, seed, code
+    written = build_report(folder, wandb_mode="disabled")
+    row = written["tables"]["ppl"].set_index("method").loc["sparsegpt"]
+    assert row["tiny-opt | bundled@256 | ours"] == pytest.approx(102.0)
+    assert row["tiny-opt | bundled@256 | sd"] == pytest.approx(2.0) and row["tiny-opt | bundled@256 | n"] == 3
+    assert [r["path"] for r in written["duplicates"]] == [str(dup)] and not written["stale"]
+    md = (written["out"] / "ppl.md").read_text()
+    assert "102.00 ± 2.00 (n=3)" in md and "duplicate" in md
+    assert "102.00 ± 2.00 (n=3)" in (written["out"] / "ppl_by_sparsity.md").read_text()
+    assert str(dup) in (written["out"] / "stale.md").read_text()

@@ -61,7 +61,7 @@ def test_run_id_includes_the_code_version(monkeypatch):
     config = OmegaConf.to_container(compose(), resolve=True)
     base = record.run_id(config)
     assert len(source_digest()) == 12
-    monkeypatch.setattr(record, "source_digest", lambda: "0" * 12)
+    monkeypatch.setattr(record, "code_fingerprint", lambda name, root=None: "0" * 12)
     assert record.run_id(config) != base
 
 
