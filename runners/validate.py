@@ -17,6 +17,8 @@ import models
 from evaluators.ppl import Protocol, resolve_protocol
 from pruners import Pattern, Pruner, build_pruner
 
+from . import schema
+
 CALIB_SOURCES = ("bundled", "text", "c4", "wikitext2")
 WANDB_MODES = ("offline", "online", "disabled")
 SPEED_MODES = ("auto", "always", "never")
@@ -70,6 +72,10 @@ def _check_missing(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
     """Raise ConfigError on the first problem; otherwise return the Plan. Reads at most the model's config.json."""
+    try:
+        schema.check(cfg)  # unknown keys, types, ranges (runners/schema.py)
+    except schema.SchemaError as err:
+        raise ConfigError(str(err)) from None
     _check_missing(cfg)
     try:
         pattern = Pattern.from_config(cfg.sparsity)
@@ -86,8 +92,9 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
     _positive_int(cfg.engine.batch_size, "engine.batch_size")
 
     model_seqlen = _positive_int(cfg.model.seqlen, "model.seqlen")
-    calib_seqlen = _positive_int(cfg.calib.seqlen or model_seqlen, "calib.seqlen")
-    eval_seqlen = _positive_int(cfg.eval.ppl.seqlen or model_seqlen, "eval.ppl.seqlen")
+    # null = model.seqlen; 0 is not "the default" (the schema rejects it)
+    calib_seqlen = _positive_int(model_seqlen if cfg.calib.seqlen is None else cfg.calib.seqlen, "calib.seqlen")
+    eval_seqlen = _positive_int(model_seqlen if cfg.eval.ppl.seqlen is None else cfg.eval.ppl.seqlen, "eval.ppl.seqlen")
     if pruner.needs_calibration:
         if cfg.calib.source not in CALIB_SOURCES:
             raise ConfigError(f"calib.source={cfg.calib.source} is not one of: {', '.join(CALIB_SOURCES)}")

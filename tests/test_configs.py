@@ -147,3 +147,117 @@ def test_prevalidate_checks_every_job_of_a_preset():
     error = prevalidate(["+experiment=tiny-mamba-apt", "pruner=sparsegpt,apt", "pruner.blocksize=12"])
     assert "multiple of m=" in error and "[job:" in error
     assert "not an option" in prevalidate(["+experiment=nope"])
+
+
+# --- the schema (runners/schema.py): every key typed, no typo and no wrong type gets through ------------------
+def _schema_check(cfg):
+    from runners import schema
+
+    schema.check(cfg)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_shipped_option_passes_the_schema(group, option):
+    if group == "hydra":  # hydra/launcher options: Hydra's own (structured) configs check them
+        pytest.skip("hydra/launcher options are Hydra's section")
+    _schema_check(compose(f"{group}={option}", *NEEDS.get((group, option), [])))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_job_passes_the_schema(name):
+    from runners import schema
+
+    for cfg in preset_jobs(name):
+        schema.check(cfg)
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # with Hydra's own section too
+        schema.check(hydra_compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True))
+
+
+def test_schema_is_an_omegaconf_structured_config():
+    from omegaconf import OmegaConf
+
+    from runners.schema import Config, pruner_schema
+
+    assert set(OmegaConf.structured(Config)) >= {"model", "calib", "pruner", "sparsity", "eval", "seed", "wandb"}
+    from pruners import PRUNERS
+
+    for name in PRUNERS:
+        OmegaConf.structured(pruner_schema(name))
+
+
+PRUNER_YAMLS = sorted(p.stem for p in (CONF_DIR / "pruner").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PRUNER_YAMLS)
+def test_pruner_yaml_repeats_exactly_the_dataclass_defaults(name):
+    """conf/pruner/<name>.yaml lists every option of the pruner's dataclass with the dataclass's default
+    (the schema takes types and defaults from the dataclass: the YAML must not drift from it)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from pruners import PRUNERS
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "pruner" / f"{name}.yaml"))
+    assert yaml.pop("name") == name and name in PRUNERS
+    defaults = {f.name: f.default for f in dataclasses.fields(PRUNERS[name])}
+    assert yaml == defaults
+    for key, value in yaml.items():  # the same type too (1 is not 1.0 is not True)
+        assert type(value) is type(defaults[key]), key
+    assert set(PRUNER_YAMLS) == set(PRUNERS)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["seed=1.5"], "seed=1.5 is not an integer"),
+    (["seed=notanumber"], "seed=notanumber is not an integer"),
+    (["seed=-1"], "seed=-1 must be >= 0"),
+    (["seed=true"], "seed=True is not an integer"),
+    (["dense_baseline=maybe"], "dense_baseline=maybe is not true or false"),
+    (["force=1"], "force=1 is not true or false"),
+    (["progress=yes"], "progress=yes is not true or false"),
+    (["sparsity=nm", "sparsity.n=2.5"], "sparsity.n=2.5 is not an integer"),
+    (["sparsity.ratio=half"], "sparsity.ratio=half is not a number"),
+    (["calib.seqlen=0"], "calib.seqlen=0 must be a positive integer"),
+    (["eval.ppl.seqlen=0"], "eval.ppl.seqlen=0 must be a positive integer"),
+    (["calib.seqlen=128.5"], "calib.seqlen=128.5 is not an integer"),
+    (["model.seqlen=0"], "model.seqlen=0 must be a positive integer"),
+    (["calib.nsamples='8'"], "calib.nsamples=8 is not an integer (got a string)"),
+    (["calib.source=wiki"], "calib.source=wiki is not one of: bundled, text, c4, wikitext2"),
+    (["pruner.blocksize=1.5"], "pruner.blocksize=1.5 is not an integer"),
+    (["pruner.percdamp=small"], "pruner.percdamp=small is not a number"),
+    (["pruner=numerical", "sparsity=structured", "pruner.clip=1"], "pruner.clip=1 is not true or false"),
+    (["eval.ppl.max_windows=0"], "eval.ppl.max_windows=0 must be a positive integer"),
+    (["eval.ppl.datasets=bundled"], "eval.ppl.datasets=bundled must be a list"),
+    (["speed.threads=0"], "speed.threads=0 must be a positive integer"),
+    (["speed.warmup=-1"], "speed.warmup=-1 must be >= 0"),
+    (["wandb.tags=[1.5]"], "wandb.tags[0]=1.5 is not a string"),
+    (["+report.model_map.a=1.5"], "report.model_map.a=1.5 is not a string"),
+    (["+seeed=1"], "seeed: unknown key (did you mean seed?)"),
+    (["+eval.ppl.max_windowz=3"], "eval.ppl.max_windowz: unknown key of eval.ppl (did you mean eval.ppl.max_windows?)"),
+    (["+pruner.blocksz=64"], "pruner.blocksz: unknown key of pruner 'sparsegpt' (did you mean pruner.blocksize?)"),
+    (["+sparsity.n=2"], "sparsity.n: unknown key of sparsity"),
+    (["+model.trust_remote=true"], "model.trust_remote: unknown key of model (did you mean model.trust_remote_code?)"),
+    (["~engine.batch_size"], "engine.batch_size: missing"),
+])
+def test_schema_rejects_typos_and_wrong_types(overrides, message):
+    from runners.schema import SchemaError
+
+    with pytest.raises(SchemaError) as err:
+        _schema_check(compose(*overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="^" + message.split("=")[0].split(":")[0].replace("[", r"\[").replace(".", r"\.")):
+        validate(compose(*overrides), check_model=False)  # validate() runs the schema first
+
+
+def test_schema_accepts_ints_for_floats_and_null_where_optional():
+    _schema_check(compose("sparsity.ratio=0", "pruner.percdamp=1", "calib.seqlen=null", "speed.threads=null",
+                          "sweep=2024", "model.revision=null"))
+    assert validate(compose("calib.seqlen=64", "eval.ppl.seqlen=128")).calib_seqlen == 64
+
+
+def test_seqlen_null_means_the_model_seqlen():
+    plan = validate(compose("model=tiny-llama"))
+    assert plan.calib_seqlen == plan.eval_seqlen == 256
