@@ -5,7 +5,7 @@ from __future__ import annotations
 from .apt import APT
 from .base import ModuleResult, Pruner
 from .dense import Dense
-from .engine import capture_block_inputs, prune_sequential, run_block, walk_blocks
+from .engine import prune_sequential, walk_blocks
 from .flap import FLAP
 from .magnitude import Magnitude
 from .masks import Pattern
@@ -29,5 +29,4 @@ def build_pruner(cfg: dict) -> Pruner:
     return cls(**cfg)
 
 
-__all__ = ["PRUNERS", "Pattern", "Pruner", "ModuleResult", "build_pruner", "prune_sequential",
-           "capture_block_inputs", "run_block", "walk_blocks"]
+__all__ = ["PRUNERS", "Pattern", "Pruner", "ModuleResult", "build_pruner", "prune_sequential", "walk_blocks"]

@@ -1,4 +1,11 @@
-"""The thin interface between a method and the sequential engine."""
+"""The thin interface between a method and its driver (docs/architecture.md §1; docs/methods.md §1).
+
+A method declares what it needs as class attributes (``needs_calibration``, ``needs_gradients``,
+``scope``, ``propagate``); :meth:`Pruner.prune` picks the driver: the sequential block-by-block engine
+(``scope = "block"``) or the method's own :meth:`Pruner.prune_model` (``scope = "model"``: whole-model
+gradients, a global threshold, several shots), which builds on :mod:`pruners.taps` (gradient taps),
+:class:`pruners.masks.MaskState` (persistent masks) and :class:`pruners.settings.EngineSettings`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .masks import Pattern
+from .masks import PackedMask, Pattern
+from .settings import EngineSettings
 from .stats import Hessian, damped_inverse_cholesky
+
+SCOPES = ("block", "model")
+PROPAGATIONS = ("pruned", "dense")
 
 
 @dataclass
@@ -21,6 +32,7 @@ class ModuleResult:
     loss: float | None = None  # the method's own layer-wise loss estimate, where it has one
     unit_kind: str | None = None  # structured pruning: the kind of unit removed (recorded under its reader)
     kept_units: list[int] | None = None  # ... and the indices of the units kept
+    mask: PackedMask | None = None  # unstructured / N:M: the prune mask (True = removed), see MaskState
 
 
 class Pruner:
@@ -30,15 +42,14 @@ class Pruner:
     """
 
     name: ClassVar[str]
-    statistic: ClassVar[type | None] = None  # None: no calibration data needed
+    statistic: ClassVar[type | None] = None  # the per-group statistic the block engine accumulates (or None)
+    needs_calibration: ClassVar[bool] = False  # calibration windows are loaded and passed only if True
+    needs_gradients: ClassVar[bool] = False  # backward passes through the whole model (pruners.taps)
+    scope: ClassVar[str] = "block"  # block: layer-wise, sequential engine | model: the method's prune_model
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
-    propagate: ClassVar[str] = "pruned"  # the next block is calibrated on the pruned block's outputs
+    propagate: ClassVar[str] = "pruned"  # the next block is calibrated on the pruned block's outputs | dense
     removes_weights: ClassVar[bool] = True  # False for the dense baseline: its result ignores the pattern
     tf32: ClassVar[bool] = False  # TF32 off, as in the SparseGPT reference
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.statistic is not None
 
     @classmethod
     def config_keys(cls) -> list[str]:
@@ -46,6 +57,13 @@ class Pruner:
 
     def check(self, pattern: Pattern) -> None:
         """Raise ValueError if this method cannot produce ``pattern`` with these settings."""
+        if self.scope not in SCOPES:
+            raise ValueError(f"pruner '{self.name}' has scope '{self.scope}', not one of: {', '.join(SCOPES)}")
+        if self.propagate not in PROPAGATIONS:
+            raise ValueError(f"pruner '{self.name}' has propagate '{self.propagate}', not one of: "
+                             f"{', '.join(PROPAGATIONS)}")
+        if self.needs_gradients and self.scope != "model":
+            raise ValueError(f"pruner '{self.name}': gradients need scope 'model' (the block engine has no backward)")
         if pattern.kind not in self.patterns:
             raise ValueError(f"pruner '{self.name}' does not support sparsity kind '{pattern.kind}'")
 
@@ -53,19 +71,33 @@ class Pruner:
         """Prune the linears of one group in place, using the group's statistic."""
         raise NotImplementedError
 
-    def prune(self, model, adapter, pattern: Pattern, calib_ids, device="cpu", batch_size: int = 8,
-              stats_dtype=torch.float32, progress: bool = True) -> dict[str, ModuleResult]:
-        """Prune the whole model; layer-wise methods go block by block through the sequential engine."""
+    def prune(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None
+              ) -> dict[str, ModuleResult]:
+        """Prune the whole model: layer-wise methods (``scope = "block"``) go block by block through the
+        sequential engine, whole-model methods (``scope = "model"``) through :meth:`prune_model`."""
+        settings = settings or EngineSettings()
+        if self.scope == "model":
+            self.check(pattern)
+            if self.needs_calibration and calib_ids is None:
+                raise ValueError(f"pruner '{self.name}' needs calibration data")
+            return self.prune_model(model, adapter, pattern, calib_ids if self.needs_calibration else None, settings)
         from .engine import prune_sequential
 
-        return prune_sequential(model, adapter, self, pattern, calib_ids, device, batch_size, stats_dtype, progress)
+        return prune_sequential(model, adapter, self, pattern, calib_ids, settings)
+
+    def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
+                    ) -> dict[str, ModuleResult]:
+        """Whole-model driver of a ``scope = "model"`` method: prune in place, return per-module results
+        keyed by full module name, each with its ``mask`` (the shared parts: :mod:`pruners.taps` for
+        gradients, :class:`pruners.masks.MaskState` to keep masks across shots, :func:`apply_prune_mask`)."""
+        raise NotImplementedError(f"pruner '{self.name}' has scope 'model' but no prune_model")
 
 
 def apply_prune_mask(module: nn.Linear, weight: torch.Tensor, prune_mask: torch.Tensor) -> ModuleResult:
     """Write ``weight`` with ``prune_mask`` zeroed back into the module, in its dtype."""
     weight = weight.masked_fill(prune_mask, 0)
     module.weight.data.copy_(weight.to(module.weight.dtype))
-    return ModuleResult(pruned=int(prune_mask.sum()), total=prune_mask.numel())
+    return ModuleResult(pruned=int(prune_mask.sum()), total=prune_mask.numel(), mask=PackedMask.pack(prune_mask))
 
 
 class ScoreMaskPruner(Pruner):
@@ -104,6 +136,7 @@ class InverseHessianPruner(Pruner):
     """
 
     statistic = Hessian
+    needs_calibration = True
     percdamp: float
 
     def prune_weight(self, weight: torch.Tensor, U: torch.Tensor, pattern: Pattern):
@@ -118,5 +151,6 @@ class InverseHessianPruner(Pruner):
             weight[:, dead] = 0
             pruned, mask, loss = self.prune_weight(weight, U, pattern)
             module.weight.data.copy_(pruned.to(module.weight.dtype))
-            results[name] = ModuleResult(pruned=int(mask.sum()), total=mask.numel(), loss=loss)
+            results[name] = ModuleResult(pruned=int(mask.sum()), total=mask.numel(), loss=loss,
+                                         mask=PackedMask.pack(mask))
         return results

@@ -10,6 +10,7 @@ from .base import Pruner
 @dataclass
 class Dense(Pruner):
     name = "dense"
+    needs_calibration = False
     removes_weights = False
     patterns = ("unstructured", "nm", "structured")  # any: the pattern is ignored
 

@@ -1,4 +1,4 @@
-"""FLAP: fluctuation-based adaptive structured pruning (An et al., AAAI'24; METHODS.md §3.7).
+"""FLAP: fluctuation-based adaptive structured pruning (An et al., AAAI'24; docs/methods.md §3.7).
 
 Statistics on the **dense** model (one pass, no propagation of pruned outputs): for every input
 channel ``j`` of each unit's reader (o_proj / out_proj, down_proj / fc2, Mamba's out_proj), the mean

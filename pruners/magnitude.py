@@ -1,4 +1,4 @@
-"""Magnitude pruning (METHODS.md §3.1): score ``|W_ij|``, no calibration, no update.
+"""Magnitude pruning (docs/methods.md §3.1): score ``|W_ij|``, no calibration, no update.
 
 Comparison group: the whole matrix (``--gmp`` in SparseGPT, ``prune_magnitude`` in Wanda), or each
 row (``group: row``). N:M groups are per row, as in Wanda.
@@ -18,6 +18,7 @@ def magnitude_score(weight):
 @dataclass
 class Magnitude(ScoreMaskPruner):
     name = "magnitude"
+    needs_calibration = False  # the score is |W| alone
     group: str = "matrix"
 
     def score(self, weight, stat):

@@ -1,4 +1,4 @@
-"""Sparsity patterns and mask selection, shared by every method (METHODS.md §12, "comparison group").
+"""Sparsity patterns and mask selection, shared by every method (docs/methods.md §12, "comparison group").
 
 Conventions: a *prune mask* is ``True`` where a weight is removed. Scores are "higher = keep".
 ``N:M`` follows the hardware notation: at most ``n`` non-zeros in every ``m`` consecutive weights of a
@@ -99,3 +99,147 @@ def satisfies_n_of_m(weight: torch.Tensor, n: int, m: int) -> bool:
     if cols % m:
         return False
     return bool(((weight.reshape(rows, cols // m, m) != 0).sum(-1) <= n).all())
+
+
+# --- persistent masks (docs/architecture.md §1, "Masks") -----------------------------------------------
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A prune mask (``True`` = removed) stored as bits on the CPU: 1/8 of a bool tensor's memory."""
+
+    bits: torch.Tensor  # uint8 [ceil(numel / 8)]
+    shape: tuple[int, ...]
+    pruned: int  # number of True entries
+
+    @classmethod
+    def pack(cls, prune_mask: torch.Tensor) -> PackedMask:
+        flat = prune_mask.detach().reshape(-1).to(torch.bool)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        weights = _BIT_WEIGHTS.to(flat.device)
+        bits = (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+        return cls(bits.cpu(), tuple(prune_mask.shape), int(prune_mask.sum()))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    def unpack(self, device=None) -> torch.Tensor:
+        bits = self.bits.to(device) if device is not None else self.bits
+        flat = (bits.unsqueeze(1) & _BIT_WEIGHTS.to(bits.device)) != 0
+        return flat.reshape(-1)[: self.numel].view(self.shape)
+
+
+class MaskState:
+    """Per prunable module (full name, as in ``model.named_modules``), the prune mask of its weight.
+
+    Every method's pruning step registers here (through :class:`pruners.base.ModuleResult.mask`); a
+    method that updates weights after pruning (several shots, a reconstruction step) calls
+    :meth:`enforce` so removed weights stay zero, and :meth:`merge` so a later shot can only add
+    removed weights. Structured removals are physical: :attr:`units` keeps which units each reader kept.
+    """
+
+    def __init__(self):
+        self.masks: dict[str, PackedMask] = {}
+        self.units: dict[str, tuple[str, list[int]]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.masks
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def names(self) -> list[str]:
+        return list(self.masks)
+
+    def register(self, name: str, prune_mask: torch.Tensor | PackedMask, merge: bool = True) -> None:
+        """Record ``prune_mask`` for ``name``; with ``merge`` (default) the union with what is recorded."""
+        new = prune_mask if isinstance(prune_mask, PackedMask) else PackedMask.pack(prune_mask)
+        old = self.masks.get(name)
+        if old is not None and merge:
+            if old.shape != new.shape:
+                raise ValueError(f"mask for {name}: shape {new.shape} differs from the recorded {old.shape}")
+            bits = old.bits | new.bits
+            pruned = int(PackedMask(bits, old.shape, 0).unpack().sum())
+            new = PackedMask(bits, old.shape, pruned)
+        self.masks[name] = new
+
+    def prune_mask(self, name: str, device=None) -> torch.Tensor:
+        return self.masks[name].unpack(device)
+
+    def merge(self, other: MaskState) -> MaskState:
+        """Union in place (a second shot only adds removed weights); returns self."""
+        for name, mask in other.masks.items():
+            self.register(name, mask, merge=True)
+        self.units.update(other.units)
+        return self
+
+    def contains(self, other: MaskState) -> bool:
+        """Whether every weight ``other`` removes is removed here too."""
+        for name, mask in other.masks.items():
+            if name not in self.masks:
+                return False
+            if bool((mask.bits & ~self.masks[name].bits).any()):
+                return False
+        return True
+
+    @torch.no_grad()
+    def enforce(self, model: torch.nn.Module) -> None:
+        """Re-zero every masked weight of ``model`` (after any update that may have written into it)."""
+        modules = dict(model.named_modules())
+        for name, mask in self.masks.items():
+            weight = modules[name].weight
+            weight.data.masked_fill_(mask.unpack(weight.device), 0)
+
+    def sparsity(self) -> dict[str, float]:
+        """Per module, the fraction of its weights the masks remove."""
+        return {name: mask.pruned / max(mask.numel, 1) for name, mask in self.masks.items()}
+
+    @classmethod
+    def from_results(cls, results: dict) -> MaskState:
+        """From a method's per-module results (``ModuleResult.mask`` / ``kept_units``)."""
+        state = cls()
+        for name, result in results.items():
+            if getattr(result, "mask", None) is not None:
+                state.register(name, result.mask)
+            if getattr(result, "kept_units", None) is not None:
+                state.units[name] = (result.unit_kind, list(result.kept_units))
+        return state
+
+
+def global_prune_masks(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
+    """One threshold over every module (whole-model methods' global comparison group): the
+    ``int(total * ratio)`` lowest scores of all modules together (stable order on ties), as prune masks.
+    The scores are concatenated on the CPU in fp32 (4 bytes per weight of host memory meanwhile)."""
+    names = list(scores)
+    flat = torch.cat([scores[name].detach().float().cpu().reshape(-1) for name in names])
+    mask = lowest_k(flat.unsqueeze(0), int(flat.numel() * ratio)).squeeze(0)
+    parts = mask.split([scores[name].numel() for name in names])
+    return {name: part.view(scores[name].shape) for name, part in zip(names, parts, strict=True)}
+
+
+@torch.no_grad()
+def check_masks_against_weights(model: torch.nn.Module, masks: MaskState) -> dict[str, float]:
+    """Per-module sparsity from the masks; RuntimeError if a weight the mask removes is non-zero
+    (ValueError if a mask does not fit the model)."""
+    modules = dict(model.named_modules())
+    bad = []
+    for name, mask in masks.masks.items():
+        if name not in modules:
+            raise ValueError(f"mask for {name}: the model has no such module")
+        weight = modules[name].weight
+        if tuple(weight.shape) != mask.shape:
+            raise ValueError(f"mask for {name}: shape {mask.shape} differs from the weight's {tuple(weight.shape)}")
+        nonzero = int((weight.detach()[mask.unpack(weight.device)] != 0).sum())
+        if nonzero:
+            bad.append(f"{name} ({nonzero} weights)")
+    if bad:
+        raise RuntimeError("weights are non-zero where the prune mask removed them: " + ", ".join(bad))
+    return masks.sparsity()

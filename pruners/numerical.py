@@ -1,4 +1,4 @@
-"""Numerical Pruning (Shen et al., AAAI'25, arXiv 2412.12441; METHODS.md §4).
+"""Numerical Pruning (Shen et al., AAAI'25, arXiv 2412.12441; docs/methods.md §4).
 
 Scores live on the *reader* of each unit (o_proj / out_proj for heads, down_proj / fc2 for MLP
 neurons, Mamba's out_proj for inner channels). With the reader's weight ``W`` [d_out, D] (PyTorch
@@ -163,13 +163,13 @@ class Numerical(StructuredPruner):
         reader.weight.data.copy_(updated.to(reader.weight.dtype))
         return loss
 
-    def apply(self, model, adapter, keep, stats, calib_ids, device, batch_size, stats_dtype, progress):
+    def apply(self, model, adapter, keep, stats, calib_ids, settings):
         if not (self.compensate and self.compensation_inputs == "pruned"):
-            return super().apply(model, adapter, keep, stats, calib_ids, device, batch_size, stats_dtype, progress)
+            return super().apply(model, adapter, keep, stats, calib_ids, settings)
         # fresh Grams of the readers, block by block, on the inputs of the already-pruned blocks
         results = {}
         blocks = walk_blocks(model, adapter, calib_ids, lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
-                             Hessian, device, batch_size, stats_dtype, "pruned", progress, desc=f"{self.name} compensate")
+                             Hessian, settings, "pruned", desc=f"{self.name} compensate")
         for index, block, block_stats in blocks:
             self.prune_block(adapter, block, index, keep, block_stats, results)
         return results

@@ -1,4 +1,4 @@
-"""SparseGPT (Frantar & Alistarh, ICML'23; METHODS.md §3.3).
+"""SparseGPT (Frantar & Alistarh, ICML'23; docs/methods.md §3.3).
 
 Sequential OBS over input columns with a shared Hessian ``H = 2 X X^T``: columns are eliminated left to
 right; pruning column i updates the not-yet-processed columns by ``-err_i * [H^-1]_{i,i:} / [H^-1]_ii``

@@ -1,4 +1,4 @@
-"""Calibration statistics accumulated by hooks (METHODS.md §1.1, §3.2, §3.3, §12 "Numerics").
+"""Calibration statistics accumulated by hooks (docs/methods.md §1.1, §3.2, §3.3, §12 "Numerics").
 
 Everything is accumulated in fp32 (or fp64) as a running mean over tokens, so that the scale does
 not grow with the number of samples; every consumer damps relative to the mean diagonal, so the
@@ -97,7 +97,7 @@ def damped_inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_t
 
     Dead inputs (``H_jj == 0``: a feature that is always zero) get ``H_jj = 1`` so the factorization
     exists; callers zero those weight columns. Damping is ``percdamp * mean(diag H)`` and grows 10x on
-    each failed factorization (METHODS.md §12).
+    each failed factorization (docs/methods.md §12).
     """
     H = hessian.clone()
     dead = torch.diag(H) == 0

@@ -8,7 +8,7 @@ neuron or a Mamba inner channel; the adapter says which parameter slices it owns
    propagation), the method's statistic hooked on every reader's input, the method's per-unit score;
 2. allocation: which units to keep, either **global** (every unit of every block sorted by score, the
    lowest removed until the removed parameters are closest to ``ratio`` of all unit-owned parameters;
-   METHODS.md §4.3 decision, FLAP's AL-AM count, §3.7) or **uniform** (``ratio`` of each block's units);
+   docs/methods.md §4.3 decision, FLAP's AL-AM count, §3.7) or **uniform** (``ratio`` of each block's units);
 3. the method's compensation on each reader, then the adapter physically removes the units.
 
 This module holds steps 1-2 and the glue; a method file holds its score and its compensation.
@@ -25,6 +25,7 @@ from models import Adapter, UnitGroup
 from .base import ModuleResult, Pruner
 from .engine import walk_blocks
 from .masks import Pattern
+from .settings import EngineSettings
 
 ALLOCATIONS = ("global", "uniform")
 ATTENTION_UNITS = ("kv_group", "query_head")
@@ -88,6 +89,7 @@ class StructuredPruner(Pruner):
     """
 
     patterns: ClassVar[tuple[str, ...]] = ("structured",)
+    needs_calibration: ClassVar[bool] = True
     propagate: ClassVar[str] = "dense"  # the scoring pass sees the dense model (allocation needs all blocks)
     keeps_statistics: ClassVar[bool] = True  # apply() gets the scoring pass's statistics
     allocations: ClassVar[tuple[str, ...]] = ALLOCATIONS
@@ -136,8 +138,8 @@ class StructuredPruner(Pruner):
             name, result = remove_kept(adapter, block, group, mask, prefix, index, loss)
             results[name] = result
 
-    def apply(self, model, adapter: Adapter, keep: dict, stats: dict, calib_ids, device, batch_size, stats_dtype,
-              progress) -> dict[str, ModuleResult]:
+    def apply(self, model, adapter: Adapter, keep: dict, stats: dict, calib_ids, settings: EngineSettings
+              ) -> dict[str, ModuleResult]:
         """Compensate and remove every block: ``keep[(block index, kind)]`` masks; ``stats`` those kept from
         the scoring pass (methods that need fresh statistics override this)."""
         results: dict[str, ModuleResult] = {}
@@ -148,15 +150,15 @@ class StructuredPruner(Pruner):
 
     # --- the driver --------------------------------------------------------------------------------
     @torch.no_grad()
-    def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, device="cpu", batch_size: int = 8,
-              stats_dtype=torch.float32, progress: bool = True) -> dict[str, ModuleResult]:
+    def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None
+              ) -> dict[str, ModuleResult]:
+        settings = settings or EngineSettings()
         self.check(pattern)
         if calib_ids is None:
             raise ValueError(f"pruner '{self.name}' needs calibration data")
         scores, params, protected, kept_stats = {}, {}, {}, {}
         blocks = walk_blocks(model, adapter, calib_ids, lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
-                             self.statistic, device, batch_size, stats_dtype, "dense", progress,
-                             desc=f"{self.name} scores")
+                             self.statistic, settings, "dense", desc=f"{self.name} scores")
         for index, block, stats in blocks:
             for group in self.groups(adapter, block):
                 key = (index, group.kind)
@@ -168,7 +170,7 @@ class StructuredPruner(Pruner):
         keep = self.allocate(scores, params, pattern, protected)
         keep = {key: adapter.repair_keep(adapter.blocks()[key[0]], adapter.unit_group(adapter.blocks()[key[0]], key[1]),
                                          mask, scores[key]) for key, mask in keep.items()}
-        return self.apply(model, adapter, keep, kept_stats, calib_ids, device, batch_size, stats_dtype, progress)
+        return self.apply(model, adapter, keep, kept_stats, calib_ids, settings)
 
 
 def remove_kept(adapter: Adapter, block, group: UnitGroup, keep: torch.Tensor, prefix: str, index: int,

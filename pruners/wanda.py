@@ -1,4 +1,4 @@
-"""Wanda (Sun et al., ICLR'24; METHODS.md §3.2).
+"""Wanda (Sun et al., ICLR'24; docs/methods.md §3.2).
 
 Score ``S_ij = |W_ij| * ||X_j||_2`` with ``||X_j||`` over all calibration tokens; the comparison group is
 each output row (``int(d_in * s)`` pruned per row); N:M groups are M consecutive inputs of a row.
@@ -24,6 +24,7 @@ def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
 class Wanda(ScoreMaskPruner):
     name = "wanda"
     statistic = ColumnSquares
+    needs_calibration = True
     group: str = "row"  # the paper's choice; "matrix" is the layer-wise ablation
 
     def score(self, weight, stat):

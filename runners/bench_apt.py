@@ -97,6 +97,7 @@ def bench_model(args) -> None:
     from evaluators.ppl import PROTOCOLS, perplexity, protocol_windows
     from pruners import build_pruner, prune_sequential
     from pruners.masks import sparsity
+    from pruners.settings import EngineSettings
 
     from .run import CONF_DIR, set_determinism
 
@@ -117,8 +118,8 @@ def bench_model(args) -> None:
             model.load_state_dict(dense)
             set_determinism(0)
             start = time.perf_counter()
-            prune_sequential(model, adapter, build_pruner({"name": method}), _pattern(name), calib.ids, args.device,
-                             batch_size=8, progress=False)
+            prune_sequential(model, adapter, build_pruner({"name": method}), _pattern(name), calib.ids,
+                             EngineSettings(device=args.device, batch_size=8, progress=False))
             seconds = time.perf_counter() - start
             weights = [lin.weight for block in adapter.blocks() for lin in adapter.prunable_linears(block).values()]
             zeros = sum(sparsity(w) * w.numel() for w in weights) / sum(w.numel() for w in weights)

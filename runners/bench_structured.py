@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     from evaluators.ppl import PROTOCOLS, perplexity, protocol_windows
     from evaluators.speed import measure_speed, speedup
     from pruners import Pattern, build_pruner
+    from pruners.settings import EngineSettings
 
     from .record import library_versions, write_atomic
     from .run import CONF_DIR, set_determinism
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             set_determinism(0)
             t = time.perf_counter()
             build_pruner({"name": pruner_name}).prune(model, adapter, Pattern("structured", ratio), calib.ids,
-                                                      args.device, batch_size=8, progress=False)
+                                                      EngineSettings(device=args.device, batch_size=8, progress=False))
             prune_s = time.perf_counter() - t
             row = {"pruner": pruner_name, "ratio": ratio, "prune_s": round(prune_s, 2),
                    "ppl": perplexity(model, adapter, ids, args.device, batch_size=4, progress=False),

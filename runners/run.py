@@ -22,7 +22,9 @@ import corpora
 import models
 from evaluators.ppl import perplexity, protocol_windows
 from evaluators.speed import measure_speed, speedup
+from pruners.masks import MaskState, check_masks_against_weights
 from pruners.masks import sparsity as measured_sparsity
+from pruners.settings import EngineSettings
 
 from . import tracking
 from .record import (
@@ -177,7 +179,7 @@ def _record(cfg: DictConfig, config: dict, rid: str, loaded, pruner: str, patter
         "seed": int(cfg.seed),
         "device": device_info(device),
         "versions": library_versions(),
-        "code": code_version(),
+        "code": code_version(pruner),  # source_digest (whole tree) + fingerprint (what the run id covers)
         "config": config,
     }
 
@@ -277,10 +279,10 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     if _speed_wanted(cfg, plan):  # the dense model's speed, in this process, for a like-for-like ratio
         dense_speed = _speed(cfg, model, plan.device)
         t = _timed(timings, "speed/dense", t)
-    stats_dtype = torch.float64 if cfg.engine.stats_dtype == "float64" else torch.float32
-    module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids, plan.device,
-                                       int(cfg.engine.batch_size), stats_dtype, bool(cfg.progress))
+    settings = EngineSettings.from_config(cfg.engine, plan.device, bool(cfg.progress))
+    module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids, settings)
     t = _timed(timings, "prune", t)
+    check_masks_against_weights(model, MaskState.from_results(module_results))  # every removed weight is zero
     structure = None
     if structured:
         structure, sparsity = _structure_section(model, adapter, plan, before, module_results)
@@ -405,54 +407,123 @@ def prevalidate(argv: list[str]) -> str | None:
     """Compose and validate every job; return an error message, or None if all are valid.
 
     The jobs are the product of the command line's sweeps and of the sweeps a preset declares
-    (``hydra.sweeper.params`` of ``+experiment=...``; the command line wins for a key set in both).
+    (``hydra.sweeper.params`` of ``+experiment=...``; the command line wins for a key set in both),
+    expanded here with Hydra's public override parser as its basic sweeper does (choice and range sweeps;
+    a ``glob(...)`` of a config group is matched against the group's options). A sweep that cannot be
+    expanded (e.g. ``interval(...)``) is an error: nothing runs unvalidated. ``-cd/--config-dir DIR``
+    (extra configs, e.g. your own presets) is searched here as Hydra searches it.
     """
+    import itertools
+
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
 
     split = _split_argv(argv)
     if split is None:
         return None
     overrides, config_name, multirun = split
+    extra_dirs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-cd", "--config-dir")]
+    extra_dirs += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
+    extra_dirs = [str(Path(d).resolve()) for d in extra_dirs]
+    for d in extra_dirs:
+        if not Path(d).is_dir():
+            return f"--config-dir {d}: no such directory"
+    searchpath = [f"hydra.searchpath=[{','.join('file://' + d for d in extra_dirs)}]"] if extra_dirs else []
+
+    def group_options(group: str) -> list[str] | None:
+        folders = [CONF_DIR / group, *(Path(d) / group for d in extra_dirs)]
+        found = {p.stem for f in folders if f.is_dir() for p in f.glob("*.yaml")}
+        return sorted(found) if found else _group_options(group)
+
     parser = OverridesParser.create()
+
+    def values_of(o) -> list[str]:
+        """The values one override takes, as override strings (its sweep expanded)."""
+        if not o.is_sweep_override():
+            return [o.get_value_element_as_str()]
+        if isinstance(o.value(), Glob):
+            options = group_options(o.key_or_group)
+            if options is None:
+                raise ValueError(f"{o.input_line}: glob() sweeps only config groups, and {o.key_or_group} is not one")
+            return o.value().filter(options)
+        if not o.is_discrete_sweep():
+            raise ValueError(f"{o.input_line}: {o.value_type.name.lower().replace('_', ' ')} cannot be enumerated")
+        return list(o.sweep_string_iterator())
+
+    def explain(err: Exception, job: list[str]) -> str:
+        """Hydra's composition error as one line; a key that is not in the config gets the closest one."""
+        import re
+
+        text = " ".join(str(err).strip().splitlines()[:2]) or type(err).__name__
+        match = re.match(r"Could not override '([^']+)'", text)
+        if not match:
+            return text
+        key = match.group(1)
+        parent, _, leaf = key.rpartition(".")
+        try:
+            cfg = compose(config_name, overrides=[o for o in job if not o.lstrip("+~").startswith(key + "=")])
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+        except Exception:
+            node = None
+        if not isinstance(node, DictConfig):
+            return f"{key}: unknown key ({parent or 'the config'} has no key {leaf})"
+        import difflib
+
+        close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"keys: {', '.join(map(str, node.keys()))}"
+        return f"{key}: unknown key ({hint})"
+
     try:
         parsed = parser.parse_overrides(overrides)
     except Exception as err:  # Hydra's own syntax errors
         return str(err).strip().splitlines()[0]
-    for o in parsed:
-        # hydra/<group> options include Hydra's plugins (basic, submitit_slurm, ...): Hydra's compose checks them
-        options = None if o.key_or_group.startswith("hydra") else _group_options(o.key_or_group)
-        if options is not None and not o.is_delete():
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-            for value in values:
-                if str(value) not in options:
-                    return f"{o.key_or_group}={value} is not an option (choose from: {', '.join(options)})"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
-            base = compose(config_name, overrides=[o.input_line for o in parsed if not o.is_sweep_override()],
+            base = compose(config_name, overrides=searchpath + [o.input_line for o in parsed if not o.is_sweep_override()],
                            return_hydra_config=True)
         except Exception as err:
-            return str(err).strip().splitlines()[0]
+            first = explain(err, searchpath + [o.input_line for o in parsed if not o.is_sweep_override()])
+            for o in parsed:  # a bad group option: say which options there are
+                options = None if o.key_or_group.startswith("hydra") else group_options(o.key_or_group)
+                if options is not None and not o.is_delete() and not o.is_sweep_override() and \
+                        o.get_value_element_as_str() not in options:
+                    return f"{o.key_or_group}={o.get_value_element_as_str()} is not an option (choose from: {', '.join(options)})"
+            return first
         params = base.hydra.sweeper.get("params")
         preset = OmegaConf.to_container(params, resolve=False) if params else {}
         given = {o.key_or_group for o in parsed}
-        parsed += parser.parse_overrides([f"{k}={v}" for k, v in preset.items() if k not in given])
+        try:
+            parsed += parser.parse_overrides([f"{k}={v}" for k, v in preset.items() if k not in given])
+        except Exception as err:
+            return f"hydra.sweeper.params: {str(err).strip().splitlines()[0]}"
         multirun = multirun or str(base.hydra.mode).endswith("MULTIRUN")
         sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
         if sweeps and not multirun:
             return f"{sweeps[0]} is a sweep: add -m (--multirun) to run every value"
-        try:
-            jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-        except Exception:
-            return None  # a sweep form we do not expand (e.g. glob): each job validates itself
+        axes: dict[str, list[str]] = {}  # key -> its override strings, in Hydra's order (a later one wins)
+        for o in parsed:
+            try:
+                values = values_of(o)
+            except Exception as err:
+                return (f"the sweep could not be pre-validated, so nothing was run: {str(err).strip().splitlines()[0]} "
+                        f"(give the values as a,b,c or range(start,stop,step))")
+            key = o.get_key_element()
+            options = None if o.key_or_group.startswith("hydra") or o.is_delete() else group_options(o.key_or_group)
+            for value in values:
+                if options is not None and value not in options:
+                    return f"{o.key_or_group}={value} is not an option (choose from: {', '.join(options)})"
+            if not values:
+                return f"{o.input_line}: the sweep has no values"
+            axes[key] = [f"{key}={value}" for value in values]
+        jobs = [list(combo) for combo in itertools.product(*axes.values())]
         seen_models: dict = {}
         for job in jobs:
             where = f"  [job: {' '.join(job)}]" if len(jobs) > 1 else ""
             try:
-                cfg = compose(config_name, overrides=job)
+                cfg = compose(config_name, overrides=searchpath + job)
             except Exception as err:
-                return " ".join(str(err).strip().splitlines()[:2]) + where
+                return explain(err, searchpath + job) + where
             key = OmegaConf.to_yaml(cfg.model)
             try:
                 validate(cfg, check_model=key not in seen_models)

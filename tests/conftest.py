@@ -69,7 +69,7 @@ def tiny(request):
 def captured_layer():
     """(W, X): the weight of tiny-llama block 1's gate_proj and the inputs it saw on calibration text."""
     import corpora
-    from pruners.engine import capture_block_inputs, run_block
+    from models.blocks import capture_block_inputs, run_block
 
     loaded = load_tiny("tiny-llama")
     adapter = loaded.adapter
@@ -106,14 +106,15 @@ def pruned_ppl(name: str, pruner: str, pattern=None, **options) -> float:
     import corpora
     from evaluators.ppl import PROTOCOLS, perplexity, protocol_windows
     from pruners import build_pruner
+    from pruners.settings import EngineSettings
 
     key = (name, pruner, pattern, tuple(sorted(options.items())))
     if key not in _PPL:
         loaded = load_tiny(name)
         if pruner != "dense":
             calib = corpora.calibration_windows(loaded.tokenizer, "bundled", QUALITY_CALIB, 256, seed=0).ids
-            build_pruner({"name": pruner, **options}).prune(loaded.model, loaded.adapter, pattern, calib, batch_size=16,
-                                                 progress=False)
+            build_pruner({"name": pruner, **options}).prune(loaded.model, loaded.adapter, pattern, calib,
+                                                            EngineSettings(batch_size=16, progress=False))
         ids, _ = protocol_windows(loaded.tokenizer, PROTOCOLS["bundled-val"], 256, max_windows=QUALITY_WINDOWS)
         _PPL[key] = perplexity(loaded.model, loaded.adapter, ids, batch_size=8, progress=False)
     return _PPL[key]

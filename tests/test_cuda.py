@@ -6,6 +6,7 @@ import torch
 import corpora
 from evaluators.ppl import perplexity
 from pruners import Pattern, build_pruner, prune_sequential
+from pruners.settings import EngineSettings
 
 from .conftest import TINY, load_tiny
 
@@ -20,7 +21,7 @@ def test_engine_on_cuda_matches_cpu(name):
         loaded = load_tiny(name)
         ids = corpora.calibration_windows(loaded.tokenizer, "bundled", 16, 128, seed=0).ids
         prune_sequential(loaded.model, loaded.adapter, build_pruner({"name": "sparsegpt"}), Pattern("nm", 0.5, 2, 4),
-                         ids, device=device, progress=False)
+                         ids, EngineSettings(device=device, progress=False))
         assert next(loaded.model.parameters()).device.type == "cpu"  # blocks go back to the host
         results[device] = perplexity(loaded.model, loaded.adapter, ids[:4], device=device, mode="sequential",
                                      progress=False)
@@ -36,7 +37,7 @@ def test_structured_pruning_on_cuda_matches_cpu(pruner):
         loaded = load_tiny("tiny-llama")
         ids = corpora.calibration_windows(loaded.tokenizer, "bundled", 16, 128, seed=0).ids
         results = build_pruner({"name": pruner}).prune(loaded.model, loaded.adapter, Pattern("structured", 0.3), ids,
-                                                       device=device, progress=False)
+                                                       EngineSettings(device=device, progress=False))
         assert next(loaded.model.parameters()).device.type == "cpu"
         kept[device] = {name: r.kept_units for name, r in results.items()}
         ppl[device] = perplexity(loaded.model, loaded.adapter, ids[:4], device=device, progress=False)

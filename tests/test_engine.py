@@ -7,6 +7,9 @@ import corpora
 from evaluators.ppl import perplexity
 from pruners import Pattern, build_pruner, prune_sequential
 from pruners.masks import satisfies_n_of_m, sparsity
+from pruners.settings import EngineSettings
+
+QUIET = EngineSettings(progress=False)
 
 PATTERNS = {"50%": Pattern("unstructured", 0.5), "70%": Pattern("unstructured", 0.7),
             "2:4": Pattern("nm", 0.5, 2, 4), "4:8": Pattern("nm", 0.5, 4, 8)}
@@ -35,7 +38,7 @@ def test_measured_sparsity_is_exact_and_other_parameters_untouched(tiny, pruner_
     model, adapter = tiny.model, tiny.adapter
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prunable = set(adapter.prunable_parameter_names())
-    results = prune_sequential(model, adapter, build_pruner({"name": pruner_name}), pattern, calib(tiny), progress=False)
+    results = prune_sequential(model, adapter, build_pruner({"name": pruner_name}), pattern, calib(tiny), QUIET)
     assert len(results) == len(prunable)
     params = dict(model.named_parameters())
     for name in prunable:
@@ -54,7 +57,7 @@ def test_dense_pruner_changes_nothing():
     loaded = load_tiny("tiny-opt")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     prune_sequential(loaded.model, loaded.adapter, build_pruner({"name": "dense"}), Pattern("unstructured", 0.5),
-                     None, progress=False)
+                     None, QUIET)
     assert all(torch.equal(v, before[k]) for k, v in loaded.model.state_dict().items())
 
 
@@ -67,14 +70,14 @@ def test_sequential_perplexity_equals_whole_model_perplexity(tiny):
 
 def test_engine_propagates_pruned_outputs(tiny):
     """SparseGPT's block 1 statistics must see block 0's pruned outputs (METHODS.md §1.2 step 4)."""
-    from pruners.engine import capture_block_inputs, run_block
+    from models.blocks import capture_block_inputs, run_block
 
     ids = calib(tiny)
     adapter = tiny.adapter
     dense_in = capture_block_inputs(tiny.model, adapter, ids, "cpu", 8)
     dense_out = run_block(adapter, adapter.blocks()[0], dense_in)
     pruner = build_pruner({"name": "wanda"})
-    prune_sequential(tiny.model, adapter, pruner, Pattern("unstructured", 0.7), ids, progress=False)
+    prune_sequential(tiny.model, adapter, pruner, Pattern("unstructured", 0.7), ids, QUIET)
     pruned_out = run_block(adapter, adapter.blocks()[0], dense_in)
     assert not torch.allclose(dense_out[0], pruned_out[0])
 
@@ -86,7 +89,7 @@ def test_same_seed_same_result():
     for _ in range(2):
         loaded = load_tiny("tiny-llama")
         prune_sequential(loaded.model, loaded.adapter, build_pruner({"name": "sparsegpt"}), PATTERNS["2:4"],
-                         calib(loaded), progress=False)
+                         calib(loaded), QUIET)
         weights.append(loaded.model.model.layers[1].mlp.down_proj.weight.clone())
     assert torch.equal(weights[0], weights[1])
     assert sparsity(weights[0]) == 0.5

@@ -6,10 +6,9 @@ import ast
 import os
 import subprocess
 import sys
-import tomllib
-from pathlib import Path
 
 import pytest
+import tomllib
 
 from .conftest import ROOT
 

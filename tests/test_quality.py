@@ -23,6 +23,7 @@ import pytest
 import corpora
 from evaluators.ppl import PROTOCOLS, perplexity, protocol_windows
 from pruners import Pattern, build_pruner, prune_sequential
+from pruners.settings import EngineSettings
 
 from .conftest import TINY, pruned_ppl
 
@@ -60,7 +61,7 @@ def test_on_smollm2_wanda_and_sparsegpt_beat_magnitude_at_50_percent():
     for pruner in ("magnitude", "wanda", "sparsegpt"):
         base.model.load_state_dict(state)
         prune_sequential(base.model, base.adapter, build_pruner({"name": pruner}), Pattern("unstructured", 0.5), calib,
-                         batch_size=8, progress=False)
+                         EngineSettings(batch_size=8, progress=False))
         ppl[pruner] = perplexity(base.model, base.adapter, ids, batch_size=4, progress=False)
     assert ppl["dense"] < ppl["wanda"] < ppl["magnitude"], ppl
     assert ppl["sparsegpt"] < ppl["magnitude"], ppl

@@ -17,6 +17,7 @@ from pruners.numerical import (
     numerical_score_closed_form,
     numerical_score_newton,
 )
+from pruners.settings import EngineSettings
 from pruners.structured import global_keep, uniform_keep
 
 from .conftest import compose, hessian_of, load_tiny
@@ -54,7 +55,7 @@ def test_structured_pruner_at_ratio_zero_changes_nothing():
     before = logits(loaded.model)
     calib = corpora.calibration_windows(loaded.tokenizer, "bundled", 4, 64, seed=0).ids
     build_pruner({"name": "numerical"}).prune(loaded.model, loaded.adapter, Pattern("structured", 0.0), calib,
-                                              progress=False)
+                                              EngineSettings(progress=False))
     assert torch.equal(logits(loaded.model), before)
 
 
@@ -207,7 +208,7 @@ def _prune(name, pruner, ratio, **keys):
     loaded = load_tiny(name)
     calib = corpora.calibration_windows(loaded.tokenizer, "bundled", 16, 256, seed=0).ids
     results = build_pruner({"name": pruner, **keys}).prune(loaded.model, loaded.adapter, Pattern("structured", ratio),
-                                                           calib, batch_size=16, progress=False)
+                                                           calib, EngineSettings(batch_size=16, progress=False))
     return loaded, results
 
 
@@ -219,7 +220,7 @@ def test_parameter_count_matches_the_ratio(tiny, pruner):
     before = unit_params()
     calib = corpora.calibration_windows(tiny.tokenizer, "bundled", 8, 128, seed=0).ids
     results = build_pruner({"name": pruner}).prune(tiny.model, adapter, Pattern("structured", 0.3), calib,
-                                                   progress=False)
+                                                   EngineSettings(progress=False))
     removed = before - unit_params()
     assert abs(removed - 0.3 * before) <= biggest_unit  # closest cut: within one unit of the target
     assert all(r.unit_kind and r.kept_units for r in results.values())

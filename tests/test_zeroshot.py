@@ -17,6 +17,7 @@ import torch
 from evaluators import zeroshot
 from evaluators.tasks import build_tasks
 from pruners import Pattern, build_pruner, prune_sequential
+from pruners.settings import EngineSettings
 
 from .conftest import load_tiny
 
@@ -226,7 +227,7 @@ def test_ninety_percent_magnitude_pruning_scores_lower():
     dense = dense_result("tiny-llama", ("austen_next", "austen_cloze"))
     loaded = load_tiny("tiny-llama")
     prune_sequential(loaded.model, loaded.adapter, build_pruner({"name": "magnitude"}), Pattern("unstructured", 0.9),
-                     None, progress=False)
+                     None, EngineSettings(progress=False))
     pruned = zeroshot.evaluate_zeroshot(loaded.model, loaded.tokenizer, _task_dict(), "cpu", limit=LIMIT)
     # measured: dense 0.49 / 0.72, pruned 0.29 / 0.53 (acc, next / cloze, first 100 docs)
     for task in ("austen_next", "austen_cloze"):

@@ -1,0 +1,32 @@
+"""Engine / driver settings shared by every method (docs/architecture.md §1, "The sequential engine").
+
+One typed, frozen object instead of loose ``device, batch_size, stats_dtype, progress`` arguments, so
+that a new driver setting reaches every method (layer-wise or whole-model) without touching signatures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How a method runs, not what it computes (never part of a method's config keys).
+
+    ``device``: where blocks (or, for whole-model methods, the model) run; ``batch_size``: calibration
+    windows per forward; ``stats_dtype``: dtype of the accumulated statistics (fp32 or fp64);
+    ``progress``: show progress bars.
+    """
+
+    device: str | torch.device = "cpu"
+    batch_size: int = 8
+    stats_dtype: torch.dtype = torch.float32
+    progress: bool = True
+
+    @classmethod
+    def from_config(cls, engine_cfg, device, progress: bool = True) -> EngineSettings:
+        """From the ``engine`` config group (``batch_size``, ``stats_dtype`` as ``float32`` | ``float64``)."""
+        dtype = torch.float64 if str(engine_cfg.stats_dtype) == "float64" else torch.float32
+        return cls(device=device, batch_size=int(engine_cfg.batch_size), stats_dtype=dtype, progress=bool(progress))
