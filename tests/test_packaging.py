@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import tomllib
 
 from .conftest import ROOT
 
@@ -36,6 +35,7 @@ def _requirement_name(requirement: str) -> str:
 
 
 def test_every_imported_library_is_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {_requirement_name(r) for r in project["dependencies"]}
     for extra in project["optional-dependencies"].values():
