@@ -5,7 +5,7 @@ Sources:
   (regenerate with ``python -m corpora.build_corpus``);
 - ``text``: any local UTF-8 text file;
 - ``wikitext2``, ``ptb``, ``c4``: the hub datasets, loaded through ``datasets`` exactly as the
-  SparseGPT / Wanda reference code does (METHODS.md §1.5). ``dataset_root`` (optional) points at an
+  SparseGPT / Wanda reference code does (docs/evaluation.md §1.1, docs/methods.md §1.5). ``dataset_root`` (optional) points at an
   offline mirror: hub id ``org/name`` is then read from ``<dataset_root>/org/name``.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "austen"
 
-# Hub datasets as the reference implementations load them (METHODS.md §1.5).
+# Hub datasets as the reference implementations load them (docs/evaluation.md §1.1, docs/methods.md §1.5).
 HUB = {
     "wikitext2": {"path": "wikitext", "name": "wikitext-2-raw-v1", "field": "text"},
     "ptb": {"path": "ptb-text-only/ptb_text_only", "name": "penn_treebank", "field": "sentence"},
@@ -139,7 +139,7 @@ def sample_windows_from_documents(tokenizer, docs: list[str], nsamples: int, seq
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
                         path: str | None = None, dataset_root: str | None = None) -> Windows:
-    """Calibration data as each reference samples it (METHODS.md §1.5), with provenance."""
+    """Calibration data as each reference samples it (docs/methods.md §1.5), with provenance."""
     if source == "c4":
         docs, prov = hub_documents("c4", "train", dataset_root)
         ids, picks = sample_windows_from_documents(tokenizer, docs, nsamples, seqlen, seed)

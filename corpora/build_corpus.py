@@ -4,7 +4,7 @@ Source: Debian's ``r-cran-janeaustenr`` package (MIT packaging; the six Jane Aus
 the public domain). The novels are stored as R serialized data (``Rdata.rdx`` index + ``Rdata.rdb``
 blobs); we read them with the pure-Python ``rdata`` package, so R is not needed.
 
-Normalisation (ENVIRONMENT.md §3, "normalise line wrapping"): the package's lines are hard-wrapped
+Normalisation (docs/environment.md §3, "un-wraps each paragraph"): the package's lines are hard-wrapped
 at ~70 characters; we un-wrap each paragraph onto one line and separate paragraphs by a blank line,
 which is the shape of WikiText-style evaluation text.
 

@@ -1,4 +1,4 @@
-"""Token-level perplexity under named protocols (METHODS.md §1.5).
+"""Token-level perplexity under named protocols (docs/evaluation.md §1).
 
 A protocol fixes the dataset, split, the string that joins documents, how many documents / windows
 are used, and BOS handling (the whole text is tokenized once with the tokenizer's defaults, as in

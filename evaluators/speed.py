@@ -1,4 +1,4 @@
-"""Inference speed and memory of a (pruned) model: prefill and decode latency / throughput (DESIGN.md "Evaluation").
+"""Inference speed and memory of a (pruned) model: prefill and decode latency / throughput (docs/evaluation.md §3).
 
 Every number is tagged with the device, dtype, threads and shapes it was taken with; the median of
 ``repeats`` timed runs after ``warmup`` untimed ones:

@@ -2,13 +2,15 @@
 
 The pruned model is evaluated as it sits in memory: it is wrapped in lm-eval's ``HFLM``
 (``pretrained=<PreTrainedModel>``), nothing is written to disk, and ``lm_eval.evaluator.evaluate``
-scores the tasks exactly as ``lm_eval --model hf`` does on a checkpoint (``runners/bench_zeroshot.py``
-checks that both give the same accuracies).
+scores the tasks exactly as ``lm_eval --model hf`` does on a checkpoint. :func:`evaluate_zeroshot_cli`
+(``eval.zeroshot.backend=cli``) runs that command itself on the model saved to a temporary folder;
+``+experiment=bench-zeroshot`` runs both and its report puts their accuracies and times side by side.
 
 - :func:`check_task_names`: cheap, for config validation (no lm-eval import; ~1 s the first time).
 - :func:`load_tasks`: builds lm-eval's task dict, which loads the datasets; the runner calls it
   *before* loading the model so that a hub task that is not available offline fails first.
-- :func:`evaluate_zeroshot`: runs the tasks and returns a JSON-serialisable summary.
+- :func:`evaluate_zeroshot`: runs the tasks and returns a JSON-serialisable summary;
+- :func:`evaluate_zeroshot_cli`: the same summary from lm-eval's command line on a saved copy.
 
 Bundled offline tasks (``evaluators/tasks/prunelab``, built from the bundled test split by
 ``python -m evaluators.tasks.build_tasks``; 250 items, 4 choices each):
@@ -456,13 +458,28 @@ def evaluate_zeroshot(model, tokenizer, task_dict_or_names, device: str, batch_s
         if target.type == "cuda":
             torch.cuda.empty_cache()
     used = list(lm.batch_sizes.values()) if lm.batch_sizes else bs
-    groups = set(task_dict.get("groups") or {})
+    group_map = {g: list(task_dict["group_map"].get(g, [])) for g in task_dict.get("groups") or {}}
+    return {
+        **_summary(results, group_map),
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+        "batch_size": {"requested": requested, "used": used},
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "max_length": lm.max_length,
+        "device": str(target),
+        "backend": "memory",
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _summary(results: dict, group_map: dict[str, list[str]]) -> dict:
+    """``tasks``, ``groups`` and their ``average`` from lm-eval's results dict (``evaluate``'s or the CLI's JSON)."""
     out_tasks, out_groups = {}, {}
     for name, entry in results["results"].items():
         metrics = _metrics(entry)
         summary = {k: metrics.get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")}
-        if name in groups:
-            out_groups[name] = {**summary, "tasks": list(task_dict["group_map"].get(name, []))}
+        if name in group_map:
+            out_groups[name] = {**summary, "tasks": group_map[name]}
             continue
         n_samples = results.get("n-samples", {}).get(name, {})
         version = results.get("versions", {}).get(name)
@@ -473,16 +490,105 @@ def evaluate_zeroshot(model, tokenizer, task_dict_or_names, device: str, batch_s
                            "metrics": {k: v for k, v in metrics.items() if k not in summary}}
     accs = [t["acc"] for t in out_tasks.values() if t["acc"] is not None]
     norms = [t["acc_norm"] for t in out_tasks.values() if t["acc_norm"] is not None]
+    return {"tasks": out_tasks, "groups": out_groups,
+            "average": {"acc": sum(accs) / len(accs) if accs else None,
+                        "acc_norm": sum(norms) / len(norms) if norms else None}}
+
+
+def _cli_include_path(include_path, workdir: Path) -> str:
+    """One folder for lm_eval's ``--include_path`` (it takes a single one and does not follow symlinks): the bundled
+    tasks' folder itself, or, with the user's folders too, copies of them all under ``workdir``."""
+    import shutil
+
+    paths = _include_paths(include_path)
+    if len(paths) == 1:
+        return paths[0]
+    root = workdir / "tasks"
+    for i, path in enumerate(paths):
+        shutil.copytree(path, root / f"{i}_{Path(path).name}")
+    return str(root)
+
+
+def evaluate_zeroshot_cli(model, tokenizer, tasks, device: str, batch_size="auto", limit=None,
+                          num_fewshot: int | None = 0, max_length: int | None = None, include_path=None, *,
+                          max_batch_size: int = 64, timeout: float | None = None) -> dict:
+    """The same evaluation as :func:`evaluate_zeroshot`, through lm-eval's own command line (``eval.zeroshot.backend:
+    cli``): ``model`` and ``tokenizer`` are saved (``save_pretrained``) to a temporary folder, and
+    ``python -m lm_eval --model hf --model_args pretrained=<folder>,dtype=<the model's>,max_length=<max_length>``
+    runs in a subprocess with the same tasks, batch size (``auto`` resolved as the in-memory path resolves it),
+    limit, few-shot count and task folders, with this process's torch thread count and the Hugging Face hub
+    offline (the runner has loaded the tasks' datasets into the cache already). Its results JSON is summarised
+    as :func:`evaluate_zeroshot` summarises its results; ``seconds`` is the whole path (save + subprocess), ``cli``
+    has the command, the save and subprocess wall times and lm-eval's own ``total_evaluation_time_seconds``.
+    The model must reload with ``from_pretrained`` (not a structurally pruned one). lm-eval is not imported here.
+    A failing command raises RuntimeError with the end of its output."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from importlib import metadata
+
+    import torch
+
+    start = time.perf_counter()
+    names = _names(tasks)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    bs = _batch_size(batch_size, target.type)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    workdir = Path(tempfile.mkdtemp(prefix="prunelab-lm-eval-"))
+    try:
+        checkpoint = workdir / "model"
+        model.save_pretrained(checkpoint)
+        tokenizer.save_pretrained(checkpoint)
+        saved = time.perf_counter()
+        model_args = f"pretrained={checkpoint},dtype={dtype}" + (f",max_length={max_length}" if max_length else "")
+        command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args,
+                   "--tasks", ",".join(names), "--include_path", _cli_include_path(include_path, workdir),
+                   "--device", str(target), "--batch_size", str(bs), "--max_batch_size", str(max_batch_size),
+                   "--output_path", str(workdir / "results")]
+        if num_fewshot is not None:
+            command += ["--num_fewshot", str(int(num_fewshot))]
+        if limit is not None:
+            command += ["--limit", str(limit)]
+        threads = str(torch.get_num_threads())
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("HF_DATASETS_OFFLINE", "1")
+        proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+        finished = time.perf_counter()
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise RuntimeError(f"lm_eval exited with code {proc.returncode}: {' '.join(command)}\n{tail}")
+        files = sorted((workdir / "results").rglob("results_*.json"))
+        if not files:
+            raise RuntimeError(f"lm_eval wrote no results_*.json: {' '.join(command)}")
+        results = json.loads(files[-1].read_text())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    config = results.get("config") or {}
+    used = config.get("batch_sizes") or config.get("batch_size")
+    used = int(used) if isinstance(used, str) and used.isdigit() else used  # the CLI's JSON has the flag's string
+    reported = results.get("total_evaluation_time_seconds")
+    try:
+        lm_eval_version = metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:
+        lm_eval_version = None
     return {
-        "tasks": out_tasks,
-        "groups": out_groups,
-        "average": {"acc": sum(accs) / len(accs) if accs else None,
-                    "acc_norm": sum(norms) / len(norms) if norms else None},
-        "lm_eval_version": getattr(lm_eval, "__version__", None),
-        "batch_size": {"requested": requested, "used": used},
+        **_summary(results, {g: list(s) for g, s in (results.get("group_subtasks") or {}).items() if s}),
+        "lm_eval_version": lm_eval_version,
+        "batch_size": {"requested": batch_size, "used": used},
         "limit": limit,
         "num_fewshot": num_fewshot,
-        "max_length": lm.max_length,
+        "max_length": max_length,
         "device": str(target),
+        "backend": "cli",
         "seconds": round(time.perf_counter() - start, 3),
+        "cli": {"command": [str(c) for c in command], "save_s": round(saved - start, 3),
+                "wall_s": round(finished - saved, 3),
+                "reported_evaluation_s": round(float(reported), 3) if reported is not None else None},
     }

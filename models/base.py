@@ -1,4 +1,4 @@
-"""The adapter interface: the one place that knows an architecture (DESIGN.md, "Model adapters").
+"""The adapter interface: the one place that knows an architecture (docs/architecture.md §2.1).
 
 Pruners and evaluators talk to a model only through an :class:`Adapter`: its blocks, how to call a
 block alone, the prunable linears grouped by shared input, where each group's input is observed,
@@ -56,7 +56,7 @@ class UnitGroup:
 
     ``reader`` is the linear whose input columns carry the units' outputs (o_proj / out_proj, down_proj
     / fc2, Mamba's out_proj): where structured methods score units and compensate their removal
-    (METHODS.md §4.1, §3.7). ``refines`` names the group this one is a finer alternative of (query
+    (docs/methods.md §4.1, §3.7). ``refines`` names the group this one is a finer alternative of (query
     heads inside KV groups): a structured method uses one or the other, never both.
     """
 
@@ -142,7 +142,7 @@ class Adapter:
         out = block(hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    # --- structured removal (METHODS.md §1.4) -----------------------------------------------------
+    # --- structured removal (docs/methods.md §1.4) ------------------------------------------------
     def unit_group(self, block: nn.Module, kind: str) -> UnitGroup:
         for group in self.unit_groups(block):
             if group.kind == kind:

@@ -1,4 +1,4 @@
-"""Saving and reloading structurally pruned models (METHODS.md §1.4; DESIGN.md "Model adapters").
+"""Saving and reloading structurally pruned models (docs/methods.md §1.4; docs/architecture.md §2.3).
 
 After heads / neurons / Mamba channels are removed, blocks differ in size, which a Hugging Face config
 cannot describe. :func:`save_pruned` writes the usual ``save_pretrained`` folder plus
@@ -14,6 +14,7 @@ saved config.json carries the new sizes too and plain ``AutoModelForCausalLM.fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def save_pruned(model, tokenizer, directory: str | Path, adapter: Adapter | None
     directory = Path(directory)
     adapter = adapter or adapter_for(model)
     structure = structure_of(adapter)
-    model.save_pretrained(directory)
+    with _dequantized(model):
+        model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if structure["config_update"]:
@@ -54,6 +56,29 @@ def save_pruned(model, tokenizer, directory: str | Path, adapter: Adapter | None
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=2) + "\n")
     return structure
+
+
+@contextlib.contextmanager
+def _dequantized(model):
+    """A model loaded from a GGUF file holds plain dequantized tensors, yet transformers keeps its GGUF
+    quantizer and refuses to ``save_pretrained`` it: save it as the ordinary fp checkpoint it is."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        yield
+        return
+    config = model.config
+    had_config = hasattr(config, "quantization_config")
+    saved_config = getattr(config, "quantization_config", None)
+    model.hf_quantizer = None
+    if had_config:
+        del config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if had_config:
+            config.quantization_config = saved_config
 
 
 def is_pruned_checkpoint(path: str | Path) -> bool:

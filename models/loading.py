@@ -92,6 +92,17 @@ def inspect_model(cfg) -> tuple[str, object, type[Adapter]]:
     return path, hf_config, adapter_class(hf_config.model_type)
 
 
+def meta_adapter(cfg) -> Adapter:
+    """The adapter of an empty model built on the meta device from the checkpoint's config: module names and
+    shapes, no weights read or allocated (checks of a config against the architecture before loading)."""
+    from transformers import AutoModelForCausalLM
+
+    path, hf_config, adapter_cls = inspect_model(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    return adapter_cls(model)
+
+
 def load(cfg, device: str = "cpu") -> LoadedModel:
     """Load model (on CPU; the engine moves blocks to ``device``), tokenizer and adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

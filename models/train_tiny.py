@@ -58,7 +58,7 @@ ARCHS = {
 
 
 def train_tokenizer() -> None:
-    """Byte-level BPE on the training split only (ENVIRONMENT.md §2)."""
+    """Byte-level BPE on the training split only (docs/environment.md §3)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -78,7 +78,7 @@ def train_tokenizer() -> None:
 
 
 def _portable_tokenizer_config(folder: Path) -> None:
-    # transformers 5 writes "TokenizersBackend", which transformers 4 cannot resolve (ENVIRONMENT.md §1)
+    # transformers 5 writes "TokenizersBackend", which transformers 4 cannot resolve (docs/environment.md §1)
     path = folder / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"

@@ -1,15 +1,15 @@
-"""APT: joint multi-weight OBS pruning (Zhao et al., EMNLP'24 Findings; docs/methods.md §6, APT_GOA.md Part A).
+"""APT: joint multi-weight OBS pruning (Zhao et al., EMNLP'24 Findings; docs/methods.md §6).
 
 SparseGPT solves a chain of *single* removals (SRP) and freezes the kept weights of every processed
 column. APT solves the *multiple removal problem* (MRP): for a row ``w`` with inverse Hessian ``S`` of
 its free columns and pruned set ``P`` (all removed at once),
 
-    delta_w* = -w_P (S_PP)^-1 S_P,:         L*(P) = 1/2 w_P (S_PP)^-1 w_P^T          (docs/methods.md §1.1, A.4)
+    delta_w* = -w_P (S_PP)^-1 S_P,:         L*(P) = 1/2 w_P (S_PP)^-1 w_P^T          (docs/methods.md §1.1, §6.1)
 
 which is the exact optimum of the layer-wise reconstruction for that mask.
 
 The paper's code was never released; this is the documented reconstruction (docs/methods.md §6.2,
-APT_GOA.md A.5 variant (b)), unverified against the paper:
+variant (b)), unverified against the paper:
 
 * **block mode** (default, ``blocksize: 128``): columns are processed in blocks like SparseGPT. With
   ``H^-1 = U^T U`` (U upper Cholesky), the inverse Hessian of the free columns ``>= i1`` restricted to

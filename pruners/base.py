@@ -71,11 +71,15 @@ class Pruner:
         """Prune the linears of one group in place, using the group's statistic."""
         raise NotImplementedError
 
-    def prune(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None
-              ) -> dict[str, ModuleResult]:
+    def prune(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
+              ratios=None) -> dict[str, ModuleResult]:
         """Prune the whole model: layer-wise methods (``scope = "block"``) go block by block through the
-        sequential engine, whole-model methods (``scope = "model"``) through :meth:`prune_model`."""
+        sequential engine, whole-model methods (``scope = "model"``) through :meth:`prune_model`.
+        ``ratios``: per-linear ratios from :func:`pruners.allocation.allocate` (layer-wise methods only)."""
         settings = settings or EngineSettings()
+        if ratios is not None and self.scope != "block":
+            raise ValueError(f"pruner '{self.name}' allocates its own sparsity: sparsity.allocation must be uniform "
+                             f"over every linear")
         if self.scope == "model":
             self.check(pattern)
             if self.needs_calibration and calib_ids is None:
@@ -83,7 +87,7 @@ class Pruner:
             return self.prune_model(model, adapter, pattern, calib_ids if self.needs_calibration else None, settings)
         from .engine import prune_sequential
 
-        return prune_sequential(model, adapter, self, pattern, calib_ids, settings)
+        return prune_sequential(model, adapter, self, pattern, calib_ids, settings, ratios)
 
     def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
                     ) -> dict[str, ModuleResult]:

@@ -10,6 +10,8 @@ and the calibration activations.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 from models import Adapter
 from models.blocks import BlockInputs, capture_block_inputs, run_block
 
+from .allocation import LayerRatios
 from .base import ModuleResult, Pruner
 from .masks import Pattern
 from .settings import EngineSettings
@@ -71,9 +74,13 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
 
 @torch.no_grad()
 def prune_sequential(model, adapter: Adapter, pruner: Pruner, pattern: Pattern, calib_ids: torch.Tensor | None,
-                     settings: EngineSettings | None = None) -> dict[str, ModuleResult]:
+                     settings: EngineSettings | None = None, ratios: LayerRatios | None = None
+                     ) -> dict[str, ModuleResult]:
     """Prune every block in order (layer-wise methods); returns per-module results keyed by full module
-    name, each with its prune mask (``ModuleResult.mask``; :meth:`pruners.masks.MaskState.from_results`)."""
+    name, each with its prune mask (``ModuleResult.mask``; :meth:`pruners.masks.MaskState.from_results`).
+
+    ``ratios`` (:func:`pruners.allocation.allocate`): a ratio per linear (unstructured patterns; N:M keeps its
+    n:m); linears it does not list stay dense. None: every prunable linear at ``pattern.ratio``."""
     settings = settings or EngineSettings()
     pruner.check(pattern)
     if pruner.needs_calibration and calib_ids is None:
@@ -89,7 +96,22 @@ def prune_sequential(model, adapter: Adapter, pruner: Pruner, pattern: Pattern, 
                          settings, pruner.propagate, desc=f"{pruner.name} {pattern.describe()}")
     for index, block, stats in blocks:
         for group in adapter.linear_groups(block):
-            modules = {name: block.get_submodule(name) for name in group.names}
-            for name, result in pruner.prune_group(modules, stats.get(group), pattern).items():
-                results[f"{prefix}.{index}.{name}"] = result
+            for group_pattern, names in _by_ratio(group.names, pattern, ratios, f"{prefix}.{index}."):
+                modules = {name: block.get_submodule(name) for name in names}
+                for name, result in pruner.prune_group(modules, stats.get(group), group_pattern).items():
+                    results[f"{prefix}.{index}.{name}"] = result
     return results
+
+
+def _by_ratio(names, pattern: Pattern, ratios, prefix: str) -> list[tuple[Pattern, list[str]]]:
+    """The linears of one group split by their pattern: all at ``pattern`` without ``ratios``; otherwise the
+    listed ones at their own ratio (in group order), the others left out."""
+    if ratios is None:
+        return [(pattern, list(names))]
+    split: dict[float, list[str]] = {}
+    for name in names:
+        if prefix + name in ratios.ratios:
+            split.setdefault(ratios.ratios[prefix + name], []).append(name)
+    if pattern.kind != "unstructured":
+        return [(pattern, [n for group in split.values() for n in group])] if split else []
+    return [(replace(pattern, ratio=ratio), group) for ratio, group in split.items()]

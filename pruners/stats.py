@@ -59,6 +59,11 @@ class ColumnSquares(Statistic):
         return self.mean_sq.sqrt()
 
 
+def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * ||X_j||`` broadcast over rows (Wanda Eq. 1, docs/methods.md §3.2; OWL's outlier metric, §3.4)."""
+    return weight.abs() * input_norm.to(weight.dtype).unsqueeze(0)
+
+
 class ChannelMoments(Statistic):
     """Per input feature j: mean ``x̄_j``, sample variance (FLAP's "fluctuation") and mean square.
 

@@ -150,9 +150,11 @@ class StructuredPruner(Pruner):
 
     # --- the driver --------------------------------------------------------------------------------
     @torch.no_grad()
-    def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None
-              ) -> dict[str, ModuleResult]:
+    def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
+              ratios=None) -> dict[str, ModuleResult]:
         settings = settings or EngineSettings()
+        if ratios is not None:
+            raise ValueError(f"pruner '{self.name}' allocates its own units: sparsity.allocation must be uniform")
         self.check(pattern)
         if calib_ids is None:
             raise ValueError(f"pruner '{self.name}' needs calibration data")

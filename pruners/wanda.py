@@ -9,15 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .base import ScoreMaskPruner
-from .stats import ColumnSquares
+from .stats import ColumnSquares, wanda_score  # the score is shared: OWL's outlier pass uses it too
 
-
-def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
-    """``|W| * ||X_j||`` broadcast over rows (Wanda Eq. 1)."""
-    return weight.abs() * input_norm.to(weight.dtype).unsqueeze(0)
+__all__ = ["Wanda", "wanda_score"]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Result records: one JSON per run, written atomically (DESIGN.md "Result records and reports")."""
+"""Result records: one JSON per run, written atomically (docs/architecture.md §5)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,20 @@ from pathlib import Path
 import torch
 
 # keys that do not change a run's result: where it is written, how it is displayed and logged, and
-# whether an existing record is reused
-NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline", "wandb", "report")
+# whether an existing record (or kept pruned model: runners/prune_cache.py) is reused
+NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline", "wandb", "report",
+                   "cache_pruned", "cache_pruned_max_params")
+# the keys that determine the pruned weights (:func:`prune_config`): not eval, speed, save_model, nor the above
+PRUNE_KEYS = ("model", "calib", "pruner", "sparsity", "engine", "seed", "device")
 ROOT = Path(__file__).resolve().parent.parent
 # the code and bundled data a result depends on (the report, benchmarks and docs do not count)
-SOURCE_PATHS = ("corpora", "models", "pruners", "evaluators", "runners/run.py", "runners/validate.py")
+SOURCE_PATHS = ("corpora", "models", "pruners", "evaluators", "runners/run.py", "runners/pruning.py",
+                "runners/validate.py")
 # the scoped code fingerprint (:func:`code_fingerprint`): the shared code every result depends on ...
-SHARED_CODE = ("pruners", "models", "corpora", "evaluators", "runners/run.py", "runners/validate.py")
+SHARED_CODE = ("pruners", "models", "corpora", "evaluators", "runners/run.py", "runners/pruning.py", "runners/validate.py")
+# ... and the part of it that produces the pruned weights (:func:`prune_fingerprint`): no evaluators, no run.py
+# (which evaluates and records); runners/pruning.py is the prune step, runners/validate.py builds its Plan
+PRUNE_CODE = ("pruners", "models", "corpora", "runners/pruning.py", "runners/validate.py")
 # ... minus scripts that build bundled data or benchmark, which no run imports
 SCRIPT_PREFIXES = ("build_", "train_", "bench_")
 DENSE = "dense"
@@ -108,17 +115,18 @@ def _own_files() -> set[str]:
     return {Path(inspect.getfile(cls)).resolve().relative_to(ROOT).as_posix() for cls in PRUNERS.values()}
 
 
-def fingerprint_files(pruner_name: str, root: Path | str | None = None) -> list[str]:
+def fingerprint_files(pruner_name: str, root: Path | str | None = None, shared: tuple[str, ...] = SHARED_CODE) -> list[str]:
     """The files :func:`code_fingerprint` covers for ``pruner_name``, relative to ``root`` (default: this
     checkout): the shared code (:data:`SHARED_CODE` minus :data:`SCRIPT_PREFIXES` scripts, minus every
-    method's own file, documentation ``*.md`` left out, bundled data kept) plus the method's own files."""
+    method's own file, documentation ``*.md`` left out, bundled data kept) plus the method's own files.
+    ``shared=PRUNE_CODE``: the files :func:`prune_fingerprint` covers."""
     root = Path(root) if root is not None else ROOT
     methods = method_files()
     if pruner_name not in methods:
         raise ValueError(f"pruner '{pruner_name}' is not one of: {', '.join(sorted(methods))}")
     own = _own_files()
     files = set(methods[pruner_name])
-    for entry in SHARED_CODE:
+    for entry in shared:
         path = root / entry
         for file in (sorted(path.rglob("*")) if path.is_dir() else [path]):
             if (not file.is_file() or "__pycache__" in file.parts or file.suffix in (".pyc", ".md")
@@ -137,9 +145,21 @@ def code_fingerprint(pruner_name: str, root: Path | str | None = None) -> str:
     included. Part of every run id, so that editing one method's file recomputes that method's runs only,
     and a comment, docstring, benchmark or build script recomputes nothing. Cached per process.
     """
+    return _fingerprint(pruner_name, root, SHARED_CODE)
+
+
+@functools.cache
+def prune_fingerprint(pruner_name: str, root: Path | str | None = None) -> str:
+    """Like :func:`code_fingerprint`, over the code that produces the pruned weights only (:data:`PRUNE_CODE`):
+    part of every prune id (:func:`prune_id`), so that editing an evaluator or runners/run.py keeps the kept
+    pruned models (runners/prune_cache.py) valid. Cached per process."""
+    return _fingerprint(pruner_name, root, PRUNE_CODE)
+
+
+def _fingerprint(pruner_name: str, root: Path | str | None, shared: tuple[str, ...]) -> str:
     root = Path(root) if root is not None else ROOT
     digest = hashlib.sha256()
-    for rel in fingerprint_files(pruner_name, root):
+    for rel in fingerprint_files(pruner_name, root, shared):
         data = (root / rel).read_bytes()
         if rel.endswith(".py"):
             data = _normalized_python(data)
@@ -149,9 +169,12 @@ def code_fingerprint(pruner_name: str, root: Path | str | None = None) -> str:
 
 def code_version(pruner: str | None = None) -> dict:
     root = ROOT
-    # source_digest: every byte of SOURCE_PATHS (provenance); fingerprint: what the run id covers
+    # source_digest: every byte of SOURCE_PATHS (provenance); fingerprint: what the run id covers;
+    # prune_fingerprint: what the prune id covers (dense: none)
     info = {"prunelab": library_versions()["prunelab"], "source_digest": source_digest(),
-            "fingerprint": code_fingerprint(pruner) if pruner else None, "git_commit": None, "git_dirty": None}
+            "fingerprint": code_fingerprint(pruner) if pruner else None,
+            "prune_fingerprint": prune_fingerprint(pruner) if pruner and pruner != DENSE else None,
+            "git_commit": None, "git_dirty": None}
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                             text=True, timeout=5, check=True).stdout.strip()
@@ -192,7 +215,27 @@ def result_config(config: dict, prunes: bool = True, calibrates: bool = True) ->
     """
     ignored = (set(NON_RESULT_KEYS) | ({"sparsity", "engine", "speed", "save_model"} if not prunes else set())
                | ({"calib"} if not calibrates else set()))
-    return {k: v for k, v in config.items() if k not in ignored}
+    out = {k: v for k, v in config.items() if k not in ignored}
+    if isinstance(out.get("sparsity"), dict):
+        out["sparsity"] = semantic_sparsity(out["sparsity"])
+    return out
+
+
+ALLOCATION_DEFAULTS = {"allocation": "uniform", "targets": ["*"], "ignore": []}
+
+
+def semantic_sparsity(sparsity: dict) -> dict:
+    """The sparsity keys that can change a result: OWL's ``owl_lambda`` / ``owl_m`` only with ``allocation=owl``,
+    and the allocation keys not at all while they are the defaults (uniform over every linear), so that a run
+    id does not move with a key its run never reads (pruners/allocation.py)."""
+    out = dict(sparsity)
+    if out.get("allocation", "uniform") != "owl":
+        out.pop("owl_lambda", None)
+        out.pop("owl_m", None)
+    if all(out.get(k, v) == v for k, v in ALLOCATION_DEFAULTS.items()):
+        for key in ALLOCATION_DEFAULTS:
+            out.pop(key, None)
+    return out
 
 
 def _digest(data, length: int) -> str:
@@ -213,7 +256,10 @@ def run_id(config: dict, prunes: bool = True, calibrates: bool = True) -> str:
     """
     relevant = result_config(config, prunes, calibrates)
     relevant["_code"] = code_fingerprint(config["pruner"]["name"])
-    digest = _digest(relevant, 10)
+    return f"{_label(config, prunes)}_{_digest(relevant, 10)}"
+
+
+def _label(config: dict, prunes: bool) -> str:
     sp = config["sparsity"]
     if not prunes:
         pattern = "dense"
@@ -223,7 +269,23 @@ def run_id(config: dict, prunes: bool = True, calibrates: bool = True) -> str:
         pattern = f"struct{round(sp['ratio'] * 100)}pct"
     else:
         pattern = f"{round(sp['ratio'] * 100)}pct"
-    return f"{config['model']['name']}_{config['pruner']['name']}_{pattern}_{digest}"
+    return f"{config['model']['name']}_{config['pruner']['name']}_{pattern}"
+
+
+def prune_config(config: dict, calibrates: bool = True) -> dict:
+    """The keys of a resolved config that determine the pruned weights (:data:`PRUNE_KEYS`): model, calibration
+    (when the run calibrates), pruner, sparsity, engine, seed, device. Not ``eval``, ``speed``, ``save_model``,
+    nor where or how the run is written: runs that differ only in those share their pruned model."""
+    return {k: config.get(k) for k in PRUNE_KEYS if calibrates or k != "calib"}
+
+
+def prune_id(config: dict, calibrates: bool = True) -> str:
+    """``<model>_<pruner>_<pattern>_<hash>`` of the pruned weights: :func:`prune_config` and the pruning code
+    (:func:`prune_fingerprint`). Runs with one prune id differ at most in how they evaluate, so a recorded
+    run's kept pruned model (runners/prune_cache.py) serves them all. Only for runs that prune (not dense)."""
+    relevant = prune_config(config, calibrates)
+    relevant["_code"] = prune_fingerprint(config["pruner"]["name"])
+    return f"{_label(config, True)}_{_digest(relevant, 10)}"
 
 
 def write_atomic(path: Path, data: dict) -> None:

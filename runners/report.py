@@ -9,7 +9,12 @@ Reads every ``result.json`` under the sweep folder and writes to ``<sweep>/repor
 - ``zeroshot.{md,csv,tex}``: per model, method/pattern rows x task accuracy columns + average (when any
   record has zero-shot metrics);
 - ``speed.{md,csv,tex}``: parameters and decode / prefill time, pruned vs dense (runs that measured speed:
-  structured runs by default);
+  structured runs by default), a row per speed batch size;
+- ``runs.{md,csv,tex}`` (``report.columns`` / ``--columns``, e.g. a benchmark preset's): one row per run with the
+  chosen record values (:mod:`runners.columns`: ``ppl``, ``prune_s``, ``peak_host_mb``, ... or dotted record paths),
+  the other keys the sweep varied, and with ``report.baseline`` / ``--baseline`` (a pruner, or
+  ``<config key>=<value>``) each value's ratio to the baseline run's; the caption says whether each peak memory is
+  its run's own (one process per run) or a process's running peak;
 - ``records.csv``: every metric of every record shown, one row each (the tidy source of all tables);
 - ``stale.md``: records left out: stale ones (another code fingerprint than the newest record of their
   cell, i.e. same config but seed; ``--include-stale`` keeps them) and duplicates (same cell, seed and code:
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import columns
 from .record import cell_key, read_record
 from .validate import published_path
 
@@ -51,6 +57,13 @@ def pattern_key(pattern: dict) -> str:
     if pattern["kind"] == "structured":
         return f"{round(pattern['ratio'] * 100)}% struct"
     return f"{round(pattern['ratio'] * 100)}%"
+
+
+def method_label(rec: dict) -> str:
+    """The method column: the pruner, with its sparsity allocation where it is not the default
+    (``wanda (OWL λ=0.08 M=5)``; :meth:`pruners.allocation.Allocation.describe`)."""
+    allocation = rec["pattern"].get("allocation")
+    return f"{rec['pruner']} ({allocation})" if allocation else rec["pruner"]
 
 
 def load_records(folder: Path) -> list[dict]:
@@ -135,7 +148,7 @@ def tidy(records: list[dict]) -> pd.DataFrame:
     """One row per (record, metric): model, method, pattern, ratio, metric, dataset, value, stderr, protocol."""
     rows = []
     for rec in records:
-        base = {"model": rec["model"]["name"], "method": rec["pruner"], "pattern": pattern_key(rec["pattern"]),
+        base = {"model": rec["model"]["name"], "method": method_label(rec), "pattern": pattern_key(rec["pattern"]),
                 "kind": rec["pattern"]["kind"], "ratio": rec["sparsity"]["target"],
                 "measured_sparsity": rec["sparsity"]["overall"], "run_id": rec["run_id"],
                 "prune_s": rec["timings_s"].get("prune"), "seed": rec.get("seed"),
@@ -175,10 +188,14 @@ def _describe_zeroshot(zeroshot: dict) -> str:
 
 
 def method_order(methods) -> list[str]:
-    """Dense first, then the baselines in their usual order, then the rest alphabetically."""
+    """Dense first, then the baselines in their usual order, then the rest alphabetically; a method with a
+    non-uniform allocation (``wanda (OWL ...)``) right after its uniform row."""
     known = [DENSE, "magnitude", "wanda", "sparsegpt"]
-    present = set(methods)
-    return [m for m in known if m in present] + sorted(present - set(known))
+
+    def key(method: str):
+        base, _, variant = method.partition(" (")
+        return (known.index(base) if base in known else len(known), base, variant)
+    return sorted(set(methods), key=key)
 
 
 def pattern_order(patterns) -> list[str]:
@@ -316,34 +333,248 @@ def speed_table(records: list[dict]) -> pd.DataFrame:
         speed = rec["metrics"].get("speed")
         if not speed:
             continue
-        d, p, x = speed["dense"], speed["pruned"], speed["speedup"]
-        rows.append({"model": rec["model"]["name"], "method": rec["pruner"], "pattern": pattern_key(rec["pattern"]),
-                     "parameters": p["parameters"], "parameters dense": d["parameters"],
-                     "decode ms/token dense": d["decode_ms_per_token"], "decode ms/token": p["decode_ms_per_token"],
-                     "decode speedup": x["decode"], "prefill ms dense": d["prefill_ms"], "prefill ms": p["prefill_ms"],
-                     "prefill speedup": x["prefill"],
-                     "setup": "{device}, {dtype}, {threads} threads, batch {batch_size}, prompt {prompt_len}, "
-                              "{new_tokens} new tokens".format(**p["setup"])})
+        pairs = [(speed["dense"], speed["pruned"], speed["speedup"])]
+        if speed["dense"].get("by_batch_size") and speed["pruned"].get("by_batch_size"):  # speed.batch_size: a list
+            pairs = [(d, p, {"decode": round(d["decode_ms_per_token"] / p["decode_ms_per_token"], 3),
+                             "prefill": round(d["prefill_ms"] / p["prefill_ms"], 3)})
+                     for b, d in speed["dense"]["by_batch_size"].items()
+                     for p in [speed["pruned"]["by_batch_size"].get(b)] if p is not None]
+        for d, p, x in pairs:
+            rows.append({"model": rec["model"]["name"], "method": method_label(rec),
+                         "pattern": pattern_key(rec["pattern"]), "batch": p["setup"]["batch_size"],
+                         "parameters": p["parameters"], "parameters dense": d["parameters"],
+                         "decode ms/token dense": d["decode_ms_per_token"], "decode ms/token": p["decode_ms_per_token"],
+                         "decode speedup": x["decode"], "prefill ms dense": d["prefill_ms"], "prefill ms": p["prefill_ms"],
+                         "prefill speedup": x["prefill"],
+                         "setup": "{device}, {dtype}, {threads} threads, batch {batch_size}, prompt {prompt_len}, "
+                                  "{new_tokens} new tokens".format(**p["setup"])})
     if not rows:
         return pd.DataFrame()
     table = pd.DataFrame(rows)
     order = {(m, pt): i for i, (m, pt) in enumerate((m, pt) for pt in pattern_order(table.pattern)
                                                     for m in method_order(table.method))}
     return table.assign(_o=[order[(m, pt)] for m, pt in zip(table.method, table.pattern, strict=True)]) \
-        .sort_values(["model", "_o"]).drop(columns="_o").reset_index(drop=True)
+        .sort_values(["model", "_o", "batch"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
 def markdown_speed(table: pd.DataFrame) -> str:
     setups = "; ".join(sorted(set(table.setup)))
     cols = ["parameters", "decode ms/token", "decode speedup", "prefill ms", "prefill speedup"]
     lines = [f"**Inference speed, pruned vs dense (measured in the same process).** {setups}. Speedup = dense time "
-             "/ pruned time.", "", "| model | method | pattern | " + " | ".join(cols) + " |",
-             "|---|---|---|" + "---:|" * len(cols)]
+             "/ pruned time.", "", "| model | method | pattern | batch | " + " | ".join(cols) + " |",
+             "|---|---|---|---:|" + "---:|" * len(cols)]
     for _, row in table.iterrows():
-        lines.append(f"| {row['model']} | {row['method']} | {row['pattern']} | {row['parameters']:,} "
+        lines.append(f"| {row['model']} | {row['method']} | {row['pattern']} | {row['batch']} | {row['parameters']:,} "
                      f"(dense {row['parameters dense']:,}) | {row['decode ms/token']:.2f} (dense "
                      f"{row['decode ms/token dense']:.2f}) | {row['decode speedup']:.2f}x | {row['prefill ms']:.1f} "
                      f"(dense {row['prefill ms dense']:.1f}) | {row['prefill speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+# the runs table (report.columns): one row per run, chosen record values, ratios to a baseline run
+
+
+class OptionError(ValueError):
+    """A runs-table option (``columns`` / ``baseline``) that does not fit the records: one line, exit code 2."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """A nested config as ``{dotted key: value}`` (lists and empty mappings as leaves)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _result_keys(rec: dict) -> dict:
+    """The record's config keys that can change its result (:func:`runners.record.result_config`), seed left out."""
+    from .record import result_config
+
+    prunes = rec["pattern"]["kind"] != DENSE
+    config = result_config(rec["config"], prunes=prunes, calibrates=rec.get("calibration") is not None)
+    return {k: v for k, v in _flat(config).items() if k != "seed"}
+
+
+def varying_keys(records: list[dict]) -> list[str]:
+    """Config keys (of the result) that differ between records of the same model, method and pattern: what else
+    the sweep swept (``device``, ``eval.zeroshot.backend``, ``calib.nsamples``, a pruner option, ...)."""
+    groups: dict = {}
+    for rec in records:
+        groups.setdefault((rec["model"]["name"], method_label(rec), pattern_key(rec["pattern"])), []).append(
+            _result_keys(rec))
+    varying: dict[str, None] = {}
+    for configs in groups.values():
+        for key in sorted({k for c in configs for k in c}):
+            if len({columns.text(c.get(key, "\0absent")) for c in configs}) > 1:
+                varying[key] = None
+    return list(varying)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+        isinstance(value, float) and math.isnan(value))
+
+
+def runs_table(records: list[dict], specs, baseline: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """One row per run (cell; several seeds: the mean, with ``n``): model, method, pattern, the other swept keys
+    (:func:`varying_keys`), the columns of ``specs`` (:func:`runners.columns.expand`) and, with ``baseline``, each
+    numeric column divided by the baseline run's (``<column> / <baseline>``).
+
+    The baseline run of a row: ``pruner name`` -> the run of that method with the same model and pattern and the same
+    values of the swept keys other than the pruner's and sparsity's own; ``key=value`` -> the run whose config has
+    that value and which equals the row in model, method, pattern and the other swept keys. A baseline run that does
+    not have a key (a dense run has no calibration) matches any value of it. Raises ValueError for a baseline that
+    no record matches."""
+    try:
+        cols = columns.expand(specs, records)
+    except ValueError as err:
+        raise OptionError("columns", str(err)) from None
+    vary = varying_keys(records)
+    rows: dict = {}
+    for rec in records:
+        keys = _result_keys(rec)
+        ident = (rec["model"]["name"], method_label(rec), pattern_key(rec["pattern"]),
+                 *(columns.text(keys[k]) if k in keys else None for k in vary))
+        rows.setdefault(ident, []).append((rec, keys))
+    table = []
+    for ident, recs in rows.items():
+        row = {"model": ident[0], "method": ident[1], "pattern": ident[2], "n": len(recs),
+               **{k: ("-" if v is None else v) for k, v in zip(vary, ident[3:], strict=True)}}
+        for col in cols:
+            values = [col.value(rec) for rec, _ in recs]
+            numbers = [v for v in values if _number(v)]
+            row[col.label] = (sum(numbers) / len(numbers) if len(numbers) == len(values) else
+                              next((v for v in values if v is not None), None))
+        row["_flat"] = _flat(recs[0][0]["config"])
+        row["_keys"] = recs[0][1]
+        table.append(row)
+    meta = {"columns": cols, "varying": vary, "baseline": baseline, "ratios": []}
+    key, chosen = None, []
+    if baseline:
+        try:
+            key, value = columns.parse_baseline(baseline)
+        except ValueError as err:
+            raise OptionError("baseline", str(err)) from None
+        if key == "method":
+            chosen = [r for r in table if r["method"] == value]
+            if not chosen:
+                raise OptionError("baseline", f"{baseline}: no run of that method (methods: "
+                                 f"{', '.join(method_order(r['method'] for r in table))})")
+            match = [k for k in vary if not k.startswith(("pruner.", "sparsity."))]
+        else:
+            seen = {columns.text(r["_flat"][key]) for r in table if key in r["_flat"]}
+            chosen = [r for r in table if key in r["_flat"] and columns.text(r["_flat"][key]) == value]
+            if not chosen:
+                raise OptionError("baseline", f"{baseline}: no run has {key}={value} "
+                                 f"({'values: ' + ', '.join(sorted(seen)) if seen else 'no run has the key ' + key})")
+            match = [k for k in vary if k != key]
+        same = ("model", "pattern") if key == "method" else ("model", "method", "pattern")
+
+        def base_of(row):
+            for b in chosen:
+                if all(b[k] == row[k] for k in same) and all(
+                        k not in b["_keys"] or b[k] == row[k] for k in match):
+                    return b
+            return None
+
+        numeric = [c for c in cols if c.ratio and any(_number(r[c.label]) for r in table)]
+        for row in table:
+            b = base_of(row)
+            for col in numeric:
+                value_, ref = row[col.label], None if b is None else b[col.label]
+                row[f"{col.label} / {value}"] = (value_ / ref if _number(value_) and _number(ref) and ref else None)
+        meta["ratios"] = [c.label for c in numeric]
+        meta["match"] = [*same, *match]
+    frame = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in table])
+    order = {(m, p): i for i, (m, p) in enumerate((m, p) for p in pattern_order(frame.pattern)
+                                                  for m in method_order(frame.method))}
+    # dense first, then by pattern and method; rows of a key=value baseline before the others of their cell
+    first = [not (baseline and key != "method" and any(r is b for b in chosen)) for r in table]
+    frame = frame.assign(_o=[order[(m, p)] for m, p in zip(frame.method, frame.pattern, strict=True)], _b=first) \
+        .sort_values(["model", "_o", "_b", *vary], kind="stable").drop(columns=["_o", "_b"]).reset_index(drop=True)
+    if not (frame.n > 1).any():
+        frame = frame.drop(columns="n")
+    return frame, meta
+
+
+def _num(value) -> str:
+    """A table cell: integers with thousands separators, values below 1 with 4 significant digits, others with 2
+    decimals (1 from 1000 up)."""
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}" if abs(value) < 1000 else f"{value:,.1f}"
+
+
+def _process_note(records: list[dict]) -> str:
+    """Whether each run's peak host memory is its own: ru_maxrss is per process, so runs that shared one show its
+    running peak."""
+    by_process: dict = {}
+    for rec in records:
+        if rec["pruner"] != DENSE and not rec.get("reused_from"):
+            device = rec.get("device") or {}
+            by_process.setdefault((device.get("host"), device.get("pid")), []).append(rec)
+    shared = sum(len(v) for v in by_process.values() if len(v) > 1)
+    if not shared:
+        return ("Each pruning run ran in its own process, so its peak host memory is its own (a dense baseline "
+                "shares the process of the run that recorded it, and that run's peak includes it).")
+    return (f"{shared} pruning runs shared a process with another run (an in-process sweep): their peak host memory "
+            "is that process's running peak, not their own; hydra/launcher=gpus hydra.launcher.max_jobs_per_worker=1 "
+            "runs each job in a fresh process.")
+
+
+def runs_caption(records: list[dict], meta: dict) -> str:
+    setups = sorted({f"{(r.get('device') or {}).get('device')}, torch threads {(r.get('device') or {}).get('torch_threads')}"
+                     + (f", {r['device']['gpu']}" if (r.get("device") or {}).get("gpu") else "") for r in records})
+    described = [f"{c.label} = {c.description}" for c in meta["columns"] if c.description != c.label]
+    paths = len(described) < len(meta["columns"])
+    parts = ["One row per run (mean over seeds where n > 1)" + (
+        "; other swept keys: " + ", ".join(meta["varying"]) if meta["varying"] else "") + ".",
+        *(["Columns: " + "; ".join(described) + ("; the others are record paths" if paths else "") + "."]
+          if described else [])]
+    protocols = sorted({_describe_protocol(k, v.get("protocol", {})) for r in records
+                        for k, v in r["metrics"].get("ppl", {}).items()
+                        if any(c.label == f"ppl {k}" for c in meta["columns"])})
+    if protocols:
+        parts.append("Protocols: " + "; ".join(protocols) + ".")
+    if meta.get("ratios"):
+        parts.append(f"(Nx) = the value / the {meta['baseline']} run's with the same {', '.join(meta['match'])}.")
+    parts.append("Setup: " + "; ".join(setups) + ".")
+    if any(c.label == "peak_host_mb" for c in meta["columns"]):
+        parts.append(_process_note(records))
+    loaded = [r for r in records if r.get("pruned_from")]
+    if loaded:
+        parts.append(f"{len(loaded)} runs loaded the kept weights of an earlier pruning (pruned_from) instead of "
+                     "pruning: they have no prune time of their own and their peak memory is not a pruning run's "
+                     "(force=true prunes again).")
+    return " ".join(parts)
+
+
+def markdown_runs(table: pd.DataFrame, meta: dict, caption: str) -> str:
+    _, value = columns.parse_baseline(meta["baseline"]) if meta.get("baseline") else (None, None)
+    keys = ["model", "method", "pattern", *meta["varying"], *(["n"] if "n" in table.columns else [])]
+    shown = [c.label for c in meta["columns"]]
+    lines = [f"**Runs.** {caption}", "", "| " + " | ".join(keys + shown) + " |",
+             "|" + "---|" * len(keys) + "---:|" * len(shown)]
+    for _, row in table.iterrows():
+        cells = [_num(row[k]) for k in keys]
+        for label in shown:
+            cell = _num(row[label])
+            ratio = row.get(f"{label} / {value}") if value else None
+            if label in meta.get("ratios", []) and _number(ratio):
+                cell += f" ({ratio:.2f}x)"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -495,12 +726,15 @@ def plot_vs_sparsity(frame: pd.DataFrame, metric: str, dataset: str | None, ylab
 
 
 def build_report(folder: Path, out: Path | None = None, published: str | None = None,
-                 wandb_mode: str | None = None, include_stale: bool = False) -> dict:
+                 wandb_mode: str | None = None, include_stale: bool = False, columns_: list[str] | None = None,
+                 baseline: str | None = None) -> dict:
     """Write every table and plot for the records under ``folder``; return what was written.
 
     Stale records (another code fingerprint than the newest of their cell) and duplicates (same cell, seed
     and code) are listed in ``stale.md`` and noted in the captions; stale ones are left out unless
-    ``include_stale``, duplicates always (the newest is kept)."""
+    ``include_stale``, duplicates always (the newest is kept). ``columns_`` / ``baseline``: the runs table's
+    (default: the records' ``report.columns`` / ``report.baseline``; neither: no runs table; a baseline alone:
+    :data:`runners.columns.DEFAULT`)."""
     folder = Path(folder)
     records = load_records(folder)
     if not records:
@@ -576,6 +810,19 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
                                              + "; ".join(sorted(set(speed.setup))), "tab:speed"))
         written["tables"]["speed"] = speed
 
+    specs = list(columns_ if columns_ is not None else report_cfg.get("columns") or [])
+    baseline = baseline if baseline is not None else report_cfg.get("baseline")
+    if baseline and not specs:  # a baseline alone: the usual cost columns
+        specs = list(columns.DEFAULT)
+    (out / "runs.md").unlink(missing_ok=True)
+    if specs:
+        runs, meta = runs_table(records, specs, baseline)
+        caption = runs_caption(records, meta) + note
+        (out / "runs.md").write_text(markdown_runs(runs, meta, caption))
+        runs.to_csv(out / "runs.csv", index=False)
+        (out / "runs.tex").write_text(latex(runs, "Runs. " + caption, "tab:runs"))
+        written["tables"]["runs"] = runs
+
     opts = _wandb_options(records[0], folder, wandb_mode)
     if opts is not None:
         from . import tracking
@@ -610,6 +857,13 @@ def main(argv: list[str] | None = None) -> int:
                              "default: the records' report.published")
     parser.add_argument("--wandb", default=None, choices=("offline", "online", "disabled"),
                         help="W&B mode for the report run (default: the records' wandb.mode)")
+    parser.add_argument("--columns", default=None,
+                        help="a runs table (runs.md) with these comma-separated values per run: aliases (ppl, prune_s, "
+                             "peak_host_mb, ...: runners/columns.py) or dotted record paths; default: the records' "
+                             "report.columns")
+    parser.add_argument("--baseline", default=None,
+                        help="the runs table's ratios to this run: a pruner (magnitude) or <config key>=<value> "
+                             "(eval.zeroshot.backend=memory); default: the records' report.baseline")
     parser.add_argument("--include-stale", action="store_true",
                         help="keep records whose code fingerprint differs from the newest of their cell "
                              "(listed in stale.md either way)")
@@ -622,13 +876,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunelab: error: --published {args.published}: no file {published_path(args.published)}",
               file=sys.stderr)
         return 2
+    specs = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns is not None else None
+    for flag, check in (("--columns", lambda: [columns.check_column(c) for c in specs or []]),
+                        ("--baseline", lambda: args.baseline is not None and columns.parse_baseline(args.baseline))):
+        try:
+            check()
+        except ValueError as err:
+            print(f"prunelab: error: {flag} {err}", file=sys.stderr)
+            return 2
     try:
-        written = build_report(folder, args.out, args.published, args.wandb, args.include_stale)
+        written = build_report(folder, args.out, args.published, args.wandb, args.include_stale, specs, args.baseline)
     except FileNotFoundError as err:
         print(f"prunelab: error: {err}", file=sys.stderr)
         return 2
+    except OptionError as err:  # the records' report.columns / baseline, or a baseline that no record matches
+        given = (specs if err.key == "columns" else args.baseline) is not None
+        print(f"prunelab: error: {'--' if given else 'report.'}{err.key} {err}", file=sys.stderr)
+        return 2
     print(f"{written['records']} records -> {written['out']}")
-    for name in ("stale.md", "ppl.md", "ppl_by_sparsity.md", "zeroshot.md", "speed.md"):
+    for name in ("stale.md", "ppl.md", "ppl_by_sparsity.md", "zeroshot.md", "speed.md", "runs.md"):
         if (written["out"] / name).exists():
             print(f"\n{(written['out'] / name).read_text()}")
     for plot in written["plots"]:

@@ -18,21 +18,21 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import corpora
 import models
 from evaluators.ppl import perplexity, protocol_windows
 from evaluators.speed import measure_speed, speedup
-from pruners.masks import MaskState, check_masks_against_weights
 from pruners.masks import sparsity as measured_sparsity
-from pruners.settings import EngineSettings
 
-from . import tracking
+from . import prune_cache, pruning, tracking
 from .record import (
     code_version,
     device_info,
     find_record,
     library_versions,
     peak_memory,
+    prune_config,
+    prune_fingerprint,
+    prune_id,
     read_record,
     run_id,
     write_atomic,
@@ -55,7 +55,7 @@ def set_determinism(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # the SparseGPT reference disables TF32: it perturbs Cholesky / solves (METHODS.md §12)
+    # the SparseGPT reference disables TF32: it perturbs Cholesky / solves (docs/methods.md §12)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
@@ -112,27 +112,23 @@ def _speed_wanted(cfg: DictConfig, plan: Plan) -> bool:
 
 
 def _speed(cfg: DictConfig, model, device: str) -> dict:
+    """The speed at ``speed.batch_size``; for a list of batch sizes, at the first, with every size's measurement
+    under ``by_batch_size`` (``{"1": ..., "8": ...}``)."""
     sp = cfg.speed
-    return measure_speed(model, device, int(sp.batch_size), int(sp.prompt_len), int(sp.new_tokens), int(sp.repeats),
-                         int(sp.warmup), seed=int(cfg.seed), threads=sp.get("threads"))
+    sizes = [int(b) for b in sp.batch_size] if OmegaConf.is_list(sp.batch_size) else [int(sp.batch_size)]
+    runs = {str(b): measure_speed(model, device, b, int(sp.prompt_len), int(sp.new_tokens), int(sp.repeats),
+                                  int(sp.warmup), seed=int(cfg.seed), threads=sp.get("threads")) for b in sizes}
+    first = dict(runs[str(sizes[0])])
+    if len(runs) > 1:
+        first["by_batch_size"] = runs
+    return first
 
 
-def _save_model(loaded, directory: Path) -> str:
-    """Save the pruned model (structure file included) into ``directory``, via a temporary folder: a
-    killed run never leaves a half-written model there."""
-    import shutil
-    import tempfile
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tmp-model-"))
-    try:
-        models.save_pruned(loaded.model, loaded.tokenizer, tmp, loaded.adapter)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _save_model(loaded, directory: Path, info: dict | None = None) -> str:
+    """Save the pruned model (structure file included, and ``info``: what later runs need to reuse it,
+    runners/prune_cache.py) into ``directory``, via a temporary folder: a killed run never leaves a
+    half-written model there."""
+    prune_cache.write(loaded, directory, info, replace=True)
     return str(directory)
 
 
@@ -150,21 +146,26 @@ def _evaluate(cfg: DictConfig, plan: Plan, loaded, task_dict, timings: dict, tag
         metrics["ppl"][key] = {"value": value, "protocol": provenance}
         t = _timed(timings, f"{tag}eval/{key}", t)
     if plan.zeroshot_tasks:
-        from evaluators.zeroshot import evaluate_zeroshot  # lm-eval is imported only when it is used
+        from evaluators import zeroshot  # lm-eval is imported only when it is used
 
         zs = cfg.eval.zeroshot
-        metrics["zeroshot"] = evaluate_zeroshot(model, tokenizer, task_dict, plan.device, batch_size=zs.batch_size,
-                                                limit=zs.get("limit"), num_fewshot=int(zs.num_fewshot),
-                                                max_length=plan.eval_seqlen)
+        options = {"batch_size": zs.batch_size, "limit": zs.get("limit"), "num_fewshot": int(zs.num_fewshot),
+                   "max_length": plan.eval_seqlen}
+        if zs.get("backend", "memory") == "cli":  # lm-eval's own command on the model saved to a temporary folder
+            metrics["zeroshot"] = zeroshot.evaluate_zeroshot_cli(model, tokenizer, plan.zeroshot_tasks, plan.device,
+                                                                 include_path=zs.get("include_path"), **options)
+        else:
+            metrics["zeroshot"] = zeroshot.evaluate_zeroshot(model, tokenizer, task_dict, plan.device, **options)
         _timed(timings, f"{tag}eval/zeroshot", t)
     return metrics
 
 
 def _record(cfg: DictConfig, config: dict, rid: str, loaded, pruner: str, pattern: dict, sparsity: dict,
-            metrics: dict, timings: dict, device: str, calibration=None, method_losses=None) -> dict:
+            metrics: dict, timings: dict, device: str, calibration=None, method_losses=None, pid=None) -> dict:
     return {
         "schema": 1,
         "run_id": rid,
+        "prune_id": pid,  # what determines the pruned weights (runners/record.py: prune_id); None: dense
         "sweep": str(cfg.sweep),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": cfg.model.name, **loaded.source},
@@ -179,7 +180,8 @@ def _record(cfg: DictConfig, config: dict, rid: str, loaded, pruner: str, patter
         "seed": int(cfg.seed),
         "device": device_info(device),
         "versions": library_versions(),
-        "code": code_version(pruner),  # source_digest (whole tree) + fingerprint (what the run id covers)
+        # source_digest (whole tree) + fingerprint (what the run id covers) + prune_fingerprint (the prune id)
+        "code": code_version(pruner),
         "config": config,
     }
 
@@ -214,11 +216,17 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     A run whose id is already recorded (this sweep, or another sweep under ``output_root``) is not
     recomputed unless ``force=true``. With ``dense_baseline=true`` a pruning run first evaluates the
     unpruned model, once per (model, eval config), and records it as the ``dense`` run.
+
+    Pruning and evaluation are separate steps: a pruning run keeps its pruned model (``save_model`` or the
+    ``cache_pruned`` cache, runners/prune_cache.py), and a run with the same prune id (the same weights,
+    another evaluation) loads it instead of calibrating and pruning, and records ``pruned_from`` with the
+    pruning-side facts of the run that pruned them. ``force=true`` prunes again.
     """
     plan = plan or validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     prunes = plan.pruner.removes_weights
-    rid = run_id(config, prunes=prunes, calibrates=plan.pruner.needs_calibration)
+    rid = run_id(config, prunes=prunes, calibrates=plan.calibrates)
+    pid = prune_id(config, calibrates=plan.calibrates) if prunes else None
     root, sweep = Path(cfg.output_root), str(cfg.sweep)
     out_path = root / sweep / rid / "result.json"
     dense_cfg = dense_config(config)
@@ -247,9 +255,15 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     set_determinism(int(cfg.seed))
     if plan.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(plan.device))
-    loaded = models.load(cfg.model, plan.device)
-    model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
-    t = _timed(timings, "load", t)
+    kept = None  # a kept pruned model of this prune id: evaluate it instead of pruning
+    if write and prunes and not cfg.force:
+        dtype = str(models.loading.torch_dtype(cfg.model.get("dtype", "auto"), plan.device)).replace("torch.", "")
+        kept = prune_cache.find(root, pid, dtype, plan.device)
+    speed_wanted = _speed_wanted(cfg, plan)
+    loaded = None
+    if kept is None or want_dense or speed_wanted:  # the unpruned model: to prune, or for the dense numbers
+        loaded = models.load(cfg.model, plan.device)
+        t = _timed(timings, "load", t)
 
     if want_dense:
         dense_timings = {"load": timings["load"]}
@@ -257,7 +271,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
         dense_timings = {k.removeprefix("dense "): v for k, v in dense_timings.items()}
         dense_timings.update(prune=0.0, total=round(sum(dense_timings.values()), 3))
         dense = _record(cfg, dense_cfg, dense_rid, loaded, "dense", DENSE_PATTERN,
-                        _sparsity_section(adapter, plan, prunes=False), metrics, dense_timings, plan.device)
+                        _sparsity_section(loaded.adapter, plan, prunes=False), metrics, dense_timings, plan.device)
         dense_path = root / sweep / dense_rid / "result.json"
         write_atomic(dense_path, dense)
         dense["path"] = str(dense_path)
@@ -265,49 +279,77 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
         tracking.log_run(dense, cfg)
         t = time.perf_counter()
 
-    calib_ids, calibration = None, None
-    if plan.pruner.needs_calibration:
-        windows = corpora.calibration_windows(
-            tokenizer, cfg.calib.source, int(cfg.calib.nsamples), plan.calib_seqlen, int(cfg.calib.seed),
-            path=cfg.calib.get("path"), dataset_root=cfg.calib.get("dataset_root"))
-        calib_ids, calibration = windows.ids, windows.provenance
-        t = _timed(timings, "calibration_data", t)
-
     structured = prunes and plan.pattern.kind == "structured"
-    before = _structure_before(model, adapter) if structured else None
     dense_speed = None
-    if _speed_wanted(cfg, plan):  # the dense model's speed, in this process, for a like-for-like ratio
-        dense_speed = _speed(cfg, model, plan.device)
+    if speed_wanted:  # the dense model's speed, in this process, for a like-for-like ratio
+        dense_speed = _speed(cfg, loaded.model, plan.device)
         t = _timed(timings, "speed/dense", t)
-    settings = EngineSettings.from_config(cfg.engine, plan.device, bool(cfg.progress))
-    module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids, settings)
-    t = _timed(timings, "prune", t)
-    check_masks_against_weights(model, MaskState.from_results(module_results))  # every removed weight is zero
-    structure = None
-    if structured:
-        structure, sparsity = _structure_section(model, adapter, plan, before, module_results)
-    else:
-        sparsity = _sparsity_section(adapter, plan, prunes)
+    structure, saved, info = None, None, None
+    if kept is None:
+        model, adapter = loaded.model, loaded.adapter
+        before = _structure_before(model, adapter) if structured else None
+        pruned = pruning.prune(cfg, plan, loaded, timings)  # calibration, allocation, the method
+        module_results, ratios, calibration = pruned.module_results, pruned.ratios, pruned.calibration
+        method_losses = {k: v.loss for k, v in module_results.items() if v.loss is not None}
+        if structured:
+            structure, sparsity = _structure_section(model, adapter, plan, before, module_results)
+        else:
+            sparsity = _sparsity_section(adapter, plan, prunes)
+            if prunes:
+                sparsity["allocation"] = ratios.to_record(plan.allocation) if ratios is not None else {"kind": "uniform"}
+        if prunes:
+            info = prune_cache.meta(pid, run_id=rid, sweep=sweep, record=out_path, source=loaded.source,
+                                    device=plan.device, prune_config=prune_config(config, plan.calibrates),
+                                    prune_fingerprint=prune_fingerprint(plan.pruner.name), sparsity=sparsity,
+                                    structure=structure, method_losses=method_losses, calibration=calibration,
+                                    timings=timings)
+    else:  # the pruned weights of an earlier run: no calibration, no pruning
+        loaded = None  # (the dense model, if the baseline or the speed ratio needed it)
+        t = time.perf_counter()
+        loaded = prune_cache.load(cfg.model, kept, plan.device)
+        t = _timed(timings, "load_pruned", t)
+        info = kept.meta
+        sparsity, structure, calibration = info["sparsity"], info.get("structure"), info.get("calibration")
+        method_losses = info.get("method_losses") or {}
+        log.info("pruned weights from %s (%s): not pruning", kept.path, kept.kind)
+    t = time.perf_counter()
+    kept_at = str(kept.path) if kept is not None else None
+    if write and cfg.save_model and kept_at == str(out_path.parent / "model"):  # this run's own, record lost
+        saved = kept_at
+    elif write and cfg.save_model:  # kept before evaluating: a failed evaluation loses no pruning
+        saved = kept_at = _save_model(loaded, out_path.parent / "model", info)
+        t = _timed(timings, "save_model", t)
+    elif write and kept is None and prunes and prune_cache.wants_cache(
+            str(cfg.cache_pruned), int(cfg.cache_pruned_max_params), loaded.source["parameters"]):
+        directory = prune_cache.cache_dir(root, pid)
+        prune_cache.write(loaded, directory, info, replace=True)
+        kept_at = str(directory)
+        t = _timed(timings, "cache_pruned", t)
+
+    set_determinism(int(cfg.seed))  # the evaluation starts alike whether this run pruned or loaded the weights
     metrics = _evaluate(cfg, plan, loaded, task_dict, timings)
     t = time.perf_counter()
     if dense_speed is not None:
-        pruned_speed = _speed(cfg, model, plan.device)
+        pruned_speed = _speed(cfg, loaded.model, plan.device)
         metrics["speed"] = {"dense": dense_speed, "pruned": pruned_speed, "speedup": speedup(dense_speed, pruned_speed)}
         t = _timed(timings, "speed/pruned", t)
-    saved = None
-    if write and cfg.save_model:
-        saved = _save_model(loaded, out_path.parent / "model")
-        _timed(timings, "save_model", t)
     timings["total"] = round(time.perf_counter() - t_start, 3)
 
     pattern = ({"kind": plan.pattern.kind, "ratio": plan.pattern.ratio, "n": plan.pattern.n, "m": plan.pattern.m,
-                "label": plan.pattern.describe()} if prunes else DENSE_PATTERN)
+                "label": plan.pattern.describe(), **({"allocation": plan.allocation.describe()}
+                                                     if prunes and not plan.allocation.is_default else {})}
+               if prunes else DENSE_PATTERN)
     record = _record(cfg, config, rid, loaded, plan.pruner.name, pattern, sparsity, metrics, timings, plan.device,
-                     calibration, {k: v.loss for k, v in module_results.items() if v.loss is not None})
+                     calibration, method_losses, pid)
     if structure is not None:
         record["structure"] = structure
     if saved is not None:
         record["saved_model"] = saved
+    if prunes:
+        record["kept_pruned"] = kept_at  # where these pruned weights are kept (None: not kept)
+    if kept is not None:
+        record["model"] = {"name": cfg.model.name, **kept.meta["model"]}  # the model that was pruned
+        record["pruned_from"] = prune_cache.pruned_from(kept)
     if write:
         write_atomic(out_path, record)
         record["path"] = str(out_path)
@@ -317,7 +359,8 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
 
 
 def summary(record: dict) -> str:
-    head = f"{record['model']['name']} | {record['pruner']} | {record['pattern']['label']}"
+    allocation = f" ({record['pattern']['allocation']})" if record["pattern"].get("allocation") else ""
+    head = f"{record['model']['name']} | {record['pruner']}{allocation} | {record['pattern']['label']}"
     if record.get("status") == "skipped":
         return f"{head} | skipped: already recorded at {record['path']} (force=true recomputes)"
     ppl = ", ".join(f"{k} {v['value']:.2f}" for k, v in record["metrics"]["ppl"].items()) or "no ppl"
@@ -337,8 +380,10 @@ def summary(record: dict) -> str:
         *(["  zero-shot: " + ", ".join(f"{k} {v['acc']:.4f}" for k, v in zeroshot["tasks"].items())
            + f" | average acc {zeroshot['average']['acc']:.4f}"] if zeroshot else []),
         *([_speed_line(speed)] if speed else []),
-        f"  time: prune {record['timings_s']['prune']:.1f}s, total {record['timings_s']['total']:.1f}s | "
+        f"  time: {_prune_time(record)}, total {record['timings_s']['total']:.1f}s | "
         f"peak host {record['memory']['peak_host_rss_mb']:.0f} MB",
+        *([f"  pruned weights from {record['pruned_from']['path']} (not pruned again; force=true prunes)"]
+          if record.get("pruned_from") else []),
         *([f"  saved model: {record['saved_model']}"] if record.get("saved_model") else []),
     ]
     if record.get("status") == "reused":
@@ -346,6 +391,13 @@ def summary(record: dict) -> str:
     if "path" in record:
         lines.append(f"  record: {record['path']}")
     return "\n".join(lines)
+
+
+def _prune_time(record: dict) -> str:
+    if "prune" in record["timings_s"] or not record.get("pruned_from"):
+        return f"prune {record['timings_s'].get('prune', 0.0):.1f}s"
+    source = record["pruned_from"]
+    return f"prune reused ({source['timings_s'].get('prune', 0.0):.1f}s in {source['run_id']})"
 
 
 def _speed_line(speed: dict) -> str:

@@ -1,4 +1,4 @@
-"""Typed schema of the composed config: every key, its type, its allowed values (DESIGN.md "Config groups").
+"""Typed schema of the composed config: every key, its type, its allowed values (docs/architecture.md §4.2).
 
 The schema is a tree of dataclasses written the OmegaConf structured-config way (``OmegaConf.structured(Config)``
 builds it); :func:`check` walks a composed ``DictConfig`` against it *strictly*, before any model loads:
@@ -93,6 +93,7 @@ class ZeroshotConfig:
     batch_size: Any = req(types=(str, int))  # auto | auto:N | a positive int (checked in validate)
     limit: Any = req(types=(int, float, type(None)))  # docs per task, a fraction, or null (checked in validate)
     include_path: Any = req(types=(str, list, type(None)))
+    backend: str = req(choices=("memory", "cli"))  # memory: HFLM on the model object | cli: the lm_eval command
 
 
 @dataclass
@@ -110,7 +111,7 @@ class EngineConfig:
 @dataclass
 class SpeedConfig:
     mode: str = req(choices=("auto", "always", "never"))
-    batch_size: int = req(**POSITIVE)
+    batch_size: Any = req(types=(int, list))  # a positive int, or a list of them (each timed; checked in validate)
     prompt_len: int = req(**POSITIVE)
     new_tokens: int = req(min=2)
     repeats: int = req(**POSITIVE)
@@ -132,17 +133,19 @@ class ReportConfig:
     published: str | None = req()
     model_map: dict[str, str] = req()  # open: {our model: paper model}
     dataset_map: dict[str, str] = req()  # open: {our protocol key: paper protocol key}
+    columns: list[str] = req()  # the runs table: runners/columns.py aliases or dotted record paths (checked in validate)
+    baseline: str | None = req()  # the runs table's ratios: a pruner name or <config key>=<value> (checked in validate)
 
 
 @dataclass
 class SparsityBase:
     kind: str = req(choices=("unstructured", "nm", "structured"))
-    # layer-wise allocation of the sparsity (OWL); optional keys until every sparsity option has them
-    allocation: str | None = opt()
-    owl_lambda: float | None = opt()
-    owl_m: float | None = opt()
-    targets: Any = opt(types=(list, str, type(None)))
-    ignore: Any = opt(types=(list, str, type(None)))
+    # how the ratio is spread over the linears (pruners/allocation.py; defaults in conf/config.yaml)
+    allocation: str = req(choices=("uniform", "owl", "global"))
+    owl_lambda: float = req(min=0.0, max=1.0)  # (0, 1): checked in pruners.allocation.Allocation.from_config
+    owl_m: float = req(min=0.0)
+    targets: list[str] = req()  # module-name globs relative to a block
+    ignore: list[str] = req()
 
 
 @dataclass
@@ -177,6 +180,8 @@ class Config:
     dense_baseline: bool = req()
     engine: EngineConfig = field(default_factory=EngineConfig)
     save_model: bool = req()
+    cache_pruned: str = req(choices=("auto", "always", "never"))  # runners/prune_cache.py
+    cache_pruned_max_params: int = req(**NON_NEGATIVE)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -1,4 +1,4 @@
-"""Weights & Biases logging for runs and reports (DESIGN.md "Result records and reports").
+"""Weights & Biases logging for runs and reports (docs/architecture.md §6).
 
 Offline by default: files under ``<output_root>/<sweep>/wandb/`` (``wandb sync`` uploads them later);
 ``wandb.mode=online`` logs live, ``wandb.mode=disabled`` turns it off. W&B is a mirror of the result

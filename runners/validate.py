@@ -1,4 +1,4 @@
-"""Check a composed config before any model weights are loaded (DESIGN.md "Config groups").
+"""Check a composed config before any model weights are loaded (docs/architecture.md §4.2).
 
 Every problem becomes a :class:`ConfigError` whose message names the key; the runner prints it as
 one line and exits with code 2.
@@ -6,7 +6,7 @@ one line and exits with code 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,8 @@ from omegaconf.errors import MissingMandatoryValue
 import models
 from evaluators.ppl import Protocol, resolve_protocol
 from pruners import Pattern, Pruner, build_pruner
+from pruners.allocation import Allocation, targeted
+from pruners.base import ScoreMaskPruner
 
 from . import schema
 
@@ -42,6 +44,12 @@ class Plan:
     eval_seqlen: int
     protocols: list[Protocol]
     zeroshot_tasks: list[str]
+    allocation: Allocation = field(default_factory=Allocation)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the run loads calibration windows: the method needs them, or the allocation does (OWL)."""
+        return self.pruner.removes_weights and (self.pruner.needs_calibration or self.allocation.needs_calibration)
 
 
 def resolve_device(name: str) -> str:
@@ -86,6 +94,18 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
         pruner.check(pattern)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"pruner: {err}") from None
+    try:
+        allocation = Allocation.from_config(cfg.sparsity)
+        allocation.check(pattern)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not allocation.is_default and pruner.removes_weights:
+        if pruner.scope != "block" or pattern.kind == "structured":
+            raise ConfigError(f"sparsity.allocation={allocation.kind} (targets / ignore): pruner '{pruner.name}' "
+                              f"allocates its own sparsity; use the defaults (uniform, targets [*], ignore [])")
+        if allocation.kind == "global" and not isinstance(pruner, ScoreMaskPruner):
+            raise ConfigError(f"sparsity.allocation=global needs a method with a per-weight score (magnitude, wanda), "
+                              f"not '{pruner.name}'")
     device = resolve_device(str(cfg.device))
     if cfg.engine.stats_dtype not in ("float32", "float64"):
         raise ConfigError(f"engine.stats_dtype={cfg.engine.stats_dtype} is not one of: float32, float64")
@@ -95,7 +115,7 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
     # null = model.seqlen; 0 is not "the default" (the schema rejects it)
     calib_seqlen = _positive_int(model_seqlen if cfg.calib.seqlen is None else cfg.calib.seqlen, "calib.seqlen")
     eval_seqlen = _positive_int(model_seqlen if cfg.eval.ppl.seqlen is None else cfg.eval.ppl.seqlen, "eval.ppl.seqlen")
-    if pruner.needs_calibration:
+    if pruner.needs_calibration or allocation.needs_calibration:
         if cfg.calib.source not in CALIB_SOURCES:
             raise ConfigError(f"calib.source={cfg.calib.source} is not one of: {', '.join(CALIB_SOURCES)}")
         _positive_int(cfg.calib.nsamples, "calib.nsamples")
@@ -116,6 +136,11 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
     if cfg.eval.ppl.mode not in ("auto", "full", "sequential"):
         raise ConfigError(f"eval.ppl.mode={cfg.eval.ppl.mode} is not one of: auto, full, sequential")
     zeroshot_tasks = _check_zeroshot(cfg.eval.get("zeroshot"))
+    if zeroshot_tasks and cfg.eval.zeroshot.get("backend") == "cli" and pattern.kind == "structured" \
+            and pruner.removes_weights:
+        raise ConfigError("eval.zeroshot.backend=cli: lm_eval loads the saved model with from_pretrained, which cannot "
+                          "rebuild a structurally pruned one; use eval.zeroshot.backend=memory")
+    _check_report(cfg.get("report"))
     speed = _check_speed(cfg.get("speed"))
     if not isinstance(cfg.get("save_model", False), bool):
         raise ConfigError(f"save_model={cfg.get('save_model')} must be true or false")
@@ -138,12 +163,18 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"model.path={cfg.model.path}: cannot load the model config ({first})") from None
         model_type = hf_config.model_type
+        if pruner.removes_weights and not allocation.is_default:  # the globs against the architecture's linears
+            try:
+                targeted(models.loading.meta_adapter(cfg.model), allocation)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         limit = getattr(hf_config, "max_position_embeddings", None)
         for key, value in (("calib.seqlen", calib_seqlen), ("eval.ppl.seqlen", eval_seqlen),
                            ("speed.prompt_len + speed.new_tokens", speed)):
             if limit and value > limit:
                 raise ConfigError(f"{key}={value} exceeds the model's max_position_embeddings={limit}")
-    return Plan(pruner, pattern, device, model_path, model_type, calib_seqlen, eval_seqlen, protocols, zeroshot_tasks)
+    return Plan(pruner, pattern, device, model_path, model_type, calib_seqlen, eval_seqlen, protocols, zeroshot_tasks,
+                allocation)
 
 
 def _check_speed(section) -> int:
@@ -152,7 +183,15 @@ def _check_speed(section) -> int:
         return 0
     if section.get("mode") not in SPEED_MODES:  # (not on / off: YAML reads those as booleans)
         raise ConfigError(f"speed.mode={section.get('mode')} is not one of: {', '.join(SPEED_MODES)}")
-    for key in ("batch_size", "prompt_len", "new_tokens", "repeats"):
+    sizes = section.get("batch_size")
+    if OmegaConf.is_list(sizes):
+        if not sizes:
+            raise ConfigError("speed.batch_size=[] must be a positive integer or a non-empty list of them")
+        for i, size in enumerate(sizes):
+            _positive_int(size, f"speed.batch_size[{i}]")
+    else:
+        _positive_int(sizes, "speed.batch_size")
+    for key in ("prompt_len", "new_tokens", "repeats"):
         _positive_int(section.get(key), f"speed.{key}")
     if section.new_tokens < 2:
         raise ConfigError(f"speed.new_tokens={section.new_tokens} must be >= 2")
@@ -162,6 +201,34 @@ def _check_speed(section) -> int:
     if section.get("threads") is not None:
         _positive_int(section.threads, "speed.threads")
     return 0 if section.mode == "never" else int(section.prompt_len) + int(section.new_tokens)
+
+
+def _check_report(section) -> None:
+    """``report.columns`` (runners/columns.py names) and ``report.baseline`` (a pruner or ``<config key>=<value>``):
+    read by runners.report only, checked here so that a typo fails before the sweep rather than after it."""
+    if section is None:
+        return
+    from . import columns
+
+    for spec in section.get("columns") or []:
+        try:
+            columns.check_column(str(spec))
+        except ValueError as err:
+            raise ConfigError(f"report.columns: {err}") from None
+    baseline = section.get("baseline")
+    if baseline is None:
+        return
+    try:
+        key, value = columns.parse_baseline(str(baseline))
+    except ValueError as err:
+        raise ConfigError(f"report.baseline={baseline}: {err}") from None
+    from pruners import PRUNERS
+
+    if key == "method" and value not in PRUNERS:
+        raise ConfigError(f"report.baseline={baseline} is not a pruner (choose from: {', '.join(sorted(PRUNERS))}) "
+                          f"nor <config key>=<value>")
+    if key != "method" and key.split(".", 1)[0] not in schema.Config.__dataclass_fields__:
+        raise ConfigError(f"report.baseline={baseline}: {key} is not a config key")
 
 
 def published_path(name: str) -> Path:

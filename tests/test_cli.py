@@ -75,6 +75,14 @@ def test_rerunning_a_sweep_recomputes_nothing(finished_sweep):
     (["pruner=numerical"], "pruner 'numerical' does not support sparsity kind 'unstructured'"),
     (["sparsity=structured", "sparsity.ratio=0.3"], "pruner 'sparsegpt' does not support sparsity kind 'structured'"),
     (["-m", "pruner=numerical,flap", "sparsity=structured", "sparsity.ratio=0.2,1.2"], "outside [0, 1)"),
+    (["sparsity=2of4", "sparsity.allocation=owl"], "sparsity.allocation=owl needs an unstructured pattern"),
+    (["sparsity.allocation=owll"], "sparsity.allocation=owll is not one of: uniform, owl, global"),
+    (["pruner=sparsegpt", "sparsity.allocation=global"], "allocation=global needs a method with a per-weight score"),
+    (["pruner=flap", "sparsity=structured", "sparsity.ignore=[mlp.*]"], "do not apply to structured pruning"),
+    (["pruner=wanda", "model=tiny-llama", "sparsity.targets=[attn.*]"], "select no prunable linear"),
+    (["sparsity.owl_lambda=abc"], "sparsity.owl_lambda=abc is not a number"),
+    (["seed=1.5"], "seed=1.5 is not an integer"),
+    (["engine.batch_size=true"], "engine.batch_size=True is not an integer"),
 ])
 def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args, message):
     out, _ = finished_sweep
@@ -136,3 +144,15 @@ def test_structured_run_prints_the_smaller_model_its_speed_and_saves_a_reloadabl
     (row,) = table.to_dict("records")
     assert row["parameters"] == structure["parameters_after"] and row["decode speedup"] == sp["speedup"]["decode"]
     assert "batch 2, prompt 16" in (tmp_path / "struct" / "report" / "speed.md").read_text()
+
+
+def test_a_misspelt_key_inside_a_preset_exits_2_before_anything_runs(tmp_path):
+    """A preset of the user's own (``-cd`` DIR/experiment/NAME.yaml) with a typo: one line naming the key."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nsparsity:\n  ratoi: 0.6\nsweep: mine\n")
+    proc = run_cli("-cd", str(tmp_path / "conf"), "+experiment=mine", f"output_root={tmp_path / 'out'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["prunelab: error: sparsity.ratoi: unknown key of sparsity (did you mean sparsity.ratio?)"], lines
+    assert not (tmp_path / "out").exists()

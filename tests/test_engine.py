@@ -69,7 +69,7 @@ def test_sequential_perplexity_equals_whole_model_perplexity(tiny):
 
 
 def test_engine_propagates_pruned_outputs(tiny):
-    """SparseGPT's block 1 statistics must see block 0's pruned outputs (METHODS.md §1.2 step 4)."""
+    """SparseGPT's block 1 statistics must see block 0's pruned outputs (docs/methods.md §1.2 step 4)."""
     from models.blocks import capture_block_inputs, run_block
 
     ids = calib(tiny)

