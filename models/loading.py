@@ -103,6 +103,16 @@ def meta_adapter(cfg) -> Adapter:
     return adapter_cls(model)
 
 
+def check_loading_info(info: dict, path: str) -> None:
+    """A checkpoint whose weights do not fit its architecture (a weight missing, unexpected or of another shape)
+    is an error naming ``model.path``, not a model with randomly initialised weights."""
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        summary = "; ".join(f"{len(v)} {k.replace('_keys', '')} (e.g. {v[0]})" for k, v in problems.items())
+        raise ValueError(f"model.path={path}: the weights do not fit the architecture of its config.json: {summary}")
+
+
 def load(cfg, device: str = "cpu") -> LoadedModel:
     """Load model (on CPU; the engine moves blocks to ``device``), tokenizer and adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,9 +125,18 @@ def load(cfg, device: str = "cpu") -> LoadedModel:
         model, structure = checkpoint.load_pruned(path, dtype, cfg.get("attn_implementation") or None,
                                                   kwargs["trust_remote_code"])
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=cfg.get("attn_implementation") or None, **kwargs
-        )
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report (MISSING / UNEXPECTED tables): ours is one line
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=cfg.get("attn_implementation") or None,
+                output_loading_info=True, **kwargs
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        check_loading_info(info, cfg.path)
     model.eval()
     model.config.use_cache = False
     tok_path = resolve_path(cfg.tokenizer) if cfg.get("tokenizer") else path

@@ -1,19 +1,23 @@
-"""Pruning methods (one file each), the sequential engine, and the shared mask / statistics code."""
+"""Pruning methods (one file each), the sequential engine, and the shared mask / statistics code.
+
+Methods register themselves (``@register`` in their own file, :mod:`pruners.base`); importing this package
+imports every module in it, so a new method is one new file (and its ``conf/pruner/<name>.yaml``): no list here
+to edit, and no other method's run ids change (docs/adding-a-method.md).
+"""
 
 from __future__ import annotations
 
-from .apt import APT
-from .base import ModuleResult, Pruner
-from .dense import Dense
-from .engine import prune_sequential, walk_blocks
-from .flap import FLAP
-from .magnitude import Magnitude
-from .masks import Pattern
-from .numerical import Numerical
-from .sparsegpt import SparseGPT
-from .wanda import Wanda
+import importlib
+import pkgutil
 
-PRUNERS: dict[str, type[Pruner]] = {cls.name: cls for cls in (Dense, Magnitude, Wanda, SparseGPT, APT, Numerical, FLAP)}
+from .base import PRUNERS, ModuleResult, Pruner, register
+from .engine import prune_sequential, walk_blocks
+from .masks import Pattern
+
+# scripts that no run imports (runners/record.py: SCRIPT_PREFIXES) are not methods
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if not _module.startswith(("build_", "train_", "bench_")):
+        importlib.import_module(f"{__name__}.{_module}")
 
 
 def build_pruner(cfg: dict) -> Pruner:
@@ -29,4 +33,5 @@ def build_pruner(cfg: dict) -> Pruner:
     return cls(**cfg)
 
 
-__all__ = ["PRUNERS", "Pattern", "Pruner", "ModuleResult", "build_pruner", "prune_sequential", "walk_blocks"]
+__all__ = ["PRUNERS", "Pattern", "Pruner", "ModuleResult", "build_pruner", "prune_sequential", "register",
+           "walk_blocks"]

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import InverseHessianPruner
+from .base import InverseHessianPruner, register
 from .masks import Pattern, prune_per_matrix, prune_per_row
 
 
@@ -114,6 +114,7 @@ def apt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blocksize
     return W, mask_out, loss
 
 
+@register
 @dataclass
 class APT(InverseHessianPruner):
     name = "apt"

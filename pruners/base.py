@@ -22,6 +22,21 @@ from .stats import Hessian, damped_inverse_cholesky
 SCOPES = ("block", "model")
 PROPAGATIONS = ("pruned", "dense")
 
+# the method registry: filled by the @register decorator in each method's own file (pruners/__init__.py imports
+# every module of the package), so adding a method edits no shared file and changes no other method's run ids
+PRUNERS: dict[str, type] = {}
+
+
+def register(cls):
+    """Class decorator: make a :class:`Pruner` subclass available as ``pruner=<cls.name>``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}: a registered pruner needs a class attribute name = '<config name>'")
+    if name in PRUNERS and PRUNERS[name] is not cls:
+        raise ValueError(f"pruner name '{name}' is registered twice ({PRUNERS[name].__name__}, {cls.__name__})")
+    PRUNERS[name] = cls
+    return cls
+
 
 @dataclass
 class ModuleResult:

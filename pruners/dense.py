@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Pruner
+from .base import Pruner, register
 
 
+@register
 @dataclass
 class Dense(Pruner):
     name = "dense"

@@ -23,6 +23,7 @@ import torch
 
 from models import add_bias
 
+from .base import register
 from .stats import ChannelMoments
 from .structured import StructuredPruner, unit_mean
 
@@ -51,6 +52,7 @@ def bias_compensation(weight: torch.Tensor, mean_input: torch.Tensor, prune_cols
     return weight[:, prune_cols].to(mean_input.dtype) @ mean_input[prune_cols]
 
 
+@register
 @dataclass
 class FLAP(StructuredPruner):
     name = "flap"

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import ScoreMaskPruner
+from .base import ScoreMaskPruner, register
 
 
 def magnitude_score(weight):
     return weight.abs()
 
 
+@register
 @dataclass
 class Magnitude(ScoreMaskPruner):
     name = "magnitude"

@@ -32,7 +32,8 @@ class Pattern:
         return self.m - self.n
 
     def describe(self) -> str:
-        return f"{self.n}:{self.m}" if self.kind == "nm" else f"{self.ratio:.0%} {self.kind}"
+        """The pattern's label (:func:`pattern_label`): ``50%``, ``2:4``, ``30% struct``."""
+        return pattern_label(self.kind, self.ratio, self.n, self.m)
 
     @classmethod
     def from_config(cls, cfg) -> Pattern:
@@ -48,6 +49,55 @@ class Pattern:
                 raise ValueError(f"sparsity N:M needs 0 < n < m (got n={n}, m={m})")
             return cls("nm", ratio=1.0 - n / m, n=n, m=m)
         raise ValueError(f"sparsity.kind='{kind}' is not one of: unstructured, nm, structured")
+
+
+# --- pattern labels: one format (records, run ids, reports, published numbers), one parser ------------------
+
+
+def pattern_label(kind: str, ratio: float | None = None, n: int | None = None, m: int | None = None) -> str:
+    """The one label of a pattern: ``dense``, ``50%`` (unstructured), ``2:4`` (N:M), ``30% struct`` (structured).
+    A ratio prints with as many digits as it has (``69.5%``), so two ratios never share a label."""
+    if kind == "dense":
+        return "dense"
+    if kind == "nm":
+        return f"{int(n)}:{int(m)}"
+    percent = f"{round(float(ratio) * 100, 6):g}%"
+    if kind == "structured":
+        return f"{percent} struct"
+    if kind == "unstructured":
+        return percent
+    raise ValueError(f"pattern kind '{kind}' is not one of: dense, unstructured, nm, structured")
+
+
+def parse_pattern_label(label: str) -> dict:
+    """The inverse of :func:`pattern_label`: ``{kind, ratio, n, m}``; ValueError for anything else."""
+    text = str(label).strip()
+    try:
+        if text == "dense":
+            return {"kind": "dense", "ratio": 0.0, "n": None, "m": None}
+        if ":" in text:
+            n, m = (int(part) for part in text.split(":"))
+            if not 0 < n < m:
+                raise ValueError
+            return {"kind": "nm", "ratio": 1.0 - n / m, "n": n, "m": m}
+        kind = "structured" if text.endswith(" struct") else "unstructured"
+        number = text.removesuffix(" struct")
+        if not number.endswith("%"):
+            raise ValueError
+        ratio = float(number[:-1]) / 100
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"pattern label '{label}' is not one of the forms: dense, 50%, 2:4, 30% struct") from None
+    out = {"kind": kind, "ratio": ratio, "n": None, "m": None}
+    if pattern_label(**out) != text:  # e.g. '050%', '50.0%': not the canonical spelling
+        raise ValueError(f"pattern label '{label}': write it as '{pattern_label(**out)}'")
+    return out
+
+
+def pattern_slug(label: str) -> str:
+    """A label in file and run-id form: ``50pct``, ``2of4``, ``30pct-struct``, ``dense``."""
+    return label.replace("%", "pct").replace(":", "of").replace(" ", "-")
 
 
 def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:

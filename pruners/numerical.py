@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import register
 from .engine import walk_blocks
 from .stats import Hessian, damped_inverse_cholesky
 from .structured import StructuredPruner, global_keep, reader_taps, unit_mean
@@ -103,6 +104,7 @@ def compensate_column_removal(weight: torch.Tensor, hessian: torch.Tensor, prune
     return updated.to(weight.dtype), loss
 
 
+@register
 @dataclass
 class Numerical(StructuredPruner):
     name = "numerical"

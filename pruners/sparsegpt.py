@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import InverseHessianPruner
+from .base import InverseHessianPruner, register
 from .masks import Pattern, prune_n_of_m, prune_per_matrix
 
 
@@ -70,6 +70,7 @@ def sparsegpt_prune(weight: torch.Tensor, U: torch.Tensor, pattern: Pattern, blo
     return W, mask_out, loss.item()
 
 
+@register
 @dataclass
 class SparseGPT(InverseHessianPruner):
     name = "sparsegpt"

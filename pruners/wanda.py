@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import ScoreMaskPruner
+from .base import ScoreMaskPruner, register
 from .stats import ColumnSquares, wanda_score  # the score is shared: OWL's outlier pass uses it too
 
 __all__ = ["Wanda", "wanda_score"]
 
 
+@register
 @dataclass
 class Wanda(ScoreMaskPruner):
     name = "wanda"

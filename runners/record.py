@@ -242,34 +242,48 @@ def _digest(data, length: int) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def cell_key(config: dict, prunes: bool = True, calibrates: bool = True) -> str:
-    """A run's cell: its result config without the seed and without the code (12 hex). Runs that differ only
-    in seed share a cell (a report averages them); code versions of one cell are told apart by
-    ``code.fingerprint``."""
-    return _digest({k: v for k, v in result_config(config, prunes, calibrates).items() if k != "seed"}, 12)
+def _hashed(config: dict, identity: dict | None) -> dict:
+    """What an id hashes: the result config, with the keys the identity holds resolved (runners/identity.py:
+    device, model.dtype, model.attn_implementation) replaced by the identity itself."""
+    if identity is None:  # (a config alone: ids of configs compared with each other, e.g. in tests)
+        return config
+    from .identity import strip_unresolved
+
+    return {**strip_unresolved(config), "_identity": identity}
 
 
-def run_id(config: dict, prunes: bool = True, calibrates: bool = True) -> str:
+def cell_key(config: dict, prunes: bool = True, calibrates: bool = True, identity: dict | None = None) -> str:
+    """A run's cell: its result config and identity (runners/identity.py) without the seed, the code and the
+    library versions (12 hex). Runs that differ only in seed share a cell (a report averages them); code and
+    library versions of one cell are told apart by :func:`runners.report.record_fingerprint`."""
+    from .identity import scoped
+
+    ident = scoped(identity, "run" if prunes else "dense")
+    if ident is not None:
+        ident = {k: v for k, v in ident.items() if k != "versions"}
+    relevant = {k: v for k, v in result_config(config, prunes, calibrates).items() if k != "seed"}
+    return _digest(_hashed(relevant, ident), 12)
+
+
+def run_id(config: dict, prunes: bool = True, calibrates: bool = True, identity: dict | None = None) -> str:
     """``<model>_<pruner>_<pattern>_<hash>``; the hash covers every key that can change the result
-    (:func:`result_config`) and the code that produced it, scoped to the method
+    (:func:`result_config`), the run's identity (runners/identity.py: resolved device type, dtype and attention,
+    checkpoint and data content, library versions) and the code that produced it, scoped to the method
     (:func:`code_fingerprint`: editing another method's file, a docstring or a comment keeps the id).
     """
-    relevant = result_config(config, prunes, calibrates)
+    from .identity import scoped
+
+    relevant = _hashed(result_config(config, prunes, calibrates), scoped(identity, "run" if prunes else "dense"))
     relevant["_code"] = code_fingerprint(config["pruner"]["name"])
     return f"{_label(config, prunes)}_{_digest(relevant, 10)}"
 
 
 def _label(config: dict, prunes: bool) -> str:
+    from pruners.masks import pattern_label, pattern_slug
+
     sp = config["sparsity"]
-    if not prunes:
-        pattern = "dense"
-    elif sp["kind"] == "nm":
-        pattern = f"{sp['n']}of{sp['m']}"
-    elif sp["kind"] == "structured":
-        pattern = f"struct{round(sp['ratio'] * 100)}pct"
-    else:
-        pattern = f"{round(sp['ratio'] * 100)}pct"
-    return f"{config['model']['name']}_{config['pruner']['name']}_{pattern}"
+    label = "dense" if not prunes else pattern_label(sp["kind"], sp.get("ratio"), sp.get("n"), sp.get("m"))
+    return f"{config['model']['name']}_{config['pruner']['name']}_{pattern_slug(label)}"
 
 
 def prune_config(config: dict, calibrates: bool = True) -> dict:
@@ -279,13 +293,22 @@ def prune_config(config: dict, calibrates: bool = True) -> dict:
     return {k: config.get(k) for k in PRUNE_KEYS if calibrates or k != "calib"}
 
 
-def prune_id(config: dict, calibrates: bool = True) -> str:
-    """``<model>_<pruner>_<pattern>_<hash>`` of the pruned weights: :func:`prune_config` and the pruning code
-    (:func:`prune_fingerprint`). Runs with one prune id differ at most in how they evaluate, so a recorded
-    run's kept pruned model (runners/prune_cache.py) serves them all. Only for runs that prune (not dense)."""
-    relevant = prune_config(config, calibrates)
+def prune_id(config: dict, calibrates: bool = True, identity: dict | None = None) -> str:
+    """``<model>_<pruner>_<pattern>_<hash>`` of the pruned weights: :func:`prune_config`, the identity of what
+    pruning reads (runners/identity.py: no evaluation data) and the pruning code (:func:`prune_fingerprint`).
+    Runs with one prune id differ at most in how they evaluate, so a recorded run's kept pruned model
+    (runners/prune_cache.py) serves them all. Only for runs that prune (not dense)."""
+    from .identity import scoped
+
+    relevant = _hashed(prune_config(config, calibrates), scoped(identity, "prune"))
     relevant["_code"] = prune_fingerprint(config["pruner"]["name"])
     return f"{_label(config, True)}_{_digest(relevant, 10)}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, data: dict) -> None:
@@ -298,6 +321,7 @@ def write_atomic(path: Path, data: dict) -> None:
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # an ordinary file (mkstemp creates 0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

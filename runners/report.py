@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pruners.masks import parse_pattern_label, pattern_label
+
 from . import columns
 from .record import cell_key, read_record
 from .validate import published_path
@@ -49,21 +51,78 @@ DENSE = "dense"
 
 
 def pattern_key(pattern: dict) -> str:
-    """Short column label of a sparsity pattern: ``dense``, ``50%``, ``2:4``."""
-    if pattern["kind"] == "dense":
-        return DENSE
-    if pattern["kind"] == "nm":
-        return f"{pattern['n']}:{pattern['m']}"
-    if pattern["kind"] == "structured":
-        return f"{round(pattern['ratio'] * 100)}% struct"
-    return f"{round(pattern['ratio'] * 100)}%"
+    """Column label of a record's sparsity pattern (:func:`pruners.masks.pattern_label`): ``dense``, ``50%``,
+    ``2:4``, ``30% struct``."""
+    return pattern_label(pattern["kind"], pattern.get("ratio"), pattern.get("n"), pattern.get("m"))
 
 
-def method_label(rec: dict) -> str:
+def method_label(rec: dict, variant: bool = True) -> str:
     """The method column: the pruner, with its sparsity allocation where it is not the default
-    (``wanda (OWL λ=0.08 M=5)``; :meth:`pruners.allocation.Allocation.describe`)."""
+    (``wanda (OWL λ=0.08 M=5)``; :meth:`pruners.allocation.Allocation.describe`) and, with ``variant``, the keys
+    that tell its cell from the other cells of the same model, method and pattern (:func:`label_variants`:
+    ``dense (eval.ppl.max_windows=16)``)."""
     allocation = rec["pattern"].get("allocation")
-    return f"{rec['pruner']} ({allocation})" if allocation else rec["pruner"]
+    label = f"{rec['pruner']} ({allocation})" if allocation else rec["pruner"]
+    return f"{label} ({rec['variant']})" if variant and rec.get("variant") else label
+
+
+def cell_content(rec: dict, baseline: bool = False) -> dict:
+    """What a record's cell covers (:func:`runners.record.cell_key`) as ``{dotted key: value}``: its result config
+    without the seed, and its identity (``identity.resolved.dtype``, ``identity.data.eval/bundled.sha256``, ...)
+    without library versions. ``baseline``: what a dense record shares with the pruning runs it is the baseline
+    of (no pruner, sparsity, calibration)."""
+    from .identity import scoped, strip_unresolved
+    from .record import result_config
+
+    prunes = rec["pattern"]["kind"] != DENSE and not baseline
+    calibrates = rec.get("calibration") is not None and not baseline
+    config = result_config(rec["config"], prunes=prunes, calibrates=calibrates)
+    identity = scoped(rec.get("identity"), "run" if prunes else "dense")
+    if identity is not None:
+        config = {**strip_unresolved(config), "identity": {k: v for k, v in identity.items() if k != "versions"}}
+    drop = ("seed", "pruner") if baseline else ("seed",)
+    return {k: v for k, v in _flat(config).items() if k not in drop and not k.startswith(tuple(d + "." for d in drop))}
+
+
+def _differing(contents: list[dict]) -> list[str]:
+    keys = sorted({k for c in contents for k in c})
+    return [k for k in keys if len({columns.text(c.get(k, "\0absent")) for c in contents}) > 1]
+
+
+def label_variants(records: list[dict]) -> None:
+    """Records of different cells that would share a table position (model, method, pattern) get ``variant``: the
+    keys whose values tell the cells apart (``eval.ppl.max_windows=16``), so that no table ever averages two
+    configurations; records that are alone at their position get none. Each record also gets ``baseline``: the
+    method label of the dense record with the same model, evaluation and identity (None: no such record)."""
+    groups: dict = {}
+    for rec in records:
+        rec.pop("variant", None)
+        rec["cell"] = rec.get("cell") or record_cell(rec)
+        key = (rec["model"]["name"], method_label(rec, variant=False), pattern_key(rec["pattern"]))
+        groups.setdefault(key, {}).setdefault(rec["cell"], []).append(rec)
+    for cells in groups.values():
+        if len(cells) < 2:
+            continue
+        contents = {cell: cell_content(recs[0]) for cell, recs in cells.items()}
+        keys = _differing(list(contents.values()))
+        for cell, recs in cells.items():
+            text = ", ".join(f"{k}={_value_text(contents[cell].get(k, '-'))}" for k in keys)
+            for rec in recs:
+                rec["variant"] = text
+    dense = {}
+    for rec in records:
+        if rec["pattern"]["kind"] == DENSE:
+            dense[(rec["model"]["name"], _digest_content(cell_content(rec, baseline=True)))] = method_label(rec)
+    for rec in records:
+        rec["baseline"] = dense.get((rec["model"]["name"], _digest_content(cell_content(rec, baseline=True))))
+
+
+def _value_text(value) -> str:
+    return "null" if value is None else columns.text(value)
+
+
+def _digest_content(content: dict) -> str:
+    return json.dumps(content, sort_keys=True, default=str)
 
 
 def load_records(folder: Path) -> list[dict]:
@@ -80,17 +139,28 @@ def load_records(folder: Path) -> list[dict]:
 
 
 def record_cell(rec: dict) -> str:
-    """The record's cell (:func:`runners.record.cell_key`): its result config without seed and code."""
+    """The record's cell (:func:`runners.record.cell_key`): its result config and identity (resolved device type,
+    dtype, attention; checkpoint and data content) without seed, code and library versions."""
     prunes = rec["pattern"]["kind"] != DENSE
-    return cell_key(rec["config"], prunes=prunes, calibrates=rec.get("calibration") is not None)
+    return cell_key(rec["config"], prunes=prunes, calibrates=rec.get("calibration") is not None,
+                    identity=rec.get("identity"))
 
 
 def record_fingerprint(rec: dict) -> str | None:
-    """The scoped code fingerprint a record's numbers come from (older records: their whole-tree digest)."""
+    """The code a record's numbers come from: the scoped code fingerprint (older records: their whole-tree
+    digest) and the library versions its id covers (``identity.versions``): records of one cell that differ in
+    either are never mixed (the older are stale)."""
     code = rec.get("code") or {}
     if code.get("fingerprint"):
-        return code["fingerprint"]
-    return f"digest:{code['source_digest']}" if code.get("source_digest") else None
+        fingerprint = code["fingerprint"]
+    elif code.get("source_digest"):
+        fingerprint = f"digest:{code['source_digest']}"
+    else:
+        return None
+    versions = (rec.get("identity") or {}).get("versions")
+    if versions:
+        fingerprint += " " + " ".join(f"{k}={v}" for k, v in sorted(versions.items()))
+    return fingerprint
 
 
 def select_records(records: list[dict], include_stale: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
@@ -153,7 +223,8 @@ def tidy(records: list[dict]) -> pd.DataFrame:
                 "measured_sparsity": rec["sparsity"]["overall"], "run_id": rec["run_id"],
                 "prune_s": rec["timings_s"].get("prune"), "seed": rec.get("seed"),
                 "cell": rec.get("cell") or record_cell(rec),
-                "fingerprint": rec.get("fingerprint") or record_fingerprint(rec), "created": rec.get("created")}
+                "fingerprint": rec.get("fingerprint") or record_fingerprint(rec), "created": rec.get("created"),
+                "baseline": rec.get("baseline")}
         for key, entry in rec["metrics"].get("ppl", {}).items():
             prov = entry.get("protocol", {})
             rows.append({**base, "metric": "ppl", "dataset": key, "value": entry["value"], "stderr": None,
@@ -169,7 +240,7 @@ def tidy(records: list[dict]) -> pd.DataFrame:
             rows.append({**base, "metric": "acc", "dataset": "average", "value": zeroshot["average"]["acc"],
                          "stderr": None, "protocol": _describe_zeroshot(zeroshot)})
     columns = ["model", "method", "pattern", "kind", "ratio", "measured_sparsity", "metric", "dataset", "value",
-               "stderr", "protocol", "run_id", "prune_s", "seed", "cell", "fingerprint", "created"]
+               "stderr", "protocol", "run_id", "prune_s", "seed", "cell", "fingerprint", "created", "baseline"]
     # pass records through select_records first: several seeds of one cell are then averaged below (mean, sd, n)
     return pd.DataFrame(rows, columns=columns)
 
@@ -199,15 +270,12 @@ def method_order(methods) -> list[str]:
 
 
 def pattern_order(patterns) -> list[str]:
+    """Dense, unstructured by ratio, N:M by ratio (larger groups after), structured by ratio."""
+    rank = {"dense": 0, "unstructured": 1, "nm": 2, "structured": 3}
+
     def key(p: str):
-        if p == DENSE:
-            return (0, 0.0)
-        if ":" in p:
-            n, m = (int(v) for v in p.split(":"))
-            return (2, 1 - n / m, -m)
-        if p.endswith("struct"):
-            return (3, float(p.split("%")[0]))
-        return (1, float(p.rstrip("%")))
+        parsed = parse_pattern_label(p)
+        return (rank[parsed["kind"]], parsed["ratio"], -(parsed["m"] or 0))
     return sorted(set(patterns), key=key)
 
 
@@ -223,6 +291,11 @@ def load_published(name: str | None, model_map: dict | None = None, dataset_map:
         return pd.DataFrame(columns=columns)
     frame = pd.read_csv(published_path(name), comment="#", dtype={"pattern": str})
     frame = frame[[c for c in columns if c in frame.columns]]
+    for label in frame["pattern"]:  # one label format: parsed, so a typo fails here and not as a missing cell
+        try:
+            parse_pattern_label(label)
+        except ValueError as err:
+            raise ValueError(f"{published_path(name)}: {err}") from None
     if model_map:
         reverse = {paper: ours for ours, paper in model_map.items()}
         frame = frame.assign(model=frame["model"].map(lambda m: reverse.get(m, m)))
@@ -274,11 +347,13 @@ def ppl_table(frame: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
         pairs |= {(m, p) for m, p, model, _ in paper.index if model in shown_models}
     combos = [(m, p) for p in pattern_order(p for _, p in pairs) for m in method_order(m for m, _ in pairs)
               if (m, p) in pairs]
+    baselines = _baselines(ppl)
     for method, pattern in combos:
         row = {"method": method, "pattern": pattern}
         for model, dataset in targets:
             value = cells.get((method, pattern, model, dataset))
-            dense = cells.get((DENSE, DENSE, model, dataset))
+            base = baselines.get((method, pattern, model))
+            dense = cells.get((base, DENSE, model, dataset)) if base else None
             row[f"{model} | {dataset} | ours"] = value
             row[f"{model} | {dataset} | delta"] = (value - dense) if value is not None and dense is not None else None
             if seeds:
@@ -290,6 +365,13 @@ def ppl_table(frame: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     keep = table.filter(like="| ours").notna().any(axis=1) | table.filter(like="| paper").notna().any(axis=1)
     return table[keep].reset_index(drop=True)
+
+
+def _baselines(frame: pd.DataFrame) -> dict:
+    """``{(method, pattern, model): the method label of its dense baseline}`` (records with one: the dense record of
+    the same model, evaluation and identity, :func:`label_variants`)."""
+    rows = frame.dropna(subset=["baseline"]) if "baseline" in frame else frame.iloc[0:0]
+    return {(m, p, model): b for m, p, model, b in zip(rows.method, rows.pattern, rows.model, rows.baseline, strict=True)}
 
 
 def ppl_by_sparsity(frame: pd.DataFrame, spreads: dict | None = None) -> dict[tuple[str, str], pd.DataFrame]:
@@ -319,9 +401,13 @@ def zeroshot_table(frame: pd.DataFrame) -> pd.DataFrame:
     order = [(model, m, p) for model in sorted(set(acc.model)) for m in method_order(acc.method)
              for p in pattern_order(acc.pattern) if (model, m, p) in pivot.index]
     pivot = pivot.reindex(order)
-    dense_avg = {model: pivot.loc[(model, DENSE, DENSE), "average"] for model in set(acc.model)
-                 if (model, DENSE, DENSE) in pivot.index}
-    pivot["delta avg"] = [pivot.loc[i, "average"] - dense_avg[i[0]] if i[0] in dense_avg else None for i in pivot.index]
+    baselines = _baselines(acc)
+    dense_avg = {}
+    for model, method, pattern in pivot.index:
+        base = baselines.get((method, pattern, model))
+        if base is not None and (model, base, DENSE) in pivot.index:
+            dense_avg[(model, method, pattern)] = pivot.loc[(model, base, DENSE), "average"]
+    pivot["delta avg"] = [pivot.loc[i, "average"] - dense_avg[i] if i in dense_avg else None for i in pivot.index]
     return pivot.reset_index()
 
 
@@ -407,7 +493,7 @@ def varying_keys(records: list[dict]) -> list[str]:
     the sweep swept (``device``, ``eval.zeroshot.backend``, ``calib.nsamples``, a pruner option, ...)."""
     groups: dict = {}
     for rec in records:
-        groups.setdefault((rec["model"]["name"], method_label(rec), pattern_key(rec["pattern"])), []).append(
+        groups.setdefault((rec["model"]["name"], method_label(rec, variant=False), pattern_key(rec["pattern"])), []).append(
             _result_keys(rec))
     varying: dict[str, None] = {}
     for configs in groups.values():
@@ -440,7 +526,7 @@ def runs_table(records: list[dict], specs, baseline: str | None = None) -> tuple
     rows: dict = {}
     for rec in records:
         keys = _result_keys(rec)
-        ident = (rec["model"]["name"], method_label(rec), pattern_key(rec["pattern"]),
+        ident = (rec["model"]["name"], method_label(rec, variant=False), pattern_key(rec["pattern"]),
                  *(columns.text(keys[k]) if k in keys else None for k in vary))
         rows.setdefault(ident, []).append((rec, keys))
     table = []
@@ -603,7 +689,7 @@ def markdown_ppl(table: pd.DataFrame, caption: str) -> str:
             value, delta = row.get(f"{group} | ours"), row.get(f"{group} | delta")
             cells.append(_fmt(value) + _spread(row.get(f"{group} | sd"), row.get(f"{group} | n"))
                          + (f" ({delta:+.2f})" if delta is not None and not pd.isna(delta)
-                            and row["method"] != DENSE else ""))
+                            and row["pattern"] != DENSE else ""))
             if f"{group} | paper" in table.columns:
                 cells.append(_fmt(row.get(f"{group} | paper")))
         lines.append("| " + " | ".join(cells) + " |")
@@ -633,7 +719,7 @@ def markdown_zeroshot(table: pd.DataFrame, caption: str) -> str:
     lines = [f"**Zero-shot accuracy (%, higher is better).** {caption}", "",
              "| model | method | pattern | " + " | ".join(cols) + " |", "|---|---|---|" + "---:|" * len(cols)]
     for _, row in table.iterrows():
-        cells = [_fmt(row[c]) if c != "delta avg" else ("" if pd.isna(row[c]) or row["method"] == DENSE
+        cells = [_fmt(row[c]) if c != "delta avg" else ("" if pd.isna(row[c]) or row["pattern"] == DENSE
                                                          else f"{row[c]:+.2f}") for c in cols]
         lines.append(f"| {row['model']} | {row['method']} | {row['pattern']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -678,7 +764,7 @@ def plot_vs_sparsity(frame: pd.DataFrame, metric: str, dataset: str | None, ylab
     if part.empty:
         return False
     panels = sorted(set(zip(part.model, part.dataset, strict=True)))
-    methods = [m for m in method_order(part.method) if m != DENSE]
+    methods = [m for m in method_order(part.method[part.pattern != DENSE])]
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     nm_patterns = pattern_order(p for p in part.pattern if ":" in p)
     nm_marker = dict(zip(nm_patterns, "sDP^vX", strict=False))
@@ -686,9 +772,8 @@ def plot_vs_sparsity(frame: pd.DataFrame, metric: str, dataset: str | None, ylab
     for ax, (model, data) in zip(axes[0], panels, strict=True):
         cell = part[(part.model == model) & (part.dataset == data)]
         cell = cell.groupby(["method", "pattern"], as_index=False)["value"].mean()
-        dense = cell[cell.method == DENSE]
-        if not dense.empty:
-            ax.axhline(dense.value.mean(), color="black", linestyle="--", linewidth=1)
+        for style, (_, dense) in zip(("--", ":", "-."), cell[cell.pattern == DENSE].groupby("method"), strict=False):
+            ax.axhline(dense.value.mean(), color="black", linestyle=style, linewidth=1)  # one per dense cell
         for method in methods:
             rows = cell[cell.method == method]
             line = rows[~rows.pattern.str.contains(":")].assign(x=lambda d: d.pattern.map(_x)).sort_values("x")
@@ -742,6 +827,7 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
     out = Path(out) if out else folder / "report"
     out.mkdir(parents=True, exist_ok=True)
     records, stale, duplicates = select_records(records, include_stale)
+    label_variants(records)  # cells that share a table position are told apart, never averaged
     note = ""
     if stale:
         note += (f" {len(stale)} stale record(s) (older code fingerprint than the newest of their cell) "

@@ -24,6 +24,7 @@ from evaluators.speed import measure_speed, speedup
 from pruners.masks import sparsity as measured_sparsity
 
 from . import prune_cache, pruning, tracking
+from .identity import run_identity, scoped
 from .record import (
     code_version,
     device_info,
@@ -161,10 +162,14 @@ def _evaluate(cfg: DictConfig, plan: Plan, loaded, task_dict, timings: dict, tag
 
 
 def _record(cfg: DictConfig, config: dict, rid: str, loaded, pruner: str, pattern: dict, sparsity: dict,
-            metrics: dict, timings: dict, device: str, calibration=None, method_losses=None, pid=None) -> dict:
+            metrics: dict, timings: dict, device: str, calibration=None, method_losses=None, pid=None,
+            identity=None) -> dict:
     return {
         "schema": 1,
         "run_id": rid,
+        # what the id covers besides the config: resolved device type / dtype / attention, checkpoint and data
+        # content, library versions (runners/identity.py)
+        "identity": identity,
         "prune_id": pid,  # what determines the pruned weights (runners/record.py: prune_id); None: dense
         "sweep": str(cfg.sweep),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -225,12 +230,16 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     plan = plan or validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     prunes = plan.pruner.removes_weights
-    rid = run_id(config, prunes=prunes, calibrates=plan.calibrates)
-    pid = prune_id(config, calibrates=plan.calibrates) if prunes else None
+    try:  # every auto resolved, checkpoint and data hashed, versions: what the ids cover besides the config
+        ident = run_identity(cfg, plan)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    rid = run_id(config, prunes=prunes, calibrates=plan.calibrates, identity=ident)
+    pid = prune_id(config, calibrates=plan.calibrates, identity=ident) if prunes else None
     root, sweep = Path(cfg.output_root), str(cfg.sweep)
     out_path = root / sweep / rid / "result.json"
     dense_cfg = dense_config(config)
-    dense_rid = run_id(dense_cfg, prunes=False, calibrates=False)
+    dense_rid = run_id(dense_cfg, prunes=False, calibrates=False, identity=ident)
     dense_found = find_record(root, sweep, dense_rid) if write and prunes and cfg.dense_baseline else None
     if dense_found is not None and dense_found.parent.parent != root / sweep:  # the baseline of another sweep
         _reuse(dense_found, root / sweep / dense_rid / "result.json", cfg, write)
@@ -262,7 +271,12 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     speed_wanted = _speed_wanted(cfg, plan)
     loaded = None
     if kept is None or want_dense or speed_wanted:  # the unpruned model: to prune, or for the dense numbers
-        loaded = models.load(cfg.model, plan.device)
+        try:
+            loaded = models.load(cfg.model, plan.device)
+        except ValueError as err:  # weights that do not fit the config (models.loading.check_loading_info)
+            if str(err).startswith("model."):
+                raise ConfigError(str(err)) from None
+            raise
         t = _timed(timings, "load", t)
 
     if want_dense:
@@ -271,7 +285,8 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
         dense_timings = {k.removeprefix("dense "): v for k, v in dense_timings.items()}
         dense_timings.update(prune=0.0, total=round(sum(dense_timings.values()), 3))
         dense = _record(cfg, dense_cfg, dense_rid, loaded, "dense", DENSE_PATTERN,
-                        _sparsity_section(loaded.adapter, plan, prunes=False), metrics, dense_timings, plan.device)
+                        _sparsity_section(loaded.adapter, plan, prunes=False), metrics, dense_timings, plan.device,
+                        identity=scoped(ident, "dense"))
         dense_path = root / sweep / dense_rid / "result.json"
         write_atomic(dense_path, dense)
         dense["path"] = str(dense_path)
@@ -340,7 +355,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
                                                      if prunes and not plan.allocation.is_default else {})}
                if prunes else DENSE_PATTERN)
     record = _record(cfg, config, rid, loaded, plan.pruner.name, pattern, sparsity, metrics, timings, plan.device,
-                     calibration, method_losses, pid)
+                     calibration, method_losses, pid, identity=scoped(ident, "run" if prunes else "dense"))
     if structure is not None:
         record["structure"] = structure
     if saved is not None:
@@ -363,7 +378,7 @@ def summary(record: dict) -> str:
     head = f"{record['model']['name']} | {record['pruner']}{allocation} | {record['pattern']['label']}"
     if record.get("status") == "skipped":
         return f"{head} | skipped: already recorded at {record['path']} (force=true recomputes)"
-    ppl = ", ".join(f"{k} {v['value']:.2f}" for k, v in record["metrics"]["ppl"].items()) or "no ppl"
+    ppl = ", ".join(f"{k} {v['value']:.2f}" for k, v in record["metrics"]["ppl"].items())
     zeroshot = record["metrics"].get("zeroshot")
     structure, speed = record.get("structure"), record["metrics"].get("speed")
     if structure:
@@ -376,7 +391,7 @@ def summary(record: dict) -> str:
                      f"{record['sparsity']['prunable_parameters']:,} prunable weights")
     lines = [
         head_line,
-        f"  perplexity: {ppl}",
+        *([f"  perplexity: {ppl}"] if ppl else []),  # (eval=none: no line)
         *(["  zero-shot: " + ", ".join(f"{k} {v['acc']:.4f}" for k, v in zeroshot["tasks"].items())
            + f" | average acc {zeroshot['average']['acc']:.4f}"] if zeroshot else []),
         *([_speed_line(speed)] if speed else []),
@@ -589,7 +604,12 @@ def main() -> None:
     error = prevalidate(sys.argv[1:])
     if error:
         fail(error)
-    hydra_entry()
+    try:
+        hydra_entry()
+    except KeyboardInterrupt:  # one line, not a traceback: what is kept and how to go on
+        print("prunelab: interrupted: every finished run's record is kept (a run is recorded whole or not at all); "
+              "run the same command again to compute only the rest", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,9 @@ def test_rerunning_a_sweep_recomputes_nothing(finished_sweep):
     (["pruner=wanda", "model=tiny-llama", "sparsity.targets=[attn.*]"], "select no prunable linear"),
     (["sparsity.owl_lambda=abc"], "sparsity.owl_lambda=abc is not a number"),
     (["seed=1.5"], "seed=1.5 is not an integer"),
+    (["model.attn_implementation=foo"], "model.attn_implementation=foo: "),
+    (["model=local", "model.path=models/tiny/tiny-mamba", "model.seqlen=256", "model.attn_implementation=sdpa"],
+     "model.attn_implementation=sdpa: MambaForCausalLM does not support"),
     (["engine.batch_size=true"], "engine.batch_size=True is not an integer"),
 ])
 def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args, message):
@@ -156,3 +159,43 @@ def test_a_misspelt_key_inside_a_preset_exits_2_before_anything_runs(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["prunelab: error: sparsity.ratoi: unknown key of sparsity (did you mean sparsity.ratio?)"], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_that_do_not_fit_the_config_are_an_error_not_random_weights(tmp_path):
+    """An OPT config.json beside Mamba weights: transformers would initialise every OPT weight at random."""
+    import shutil
+
+    frank = tmp_path / "frank"
+    frank.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "models" / "tiny" / "tiny-opt" / name, frank / name)
+    shutil.copy(ROOT / "models" / "tiny" / "tiny-mamba" / "model.safetensors", frank / "model.safetensors")
+    proc = run_cli("model=local", f"model.path={frank}", "model.seqlen=256", f"output_root={tmp_path / 'out'}",
+                   "wandb.mode=disabled", "progress=false")
+    assert proc.returncode == 2
+    assert f"prunelab: error: model.path={frank}: the weights do not fit the architecture" in proc.stderr
+    assert "missing" in proc.stderr and "unexpected" in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip() and "Loading weights" not in line]) == 1
+    assert not list((tmp_path / "out").rglob("result.json"))
+
+
+def test_ctrl_c_prints_one_line_and_keeps_what_finished(tmp_path):
+    """SIGINT once the first job's record is written (read from the output, not timed): exit 130, one line on what
+    was kept, the finished record complete."""
+    import signal
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "runners.run", "-m", "pruner=magnitude", "sparsity.ratio=0.3,0.4,0.5,0.6",
+                             "dense_baseline=false", f"output_root={tmp_path}", "sweep=s", "progress=false",
+                             "wandb.mode=disabled"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("  record:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err[-2000:]
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith("prunelab: interrupted:")
+    assert "Traceback" not in err
+    records = list((tmp_path / "s").glob("*/result.json"))
+    assert 1 <= len(records) < 4 and all(json.loads(p.read_text())["metrics"] for p in records)

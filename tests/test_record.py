@@ -43,3 +43,15 @@ def test_write_atomic_never_leaves_a_half_written_record(tmp_path):
         write_atomic(path, {"ok": 2, "bad": Exploding(), "pad": "x" * 100_000})
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+
+def test_records_are_ordinary_files_under_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "r" / "result.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r" / "result.json").stat().st_mode) == 0o644

@@ -202,3 +202,49 @@ def test_report_keeps_one_record_per_seed_and_gives_mean_spread_and_n(tmp_path):
     assert "102.00 ± 2.00 (n=3)" in md and "duplicate" in md
     assert "102.00 ± 2.00 (n=3)" in (written["out"] / "ppl_by_sparsity.md").read_text()
     assert str(dup) in (written["out"] / "stale.md").read_text()
+
+
+def test_records_differing_only_in_eval_windows_are_never_averaged(tmp_path):
+    """Real runs: dense and magnitude on tiny-opt at two eval.ppl.max_windows. The report shows four rows named by
+    the key that differs, each pruned row's delta taken against the dense row with the same windows."""
+    from runners.report import build_report
+    from runners.run import execute
+
+    from .conftest import compose
+
+    records = {}
+    for windows in (4, 8):
+        for pruner in ("dense", "magnitude"):
+            rec = execute(compose("model=tiny-opt", f"pruner={pruner}", f"eval.ppl.max_windows={windows}",
+                                  f"output_root={tmp_path}", "sweep=s", "progress=false", "wandb.mode=disabled",
+                                  "dense_baseline=false", "cache_pruned=never"))
+            records[(pruner, windows)] = rec["metrics"]["ppl"]["bundled@256"]["value"]
+    assert records[("dense", 4)] != records[("dense", 8)]
+    table = build_report(tmp_path / "s", wandb_mode="disabled")["tables"]["ppl"].set_index("method")
+    assert sorted(table.index) == ["dense (eval.ppl.max_windows=4)", "dense (eval.ppl.max_windows=8)",
+                                   "magnitude (eval.ppl.max_windows=4)", "magnitude (eval.ppl.max_windows=8)"]
+    column = "tiny-opt | bundled@256 | ours"
+    for (pruner, windows), value in records.items():
+        assert table.loc[f"{pruner} (eval.ppl.max_windows={windows})", column] == pytest.approx(value)
+    for windows in (4, 8):
+        assert table.loc[f"magnitude (eval.ppl.max_windows={windows})", "tiny-opt | bundled@256 | delta"] == \
+            pytest.approx(records[("magnitude", windows)] - records[("dense", windows)])
+
+
+@pytest.mark.parametrize("sparsity", [{"kind": "unstructured", "ratio": 0.5}, {"kind": "unstructured", "ratio": 0.695},
+                                      {"kind": "nm", "n": 2, "m": 4}, {"kind": "nm", "n": 1, "m": 8},
+                                      {"kind": "structured", "ratio": 0.25}])
+def test_every_pattern_label_round_trips(sparsity):
+    """One label format (records, run ids, reports, published numbers) and one parser."""
+    from pruners.masks import Pattern, parse_pattern_label, pattern_slug
+    from runners.report import pattern_key
+
+    pattern = Pattern.from_config(type("S", (), sparsity)())
+    recorded = {"kind": pattern.kind, "ratio": pattern.ratio, "n": pattern.n, "m": pattern.m,
+                "label": pattern.describe()}  # as runners/run.py records it
+    assert pattern_key(recorded) == recorded["label"]
+    parsed = parse_pattern_label(recorded["label"])
+    assert parsed["kind"] == pattern.kind and parsed["n"] == pattern.n and parsed["m"] == pattern.m
+    assert parsed["ratio"] == pytest.approx(pattern.ratio)
+    assert pattern_key(parsed) == recorded["label"] and "%" not in pattern_slug(recorded["label"])
+    assert pattern_key({"kind": "dense"}) == "dense" == parse_pattern_label("dense")["kind"]
