@@ -7,7 +7,9 @@ layer-wise method prunes them, block by block, at their own ratio:
 - ``owl``: OWL (Yin et al., ICML'24): one ratio per block from its outlier ratio, mean ``S``
   (:func:`outlier_ratio`, :func:`owl_sparsities`), measured on the dense model first;
 - ``global``: one threshold on the method's own score over every targeted linear of the dense model;
-  each linear is then pruned at the share of its weights below it (:func:`global_ratios`).
+  each linear is then pruned at the share of its weights below it (:func:`global_ratios`);
+- ``list``: ``sparsity.block_ratios``, one ratio per block as a paper prints it (:func:`list_ratios`), whose
+  parameter-weighted mean must be ``sparsity.ratio`` (to 0.005).
 
 ``sparsity.targets`` / ``sparsity.ignore`` are glob patterns of module names relative to a block
 (``self_attn.*``, ``mlp.down_proj``): a linear is pruned if it matches a target and no ignore pattern;
@@ -28,7 +30,8 @@ from .masks import Pattern
 from .settings import EngineSettings
 from .stats import ColumnSquares, wanda_score
 
-KINDS = ("uniform", "owl", "global")
+KINDS = ("uniform", "owl", "global", "list")
+LIST_TOLERANCE = 0.005  # list: |parameter-weighted mean of block_ratios - sparsity.ratio| allowed
 FLOOR = 0.01  # the OWL reference: a block sparsity <= 0 becomes 0.01
 
 
@@ -41,6 +44,7 @@ class Allocation:
     owl_m: float = 5.0  # M: an outlier exceeds M times the block's mean metric (the reference's --Hyper_m)
     targets: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
+    block_ratios: tuple[float, ...] = ()  # list: the ratio of each block, in order (a schedule a paper prints)
 
     @classmethod
     def from_config(cls, cfg) -> Allocation:
@@ -59,7 +63,16 @@ class Allocation:
         ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
         if not targets:
             raise ValueError("sparsity.targets is empty: nothing would be pruned")
-        return cls(str(kind), float(lam), float(m), targets, ignore)
+        blocks = tuple(float(r) for r in (get("block_ratios", []) or []))
+        if kind == "list":
+            if not blocks:
+                raise ValueError("sparsity.allocation=list needs sparsity.block_ratios: one ratio per block")
+            for i, r in enumerate(blocks):
+                if not 0.0 <= r < 1.0:
+                    raise ValueError(f"sparsity.block_ratios[{i}]={r:g} is outside [0, 1)")
+        elif blocks:
+            raise ValueError(f"sparsity.block_ratios is read only with sparsity.allocation=list (got {kind})")
+        return cls(str(kind), float(lam), float(m), targets, ignore, blocks)
 
     @property
     def is_default(self) -> bool:
@@ -89,6 +102,8 @@ class Allocation:
             parts.append(f"OWL λ={self.owl_lambda:g} M={self.owl_m:g}")
         elif self.kind == "global":
             parts.append("global")
+        elif self.kind == "list":
+            parts.append("list " + ",".join(f"{r:g}" for r in self.block_ratios))
         if self.targets != ("*",):
             parts.append("targets " + ",".join(self.targets))
         if self.ignore:
@@ -139,6 +154,20 @@ def owl_sparsities(outlier_ratios: Sequence[float], target: float, lam: float, f
     return [float(floor) if s <= 0 else float(s) for s in sparsity]
 
 
+def list_ratios(block_ratios: Sequence[float], target: float, sizes: Sequence[int]) -> list[float]:
+    """An explicit schedule (``sparsity.allocation=list``): ``block_ratios`` as given, one per block, checked to have
+    one entry per block and a parameter-weighted mean (over the targeted weights of each block, ``sizes``) within
+    :data:`LIST_TOLERANCE` of ``sparsity.ratio``, so that the run's label and target say what it did."""
+    if len(block_ratios) != len(sizes):
+        raise ValueError(f"sparsity.block_ratios has {len(block_ratios)} entries; the model has {len(sizes)} blocks")
+    total = sum(sizes)
+    mean = sum(r * s for r, s in zip(block_ratios, sizes, strict=True)) / total if total else 0.0
+    if abs(mean - target) > LIST_TOLERANCE:
+        raise ValueError(f"sparsity.block_ratios: their parameter-weighted mean is {mean:.4f}, not sparsity.ratio="
+                         f"{target:g} (set sparsity.ratio={round(mean, 4):g}, or change the list)")
+    return [float(r) for r in block_ratios]
+
+
 def global_ratios(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, float]:
     """One threshold over every score (``int(total * ratio)`` lowest overall, ties by position): each module's
     ratio is the share of its entries below it (docs/methods.md §3.4, "global")."""
@@ -160,6 +189,19 @@ def targeted(adapter, allocation: Allocation) -> dict[int, list[str]]:
     return out
 
 
+def check_against(adapter, allocation: Allocation, pattern: Pattern) -> None:
+    """The allocation's keys against an architecture (an empty model on the meta device is enough): targets /
+    ignore select something; a ``list`` schedule has one ratio per block and the right mean. ValueError."""
+    chosen = targeted(adapter, allocation)
+    if allocation.kind == "list":
+        list_ratios(allocation.block_ratios, pattern.ratio, _targeted_sizes(adapter, chosen))
+
+
+def _targeted_sizes(adapter, chosen: dict[int, list[str]]) -> list[int]:
+    return [sum(adapter.prunable_linears(block)[n].weight.numel() for n in chosen[i])
+            for i, block in enumerate(adapter.blocks())]
+
+
 def allocate(model, adapter, pruner, pattern: Pattern, allocation: Allocation, calib_ids: torch.Tensor | None,
              settings: EngineSettings | None = None) -> LayerRatios | None:
     """The per-module ratios of ``allocation`` for ``pruner`` at ``pattern``; None for the default (uniform over
@@ -176,6 +218,10 @@ def allocate(model, adapter, pruner, pattern: Pattern, allocation: Allocation, c
     if allocation.kind == "uniform":
         ratios = {full(i, n): pattern.ratio for i, names in chosen.items() for n in names}
         return LayerRatios("uniform", ratios, [pattern.ratio if names else None for names in chosen.values()])
+    if allocation.kind == "list":
+        per_block = list_ratios(allocation.block_ratios, pattern.ratio, _targeted_sizes(adapter, chosen))
+        ratios = {full(i, n): per_block[i] for i, names in chosen.items() for n in names}
+        return LayerRatios("list", ratios, [per_block[i] if names else None for i, names in chosen.items()])
     if allocation.kind == "owl":
         if calib_ids is None:
             raise ValueError("sparsity.allocation=owl needs calibration data")

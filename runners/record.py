@@ -221,7 +221,7 @@ def result_config(config: dict, prunes: bool = True, calibrates: bool = True) ->
     return out
 
 
-ALLOCATION_DEFAULTS = {"allocation": "uniform", "targets": ["*"], "ignore": []}
+ALLOCATION_DEFAULTS = {"allocation": "uniform", "targets": ["*"], "ignore": [], "block_ratios": []}
 
 
 def semantic_sparsity(sparsity: dict) -> dict:

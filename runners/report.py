@@ -411,6 +411,39 @@ def zeroshot_table(frame: pd.DataFrame) -> pd.DataFrame:
     return pivot.reset_index()
 
 
+def allocation_table(records: list[dict]) -> pd.DataFrame:
+    """Runs with a per-layer allocation (``sparsity.allocation`` other than uniform over every linear): per block,
+    the ratio the allocation asked and the sparsity measured (``target / achieved``); one row per record."""
+    rows = []
+    for rec in records:
+        allocation = rec["sparsity"].get("allocation") or {}
+        if allocation.get("kind", "uniform") == "uniform" and not rec["pattern"].get("allocation"):
+            continue
+        asked, achieved = allocation.get("block_ratios") or [], rec["sparsity"].get("per_block") or []
+        row = {"model": rec["model"]["name"], "method": method_label(rec), "pattern": pattern_key(rec["pattern"]),
+               "seed": rec.get("seed"), "overall": rec["sparsity"]["overall"]}
+        for i in range(max(len(asked), len(achieved))):
+            target = asked[i] if i < len(asked) else None
+            measured = achieved[i] if i < len(achieved) else None
+            row[f"block {i}"] = ("dense" if target is None and not measured else
+                                 f"{'-' if target is None else f'{target:.4f}'} / "
+                                 f"{'-' if measured is None else f'{measured:.4f}'}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown_allocation(table: pd.DataFrame) -> str:
+    cols = [c for c in table.columns if c.startswith("block ")]
+    lines = ["**Per-layer sparsity** (runs with a non-uniform allocation): per block, the ratio the allocation "
+             "asked / the sparsity measured over the block's prunable linears; per module: the record's "
+             "sparsity.per_module.", "", "| model | method | pattern | seed | overall | " + " | ".join(cols) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * len(cols)]
+    for _, row in table.iterrows():
+        lines.append(f"| {row['model']} | {row['method']} | {row['pattern']} | {row['seed']} | {row['overall']:.4f} | "
+                     + " | ".join(str(row[c]) if isinstance(row[c], str) else "-" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def speed_table(records: list[dict]) -> pd.DataFrame:
     """Runs that measured speed (structured runs by default): size and decode / prefill time, dense vs pruned,
     each pair taken in the same process."""
@@ -896,6 +929,13 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
                                              + "; ".join(sorted(set(speed.setup))), "tab:speed"))
         written["tables"]["speed"] = speed
 
+    (out / "allocation.md").unlink(missing_ok=True)
+    allocation = allocation_table(records)
+    if not allocation.empty:
+        (out / "allocation.md").write_text(markdown_allocation(allocation))
+        allocation.to_csv(out / "allocation.csv", index=False)
+        written["tables"]["allocation"] = allocation
+
     specs = list(columns_ if columns_ is not None else report_cfg.get("columns") or [])
     baseline = baseline if baseline is not None else report_cfg.get("baseline")
     if baseline and not specs:  # a baseline alone: the usual cost columns
@@ -980,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunelab: error: {'--' if given else 'report.'}{err.key} {err}", file=sys.stderr)
         return 2
     print(f"{written['records']} records -> {written['out']}")
-    for name in ("stale.md", "ppl.md", "ppl_by_sparsity.md", "zeroshot.md", "speed.md", "runs.md"):
+    for name in ("stale.md", "ppl.md", "ppl_by_sparsity.md", "zeroshot.md", "speed.md", "allocation.md", "runs.md"):
         if (written["out"] / name).exists():
             print(f"\n{(written['out'] / name).read_text()}")
     for plot in written["plots"]:

@@ -68,16 +68,20 @@ def _timed(timings: dict, key: str, start: float) -> float:
 
 
 def _sparsity_section(adapter, plan: Plan, prunes: bool) -> dict:
-    per_module, zeros, total = {}, 0, 0
+    """Measured sparsity: overall, per block (achieved, over its prunable linears) and per module."""
+    per_module, per_block, zeros, total = {}, [], 0, 0
     prefix = adapter.blocks_prefix()
     for index, block in enumerate(adapter.blocks()):
+        block_zeros, block_total = 0, 0
         for name, linear in adapter.prunable_linears(block).items():
             value = measured_sparsity(linear.weight)
             per_module[f"{prefix}.{index}.{name}"] = round(value, 6)
-            zeros += round(value * linear.weight.numel())
-            total += linear.weight.numel()
+            block_zeros += round(value * linear.weight.numel())
+            block_total += linear.weight.numel()
+        per_block.append(round(block_zeros / max(block_total, 1), 6))
+        zeros, total = zeros + block_zeros, total + block_total
     return {"target": plan.pattern.target_sparsity if prunes else 0.0, "overall": round(zeros / max(total, 1), 6),
-            "prunable_parameters": total, "per_module": per_module}
+            "prunable_parameters": total, "per_block": per_block, "per_module": per_module}
 
 
 def _structure_before(model, adapter) -> dict:

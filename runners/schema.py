@@ -141,11 +141,12 @@ class ReportConfig:
 class SparsityBase:
     kind: str = req(choices=("unstructured", "nm", "structured"))
     # how the ratio is spread over the linears (pruners/allocation.py; defaults in conf/config.yaml)
-    allocation: str = req(choices=("uniform", "owl", "global"))
+    allocation: str = req(choices=("uniform", "owl", "global", "list"))
     owl_lambda: float = req(min=0.0, max=1.0)  # (0, 1): checked in pruners.allocation.Allocation.from_config
     owl_m: float = req(min=0.0)
     targets: list[str] = req()  # module-name globs relative to a block
     ignore: list[str] = req()
+    block_ratios: list[float] = req()  # allocation=list: one ratio per block (checked in pruners.allocation)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from omegaconf.errors import MissingMandatoryValue
 import models
 from evaluators.ppl import Protocol, resolve_protocol
 from pruners import Pattern, Pruner, build_pruner
-from pruners.allocation import Allocation, targeted
+from pruners.allocation import Allocation, check_against
 from pruners.base import ScoreMaskPruner
 
 from . import schema
@@ -165,7 +165,7 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
         model_type = hf_config.model_type
         if pruner.removes_weights and not allocation.is_default:  # the globs against the architecture's linears
             try:
-                targeted(models.loading.meta_adapter(cfg.model), allocation)
+                check_against(models.loading.meta_adapter(cfg.model), allocation, pattern)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         limit = getattr(hf_config, "max_position_embeddings", None)

@@ -106,6 +106,24 @@ def test_owl_prunes_each_block_at_its_ratio_and_keeps_the_mean():
             assert results[f"model.layers.{index}.{name}"].pruned == int((linear.weight == 0).sum())
 
 
+def test_a_list_schedule_prunes_each_block_at_its_own_ratio():
+    """sparsity.allocation=list: the schedule a paper prints, block by block (Wanda's per-row count is exact)."""
+    loaded = load_tiny("tiny-llama")
+    schedule = (0.55, 0.65, 0.75, 0.85)
+    ids = _calib(loaded, 8, 128)
+    ratios = allocate(loaded.model, loaded.adapter, Wanda(), Pattern("unstructured", 0.7),
+                      Allocation(kind="list", block_ratios=schedule), ids, QUIET)
+    assert ratios.block_ratios == list(schedule) and ratios.to_record(Allocation(kind="list"))["kind"] == "list"
+    prune_sequential(loaded.model, loaded.adapter, Wanda(), Pattern("unstructured", 0.7), ids, QUIET, ratios)
+    for index, block in enumerate(loaded.adapter.blocks()):
+        for name, linear in loaded.adapter.prunable_linears(block).items():
+            per_row = (linear.weight == 0).sum(1)
+            assert (per_row == int(linear.weight.shape[1] * schedule[index])).all(), f"block {index} {name}"
+    with pytest.raises(ValueError, match="parameter-weighted mean"):
+        allocate(loaded.model, loaded.adapter, Wanda(), Pattern("unstructured", 0.5),
+                 Allocation(kind="list", block_ratios=schedule), ids, QUIET)
+
+
 def test_targets_and_ignore_leave_the_other_linears_dense():
     loaded = load_tiny("tiny-llama")
     allocation = Allocation(targets=("self_attn.*", "mlp.*"), ignore=("mlp.down_proj", "self_attn.o_proj"))

@@ -88,6 +88,13 @@ def test_paper_defaults():
     (["report.columns=[prune_s,prune_time]"], "report.columns: prune_time: not a column"),
     (["report.baseline=magnitud"], "report.baseline=magnitud is not a pruner"),
     (["report.baseline='nosuch.key=1'"], "report.baseline=nosuch.key=1: nosuch.key is not a config key"),
+    (["sparsity.allocation=list"], "sparsity.allocation=list needs sparsity.block_ratios"),
+    (["model=tiny-llama", "sparsity.allocation=list", "sparsity.block_ratios=[0.5,0.5]"],
+     "sparsity.block_ratios has 2 entries; the model has 4 blocks"),
+    (["model=tiny-llama", "sparsity.allocation=list", "sparsity.block_ratios=[0.4,0.5,0.5,0.5]"],
+     r"parameter-weighted mean is 0.4750, not sparsity.ratio=0.5 \(set sparsity.ratio=0.475"),
+    (["sparsity.allocation=list", "sparsity.block_ratios=[0.5,1.0]"], r"sparsity.block_ratios\[1\]=1 is outside"),
+    (["sparsity.block_ratios=[0.5,0.5]"], "sparsity.block_ratios is read only with sparsity.allocation=list"),
 ])
 def test_bad_values_raise_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
