@@ -1,0 +1,197 @@
+"""The LLM Surgeon and K-OBD (pruners/surgeon.py): curvature, costs, updates and masks against explicit and
+brute-force computations on small models and quadratics (docs/methods.md §5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from pruners import build_pruner
+from pruners.masks import MaskState, Pattern, check_masks_against_weights, satisfies_n_of_m
+from pruners.settings import EngineSettings
+from pruners.surgeon import (
+    KroneckerFactors,
+    balance,
+    correlated_update,
+    damped_inverse,
+    kobd_element_costs,
+    nm_group_costs,
+    obs_element_costs,
+    row_chunks,
+)
+from pruners.taps import accumulate_gradient_stats, prunable_modules
+
+from .test_seam import random_ids, random_model
+
+QUIET = EngineSettings(progress=False, batch_size=2)
+
+
+def spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+    return X @ X.T / (3 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_kfac_factors_equal_an_explicit_per_sequence_computation(family):
+    """A = Σ a a^T / T (a ones entry for a bias), G = Σ g g^T / T with g the gradient of each sequence's own mean
+    loss, as the reference computes them one sequence at a time."""
+    model = random_model(family)
+    ids = random_ids(n=4, seqlen=10)
+    modules = prunable_modules(models.adapter_for(model))
+    factors = {n: KroneckerFactors(m.in_features, m.out_features, m.bias is not None, ids.shape[0], "cpu",
+                                   torch.float64) for n, m in modules.items()}
+    accumulate_gradient_stats(model, modules, ids, QUIET, lambda n, a, g: factors[n].add(a, g))
+    explicit = {n: [0, 0, 0] for n in modules}
+    for seq in ids:
+        seq = seq[None]
+        captured = {}
+        hooks = [m.register_forward_hook(lambda mod, args, out, n=n, c=captured: c.__setitem__(n, (args[0], out)))
+                 for n, m in modules.items()]
+        logits = model(input_ids=seq).logits
+        for h in hooks:
+            h.remove()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], seq[0, 1:])  # this sequence's mean loss
+        grads = torch.autograd.grad(loss, [out for _, out in captured.values()])
+        for (n, (a, _)), g in zip(captured.items(), grads, strict=True):
+            a = a.detach().reshape(-1, a.shape[-1]).double()
+            if modules[n].bias is not None:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+            g = g.reshape(-1, g.shape[-1]).double()
+            explicit[n][0] += a.T @ a
+            explicit[n][1] += g.T @ g
+            explicit[n][2] += a.shape[0]
+    for n, (A, G, tokens) in explicit.items():
+        assert factors[n].tokens == tokens
+        # (fp32 activations and gradients: agreement to fp32 accuracy, relative to the factor's scale)
+        torch.testing.assert_close(factors[n].A / tokens, A / tokens, rtol=1e-5, atol=1e-6 * float(A.abs().max() / tokens))
+        torch.testing.assert_close(factors[n].G / tokens, G / tokens, rtol=1e-4, atol=1e-5 * float(G.abs().max() / tokens))
+    assert any(modules[n].bias is not None for n in modules) == (family == "opt")
+
+
+def test_balance_keeps_the_kronecker_product_and_equalizes_norms():
+    G, A = spd(4, 0) * 1e-6, spd(5, 1) * 30
+    G2, A2 = balance(G, A)
+    torch.testing.assert_close(torch.kron(G2, A2), torch.kron(G, A))
+    assert torch.linalg.matrix_norm(G2) == pytest.approx(float(torch.linalg.matrix_norm(A2)))
+    zero_G, zero_A = balance(torch.zeros(3, 3), A)
+    assert not zero_G.any() and not zero_A.any()
+
+
+def test_damped_inverse_is_relative_to_the_mean_diagonal_and_survives_dead_entries():
+    M = spd(6, 2)
+    damp = 0.1 * torch.diagonal(M).mean()
+    torch.testing.assert_close(damped_inverse(M, 0.1), torch.linalg.inv(M + damp * torch.eye(6, dtype=M.dtype)))
+    dead = M.clone()
+    dead[2, :] = dead[:, 2] = 0.0  # an input that is always zero
+    inverse = damped_inverse(dead, 0.01)
+    assert torch.isfinite(inverse).all() and inverse[2, 2] > 0
+
+
+def brute_force_obs(W, G, A, mask):
+    """min vec(ΔW)^T (G ⊗ A) vec(ΔW) subject to (W + ΔW)[mask] = 0, solved on the full Kronecker product."""
+    F = torch.kron(G, A)
+    Finv = torch.linalg.inv(F)
+    q = mask.flatten().nonzero().squeeze(1)
+    w = W.flatten()
+    dw = -Finv[:, q] @ torch.linalg.solve(Finv[q][:, q], w[q])
+    return dw.view_as(W), 0.5 * w[q] @ torch.linalg.solve(Finv[q][:, q], w[q])
+
+
+def test_costs_and_the_joint_update_equal_brute_force_obs():
+    G, A = spd(4, 3), spd(6, 4)
+    W = torch.randn(4, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    Ginv, Ainv = torch.linalg.inv(G), torch.linalg.inv(A)
+    # one weight alone: its OBS loss is the element cost
+    costs = obs_element_costs(W, Ginv, Ainv)
+    for r, c in [(0, 0), (2, 5), (3, 1)]:
+        single = torch.zeros_like(W, dtype=torch.bool)
+        single[r, c] = True
+        _, loss = brute_force_obs(W, G, A, single)
+        assert costs[r, c] == pytest.approx(float(loss))
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    mask[0, [1, 4]] = mask[1, 0] = mask[3, [2, 3, 5]] = True
+    dw, loss = brute_force_obs(W, G, A, mask)
+    joint = correlated_update(W, mask, Ginv, Ainv, max_correlate=0)
+    torch.testing.assert_close(joint, W + dw)
+    assert not joint[mask].any()
+    delta = (joint - W).flatten()
+    assert float(0.5 * delta @ torch.kron(G, A) @ delta) == pytest.approx(float(loss))
+    # chunks of rows: still removes exactly the mask; each chunk is optimal given the earlier ones
+    chunked = correlated_update(W, mask, Ginv, Ainv, max_correlate=2)
+    assert not chunked[mask].any() and (chunked != joint).any()
+    d2 = (chunked - W).flatten()
+    assert float(0.5 * d2 @ torch.kron(G, A) @ d2) >= float(loss) - 1e-12
+    # K-OBD: the diagonal of G ⊗ A
+    torch.testing.assert_close(kobd_element_costs(W, G, A),
+                               W**2 * torch.diagonal(G)[:, None] * torch.diagonal(A)[None, :] / 2)
+
+
+def test_the_bias_column_is_compensated_but_never_removed():
+    G, A = spd(3, 6), spd(5, 7)  # 4 inputs + the bias column
+    W = torch.randn(3, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[1, 2] = mask[2, 0] = True
+    out = correlated_update(W, mask, torch.linalg.inv(G), torch.linalg.inv(A), 0)
+    full = torch.zeros_like(W, dtype=torch.bool)
+    full[:, :4] = mask
+    dw, _ = brute_force_obs(W, G, A, full)
+    torch.testing.assert_close(out, W + dw)
+    assert (out[:, 4] != W[:, 4]).any() and out[:, 4].all()
+
+
+def test_row_chunks_group_whole_rows_up_to_the_cap():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1], [1, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    assert [c.tolist() for c in row_chunks(mask, 3)] == [[0], [2], [3, 4]]
+    assert [c.tolist() for c in row_chunks(mask, 0)] == [[0, 2, 3, 4]]
+    assert [c.tolist() for c in row_chunks(mask, 1)] == [[0], [2], [3], [4]]  # a row over the cap: its own chunk
+
+
+def test_shot_masks_hit_the_target_count_and_nm_groups_stay_valid():
+    surgeon = build_pruner({"name": "surgeon", "shots": 4})
+    g = torch.Generator().manual_seed(9)
+    costs = {"a": torch.rand(8, 16, generator=g), "b": torch.rand(4, 32, generator=g)}
+    total = sum(c.numel() for c in costs.values())
+    for shot in range(1, 5):
+        masks = surgeon.shot_masks(costs, Pattern("unstructured", 0.6), shot)
+        assert sum(int(m.sum()) for m in masks.values()) == int(total * 0.6 * shot / 4)
+    pattern = Pattern.from_config(type("S", (), {"kind": "nm", "n": 2, "m": 4})())
+    groups = sum(nm_group_costs(c, 2, 4).numel() for c in costs.values())
+    for shot in range(1, 5):
+        masks = surgeon.shot_masks(costs, pattern, shot)
+        assert sum(int(m.sum()) for m in masks.values()) == 2 * int(groups * shot / 4)
+        for m in masks.values():  # a group is untouched or has exactly m - n removed; all are at the last shot
+            per_group = m.view(m.shape[0], -1, 4).sum(-1)
+            assert set(per_group.unique().tolist()) <= {0, 2}
+            assert satisfies_n_of_m(torch.where(m, 0.0, 1.0), 2, 4) == (shot == 4)
+
+
+@pytest.mark.parametrize("name,kind", [("surgeon", "unstructured"), ("surgeon", "nm"), ("kobd", "unstructured")])
+def test_whole_model_prune_meets_the_target_and_masks_persist(name, kind):
+    model = random_model("opt")
+    pattern = (Pattern("unstructured", 0.5) if kind == "unstructured"
+               else Pattern.from_config(type("S", (), {"kind": "nm", "n": 2, "m": 4})()))
+    pruner = build_pruner({"name": name, "shots": 3} if name == "surgeon" else {"name": name})
+    shots: list[MaskState] = []
+    original = pruner.shot_masks
+
+    def record(costs, pattern_, shot):
+        masks = original(costs, pattern_, shot)
+        state = MaskState()
+        for n, m in masks.items():
+            state.register(n, m)
+        shots.append(state)
+        return masks
+
+    pruner.shot_masks = record
+    results = pruner.prune(model, models.adapter_for(model), pattern, random_ids(n=6, seqlen=12), QUIET)
+    final = MaskState.from_results(results)
+    sparsity = check_masks_against_weights(model, final)  # every removed weight is zero
+    total = sum(r.total for r in results.values())
+    assert sum(r.pruned for r in results.values()) / total == pytest.approx(0.5, abs=0.01)
+    assert all(final.contains(s) for s in shots)  # nothing removed at one shot comes back later
+    assert len(shots) == pruner.shots and len(sparsity) == len(prunable_modules(models.adapter_for(model)))
+    if kind == "nm":
+        for linear in prunable_modules(models.adapter_for(model)).values():
+            assert satisfies_n_of_m(linear.weight, 2, 4)
