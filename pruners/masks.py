@@ -61,7 +61,7 @@ def pattern_label(kind: str, ratio: float | None = None, n: int | None = None, m
         return "dense"
     if kind == "nm":
         return f"{int(n)}:{int(m)}"
-    percent = f"{round(float(ratio) * 100, 6):g}%"
+    percent = f"{round(float(ratio) * 100, 8):.12g}%"
     if kind == "structured":
         return f"{percent} struct"
     if kind == "unstructured":
@@ -79,7 +79,10 @@ def parse_pattern_label(label: str) -> dict:
             n, m = (int(part) for part in text.split(":"))
             if not 0 < n < m:
                 raise ValueError
-            return {"kind": "nm", "ratio": 1.0 - n / m, "n": n, "m": m}
+            out = {"kind": "nm", "ratio": 1.0 - n / m, "n": n, "m": m}
+            if pattern_label(**out) != text:  # '02:4', '2: 4'
+                raise ValueError(f"pattern label '{label}': write it as '{pattern_label(**out)}'")
+            return out
         kind = "structured" if text.endswith(" struct") else "unstructured"
         number = text.removesuffix(" struct")
         if not number.endswith("%"):

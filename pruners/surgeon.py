@@ -80,15 +80,16 @@ def balance(G: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def damped_inverse(M: torch.Tensor, damp: float) -> torch.Tensor:
-    """``(M + damp · mean(diag M) · I)^-1`` in float64 through Cholesky (the reference's ``utils.inv``); a zero
-    diagonal entry (a dead input or output) is set to the mean diagonal first so that the inverse exists."""
+    """``(M + damp · mean(diag M) · I)^-1`` in float64 through Cholesky (the reference's ``utils.inv``). A dead
+    input or output (a zero row and column) is left as it is: the damping makes the matrix positive definite, and
+    its inverse diagonal ``1 / (damp · mean)`` is large, so that weights on a dead input cost little and are
+    removed first (the reference drops such rows and columns from the matrices instead). An all-zero ``M``
+    (no signal at all) is damped with mean 1."""
     M = M.double().clone()
     diag = torch.diagonal(M)
     mean = diag.mean() if diag.numel() else torch.tensor(1.0, dtype=M.dtype)
     if mean <= 0:
         mean = torch.tensor(1.0, dtype=M.dtype)
-    dead = diag <= 0
-    diag[dead] = mean
     diag += damp * mean
     L = torch.linalg.cholesky(M)
     return torch.cholesky_inverse(L)
@@ -131,12 +132,12 @@ def row_chunks(mask: torch.Tensor, max_correlate: int) -> list[torch.Tensor]:
         if not count:
             continue
         if current and max_correlate and size + count > max_correlate:
-            chunks.append(torch.tensor(current))
+            chunks.append(torch.tensor(current, device=mask.device))
             current, size = [], 0
         current.append(row)
         size += count
     if current:
-        chunks.append(torch.tensor(current))
+        chunks.append(torch.tensor(current, device=mask.device))
     return chunks
 
 
@@ -253,8 +254,10 @@ class KroneckerPruner(Pruner):
         if pattern.kind == "nm":
             groups = {name: nm_group_costs(c, pattern.n, pattern.m) for name, c in costs.items()}
             chosen = global_prune_masks(groups, shot / self.shots)
-            return {name: nm_prune_mask(costs[name], chosen[name], pattern.n, pattern.m) for name in costs}
-        return global_prune_masks(costs, pattern.ratio * shot / self.shots)
+            return {name: nm_prune_mask(costs[name], chosen[name].to(costs[name].device), pattern.n, pattern.m)
+                    for name in costs}
+        masks = global_prune_masks(costs, pattern.ratio * shot / self.shots)  # (on the CPU)
+        return {name: mask.to(costs[name].device) for name, mask in masks.items()}
 
 
 @register

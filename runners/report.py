@@ -30,6 +30,7 @@ Every table's caption names the protocol (dataset, split, windows x seqlen) its 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -146,6 +147,12 @@ def record_cell(rec: dict) -> str:
                     identity=rec.get("identity"))
 
 
+def _legacy_cell(rec: dict) -> str:
+    """The record's cell by its config alone (as before identities existed)."""
+    prunes = rec["pattern"]["kind"] != DENSE
+    return cell_key(rec["config"], prunes=prunes, calibrates=rec.get("calibration") is not None)
+
+
 def record_fingerprint(rec: dict) -> str | None:
     """The code a record's numbers come from: the scoped code fingerprint (older records: their whole-tree
     digest) and the library versions its id covers (``identity.versions``): records of one cell that differ in
@@ -171,11 +178,24 @@ def select_records(records: list[dict], include_stale: bool = False) -> tuple[li
     others are duplicates (a run copied into another sweep, or a forced re-run). Each record in ``stale``
     and ``duplicates`` gets ``superseded_by`` (the path of the record that replaces it).
     """
+    # records written before ids had an identity (runners/identity.py) are stale once a newer record of the same
+    # config has one: they come from older code, and their own cell would otherwise show them as another row
+    current: dict[str, dict] = {}
+    for rec in records:
+        if rec.get("identity") is not None:
+            legacy = _legacy_cell(rec)
+            if legacy not in current or str(rec.get("created") or "") > str(current[legacy].get("created") or ""):
+                current[legacy] = rec
     by_cell: dict[str, list[dict]] = {}
+    kept, stale, duplicates = [], [], []
     for rec in records:
         rec["cell"], rec["fingerprint"] = record_cell(rec), record_fingerprint(rec)
+        newer = current.get(_legacy_cell(rec)) if rec.get("identity") is None else None
+        if newer is not None:
+            stale.append({**rec, "stale": True, "superseded_by": newer.get("path")})
+            if not include_stale:
+                continue
         by_cell.setdefault(rec["cell"], []).append(rec)
-    kept, stale, duplicates = [], [], []
     for recs in by_cell.values():
         recs = sorted(recs, key=lambda r: (str(r.get("created") or ""), r.get("path", "")), reverse=True)
         newest = recs[0]
@@ -513,12 +533,9 @@ def _flat(config: dict, prefix: str = "") -> dict:
 
 
 def _result_keys(rec: dict) -> dict:
-    """The record's config keys that can change its result (:func:`runners.record.result_config`), seed left out."""
-    from .record import result_config
-
-    prunes = rec["pattern"]["kind"] != DENSE
-    config = result_config(rec["config"], prunes=prunes, calibrates=rec.get("calibration") is not None)
-    return {k: v for k, v in _flat(config).items() if k != "seed"}
+    """What can change the record's result, seed left out: its cell (:func:`cell_content`: the result config and
+    the identity, e.g. ``identity.resolved.dtype``), so that runs of different cells are never one row."""
+    return cell_content(rec)
 
 
 def varying_keys(records: list[dict]) -> list[str]:
@@ -805,7 +822,7 @@ def plot_vs_sparsity(frame: pd.DataFrame, metric: str, dataset: str | None, ylab
     for ax, (model, data) in zip(axes[0], panels, strict=True):
         cell = part[(part.model == model) & (part.dataset == data)]
         cell = cell.groupby(["method", "pattern"], as_index=False)["value"].mean()
-        for style, (_, dense) in zip(("--", ":", "-."), cell[cell.pattern == DENSE].groupby("method"), strict=False):
+        for style, (_, dense) in zip(itertools.cycle(("--", ":", "-.")), cell[cell.pattern == DENSE].groupby("method")):
             ax.axhline(dense.value.mean(), color="black", linestyle=style, linewidth=1)  # one per dense cell
         for method in methods:
             rows = cell[cell.method == method]

@@ -68,7 +68,8 @@ def _timed(timings: dict, key: str, start: float) -> float:
 
 
 def _sparsity_section(adapter, plan: Plan, prunes: bool) -> dict:
-    """Measured sparsity: overall, per block (achieved, over its prunable linears) and per module."""
+    """Measured sparsity: overall and per module over every prunable linear; per block (achieved) over the
+    linears the allocation targets (``sparsity.targets`` / ``ignore``; all by default), as its ratios are."""
     per_module, per_block, zeros, total = {}, [], 0, 0
     prefix = adapter.blocks_prefix()
     for index, block in enumerate(adapter.blocks()):
@@ -76,10 +77,11 @@ def _sparsity_section(adapter, plan: Plan, prunes: bool) -> dict:
         for name, linear in adapter.prunable_linears(block).items():
             value = measured_sparsity(linear.weight)
             per_module[f"{prefix}.{index}.{name}"] = round(value, 6)
-            block_zeros += round(value * linear.weight.numel())
-            block_total += linear.weight.numel()
-        per_block.append(round(block_zeros / max(block_total, 1), 6))
-        zeros, total = zeros + block_zeros, total + block_total
+            count = round(value * linear.weight.numel())
+            zeros, total = zeros + count, total + linear.weight.numel()
+            if plan.allocation.selects(name):
+                block_zeros, block_total = block_zeros + count, block_total + linear.weight.numel()
+        per_block.append(round(block_zeros / block_total, 6) if block_total else None)
     return {"target": plan.pattern.target_sparsity if prunes else 0.0, "overall": round(zeros / max(total, 1), 6),
             "prunable_parameters": total, "per_block": per_block, "per_module": per_module}
 

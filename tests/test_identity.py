@@ -218,7 +218,7 @@ def test_every_auto_is_resolved_before_it_is_hashed():
 
 def test_checkpoint_and_data_content_enter_the_id(tmp_path):
     """A copy of the checkpoint with one weight changed, or a calibration text with one more line: other ids;
-    an identical copy elsewhere: the same ids (content, not path, names a checkpoint)."""
+    an identical copy elsewhere: the same checkpoint identity (its content)."""
     import json
 
     from safetensors.torch import load_file, save_file

@@ -248,3 +248,40 @@ def test_every_pattern_label_round_trips(sparsity):
     assert parsed["ratio"] == pytest.approx(pattern.ratio)
     assert pattern_key(parsed) == recorded["label"] and "%" not in pattern_slug(recorded["label"])
     assert pattern_key({"kind": "dense"}) == "dense" == parse_pattern_label("dense")["kind"]
+
+
+def test_records_without_an_identity_are_stale_once_the_same_config_has_one(tmp_path):
+    """A record written before ids covered the identity is older code: left out (stale.md) beside a new record of
+    the same config, not shown as another row."""
+    from runners.report import build_report
+
+    folder = tmp_path / "sweep"
+    _record(folder, "dense", pruner="dense", ppl=50.0)
+    old = _record(folder, "old", ppl=200.0)
+    new = _record(folder, "new", ppl=100.0, fingerprint="7e57e57e57e5", created="2026-02-01T00:00:00+00:00")
+    rec = json.loads(new.read_text())
+    rec["identity"] = {"resolved": {"device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"},
+                       "checkpoint": {"sha256": "c" * 16}, "data": {}, "versions": {"torch": "2.13.0"}}
+    new.write_text(json.dumps(rec))
+    written = build_report(folder, wandb_mode="disabled")
+    table = written["tables"]["ppl"].set_index("method")
+    assert list(table.index) == ["dense", "sparsegpt"]
+    assert table.loc["sparsegpt", "tiny-opt | bundled@256 | ours"] == pytest.approx(100.0)
+    assert [r["path"] for r in written["stale"]] == [str(old)]
+
+
+def test_the_runs_table_splits_runs_that_differ_only_in_their_identity(tmp_path):
+    from runners.report import build_report
+
+    folder = tmp_path / "sweep"
+    for name, dtype, ppl in (("a", "float32", 100.0), ("b", "bfloat16", 104.0)):
+        path = _record(folder, name, ppl=ppl)
+        rec = json.loads(path.read_text())
+        rec["identity"] = {"resolved": {"device": "cpu", "dtype": dtype, "attn_implementation": "sdpa"},
+                           "checkpoint": {"sha256": "c" * 16}, "data": {}, "versions": {}}
+        path.write_text(json.dumps(rec))
+    written = build_report(folder, wandb_mode="disabled", columns_=["ppl"])
+    runs = written["tables"]["runs"]
+    assert len(runs) == 2 and "identity.resolved.dtype" in runs.columns
+    assert sorted(written["tables"]["ppl"]["method"]) == ["sparsegpt (identity.resolved.dtype=bfloat16)",
+                                                          "sparsegpt (identity.resolved.dtype=float32)"]
