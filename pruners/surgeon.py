@@ -18,13 +18,15 @@ With ``G^-1``, ``A^-1`` damped relative to their mean diagonals (:func:`damped_i
 - shots: the target grows linearly, ``s_t = t S / T``; curvature is re-estimated on the pruned model before
   every shot and removed weights stay removed (:class:`pruners.masks.MaskState`).
 
-Not yet here (docs/methods.md §5): rows / columns (structured), L-OBD, labels sampled
+``pruner=lobd`` is the L-OBD baseline (``I ⊗ A``, :func:`lobd_element_costs`). Not yet here (docs/methods.md §5):
+rows / columns (structured), labels sampled
 from the model, the perplexity of intermediate shots, the block-by-block memory scheme.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -63,10 +65,11 @@ class KroneckerFactors:
         self.G.addmm_(g.T, g)
         self.tokens += a.shape[0]
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(G, A)``, averaged and balanced (:func:`balance`)."""
+    def factors(self, balanced: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G, A)``, averaged and (``balanced``) balanced (:func:`balance`)."""
         count = max(self.tokens, 1)
-        return balance(self.G / count, self.A / count)
+        G, A = self.G / count, self.A / count
+        return balance(G, A) if balanced else (G, A)
 
 
 def balance(G: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +194,7 @@ class KroneckerPruner(Pruner):
     needs_calibration = True
     needs_gradients = True
     scope = "model"
+    balanced: ClassVar[bool] = True  # the KFAC factors' Frobenius balancing (L-OBD uses A as it is)
     shots: int = 5
 
     def check(self, pattern: Pattern) -> None:
@@ -206,7 +210,7 @@ class KroneckerPruner(Pruner):
                    for name, linear in modules.items()}
         accumulate_gradient_stats(model, modules, calib_ids, settings,
                                   lambda name, a, g: factors[name].add(a, g))
-        return {name: f.factors() for name, f in factors.items()}
+        return {name: f.factors(self.balanced) for name, f in factors.items()}
 
     def element_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, d_in: int):
         """``(costs [d_out, d_in], what update() needs or None)`` of one module's augmented ``W``."""
@@ -302,3 +306,23 @@ class KOBD(KroneckerPruner):
 
     def element_costs(self, W, G, A, d_in):
         return kobd_element_costs(W[:, :d_in], G, A), None
+
+
+def lobd_element_costs(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """L-OBD cost (the input factor only, ``G = I``): ``w_rc^2 A_cc / 2``."""
+    return W.double() ** 2 * torch.diagonal(A).double()[None, : W.shape[1]] / 2
+
+
+@register
+@dataclass
+class LOBD(KroneckerPruner):
+    """``pruner=lobd``: the LLM Surgeon repository's L-OBD baseline (``--curvature activations --obd``): ``F ≈ I ⊗ A``
+    with ``A`` the mean of ``a a^T`` as it is (no balancing), costs ``w^2 A_cc / 2``, the same global threshold and
+    shots, no weight update. (The gradient pass still runs; ``G`` is not used.)"""
+
+    name = "lobd"
+    balanced = False
+    shots: int = 1
+
+    def element_costs(self, W, G, A, d_in):
+        return lobd_element_costs(W[:, :d_in], A), None

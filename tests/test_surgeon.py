@@ -16,6 +16,7 @@ from pruners.surgeon import (
     correlated_update,
     damped_inverse,
     kobd_element_costs,
+    lobd_element_costs,
     nm_group_costs,
     obs_element_costs,
     row_chunks,
@@ -123,9 +124,10 @@ def test_costs_and_the_joint_update_equal_brute_force_obs():
     assert not chunked[mask].any() and (chunked != joint).any()
     d2 = (chunked - W).flatten()
     assert float(0.5 * d2 @ torch.kron(G, A) @ d2) >= float(loss) - 1e-12
-    # K-OBD: the diagonal of G ⊗ A
+    # K-OBD: the diagonal of G ⊗ A; L-OBD: of I ⊗ A
     torch.testing.assert_close(kobd_element_costs(W, G, A),
                                W**2 * torch.diagonal(G)[:, None] * torch.diagonal(A)[None, :] / 2)
+    torch.testing.assert_close(lobd_element_costs(W, A), W**2 * torch.diagonal(A)[None, :] / 2)
 
 
 def test_the_bias_column_is_compensated_but_never_removed():
@@ -167,7 +169,8 @@ def test_shot_masks_hit_the_target_count_and_nm_groups_stay_valid():
             assert satisfies_n_of_m(torch.where(m, 0.0, 1.0), 2, 4) == (shot == 4)
 
 
-@pytest.mark.parametrize("name,kind", [("surgeon", "unstructured"), ("surgeon", "nm"), ("kobd", "unstructured")])
+@pytest.mark.parametrize("name,kind", [("surgeon", "unstructured"), ("surgeon", "nm"), ("kobd", "unstructured"),
+                                       ("lobd", "nm")])
 def test_whole_model_prune_meets_the_target_and_masks_persist(name, kind):
     model = random_model("opt")
     pattern = (Pattern("unstructured", 0.5) if kind == "unstructured"
