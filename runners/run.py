@@ -6,6 +6,7 @@ any model weights are loaded; bad input gives one ``prunelab: error: ...`` line 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
@@ -372,11 +373,34 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
         record["model"] = {"name": cfg.model.name, **kept.meta["model"]}  # the model that was pruned
         record["pruned_from"] = prune_cache.pruned_from(kept)
     if write:
-        write_atomic(out_path, record)
+        try:
+            write_atomic(out_path, record)
+        except OSError as err:  # disk full, permissions changed meanwhile: keep the numbers, say so in one line
+            print(json.dumps({"run_id": rid, "metrics": record["metrics"], "sparsity": record["sparsity"]["overall"]},
+                             default=str), file=sys.stderr)
+            raise ConfigError(f"output_root={cfg.output_root}: the record {out_path} could not be written "
+                              f"({err.strerror or err}); its metrics are printed above") from None
         record["path"] = str(out_path)
         tracking.log_run(record, cfg)
     record["status"] = "computed"
     return record
+
+
+def check_writable(cfg: DictConfig) -> None:
+    """``output_root`` (and the sweep folder in it) can be created and written, before any work: a read-only or
+    file-occupied location is one line naming the key, not a traceback after the run."""
+    import tempfile
+
+    root = Path(str(cfg.output_root)).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output_root={cfg.output_root} is a file, not a folder")
+    try:
+        folder = root / str(cfg.sweep)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output_root={cfg.output_root}: cannot write there ({err.strerror or err})") from None
 
 
 def summary(record: dict) -> str:
@@ -437,6 +461,7 @@ def run_task(cfg: DictConfig) -> None:
     except ConfigError as err:
         fail(str(err))
     try:
+        check_writable(cfg)
         record = execute(cfg, plan)
     except ConfigError as err:
         fail(str(err))
@@ -600,6 +625,7 @@ def prevalidate(argv: list[str]) -> str | None:
             key = OmegaConf.to_yaml(cfg.model)
             try:
                 validate(cfg, check_model=key not in seen_models)
+                check_writable(cfg)  # before Hydra creates its run folder there
             except ConfigError as err:
                 return f"{err}{where}"
             seen_models[key] = True

@@ -199,3 +199,13 @@ def test_ctrl_c_prints_one_line_and_keeps_what_finished(tmp_path):
     assert "Traceback" not in err
     records = list((tmp_path / "s").glob("*/result.json"))
     assert 1 <= len(records) < 4 and all(json.loads(p.read_text())["metrics"] for p in records)
+
+
+def test_an_output_root_that_is_a_file_is_one_line_before_any_work(tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.write_text("not a folder")
+    proc = run_cli(f"output_root={occupied}", "wandb.mode=disabled")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"prunelab: error: output_root={occupied} is a file, not a folder"]
+    assert occupied.read_text() == "not a folder"
