@@ -30,15 +30,30 @@ def settings(cfg) -> dict | None:
             "group": str(cfg.sweep)}
 
 
+ONLINE_INIT_TIMEOUT_S = 15  # an unreachable W&B server costs at most this per run, then the run is logged offline
+
+
 def _init(opts: dict, name: str, job_type: str, config: dict):
     import wandb
 
     Path(opts["dir"]).mkdir(parents=True, exist_ok=True)
     if opts["mode"] == "offline":  # keep W&B's own logs next to the run files, not in $HOME/.cache
         os.environ.setdefault("WANDB_CACHE_DIR", str(Path(opts["dir"]) / "wandb" / ".cache"))
-    return wandb.init(project=opts["project"], entity=opts["entity"], mode=opts["mode"], dir=opts["dir"],
-                      group=opts["group"], job_type=job_type, name=name, tags=opts["tags"], config=config,
-                      reinit="create_new", settings=wandb.Settings(silent=True, console="off", init_timeout=60))
+    def init(mode: str):
+        return wandb.init(project=opts["project"], entity=opts["entity"], mode=mode, dir=opts["dir"],
+                          group=opts["group"], job_type=job_type, name=name, tags=opts["tags"], config=config,
+                          reinit="create_new",
+                          settings=wandb.Settings(silent=True, console="off", init_timeout=ONLINE_INIT_TIMEOUT_S))
+
+    if opts["mode"] != "online":
+        return init(opts["mode"])
+    try:
+        return init("online")
+    except Exception as err:  # an unreachable server: the run is logged offline (wandb sync uploads it later)
+        log.warning("W&B online init failed (%s); logging this run offline under %s (wandb sync uploads it)",
+                    type(err).__name__, opts["dir"])
+        os.environ.setdefault("WANDB_CACHE_DIR", str(Path(opts["dir"]) / "wandb" / ".cache"))
+        return init("offline")
 
 
 def run_summary(record: dict) -> dict:

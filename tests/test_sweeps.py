@@ -126,3 +126,6 @@ def test_wandb_failure_never_fails_the_run(tmp_path, monkeypatch):
     record = execute(cfg)
     assert record["status"] == "computed"
     assert json.loads((tmp_path / "wbfail" / record["run_id"] / "result.json").read_text())["run_id"] == record["run_id"]
+    # the unreachable server: the run was logged offline instead (wandb sync uploads it later)
+    (run,) = tracking.offline_runs(tmp_path / "wbfail")
+    assert tracking.read_offline_run(run)["name"] == record["run_id"]
