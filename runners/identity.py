@@ -30,8 +30,9 @@ import hashlib
 import json
 import os
 import tempfile
-from importlib import metadata
 from pathlib import Path
+
+from .record import package_versions
 
 # the result-config keys the identity replaces by their resolved value (dotted)
 UNRESOLVED_KEYS = ("device", "model.dtype", "model.attn_implementation")
@@ -201,13 +202,7 @@ def versions(cfg, plan) -> dict:
     names = ["torch", "transformers", "tokenizers", "datasets"]
     if plan.zeroshot_tasks:
         names.append("lm_eval")
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return package_versions(names)
 
 
 def run_identity(cfg, plan) -> dict:

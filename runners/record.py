@@ -39,14 +39,19 @@ PACKAGES = ("prunelab", "torch", "transformers", "tokenizers", "datasets", "hydr
             "lm_eval", "wandb", "numpy", "safetensors", "mambapy", "gguf")
 
 
-def library_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
+def package_versions(names) -> dict:
+    """``{package: installed version or None}``."""
+    versions = {}
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def library_versions() -> dict:
+    return {"python": platform.python_version(), **package_versions(PACKAGES)}
 
 
 @functools.lru_cache(maxsize=1)

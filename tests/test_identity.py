@@ -247,12 +247,10 @@ def test_checkpoint_and_data_content_enter_the_id(tmp_path):
 
 
 def test_library_versions_enter_the_id(monkeypatch):
-    from runners import identity
-
     rid, pid, ident = _ids()
     assert set(ident["versions"]) >= {"torch", "transformers", "tokenizers"}
-    real = identity.metadata.version
-    monkeypatch.setattr(identity.metadata, "version", lambda name: "0.0.1" if name == "torch" else real(name))
+    real = record.metadata.version
+    monkeypatch.setattr(record.metadata, "version", lambda name: "0.0.1" if name == "torch" else real(name))
     assert _ids()[:2] != (rid, pid)
 
 
