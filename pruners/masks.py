@@ -12,13 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
+RATIO_KINDS = ("unstructured", "structured", "rowcol")  # the kinds set by sparsity.ratio
+PATTERN_KINDS = ("unstructured", "nm", "structured", "rowcol")
+_LABEL_SUFFIX = {"structured": " struct", "rowcol": " rowcol"}  # after the percentage
+
 
 @dataclass(frozen=True)
 class Pattern:
-    """Unstructured at ``ratio``, N:M (``n`` kept of every ``m``), or structured: ``ratio`` of the
-    attention + MLP parameters removed as whole heads / channels (structured pruners only)."""
+    """Unstructured at ``ratio``, N:M (``n`` kept of every ``m``), structured: ``ratio`` of the
+    attention + MLP parameters removed as whole heads / channels (structured pruners only), or rowcol: ``ratio`` of
+    the targeted weights removed as whole rows and columns of the linears, zeroed (the LLM Surgeon's structured
+    mode)."""
 
-    kind: str  # "unstructured" | "nm" | "structured"
+    kind: str  # "unstructured" | "nm" | "structured" | "rowcol"
     ratio: float = 0.0
     n: int | None = None
     m: int | None = None
@@ -38,7 +44,7 @@ class Pattern:
     @classmethod
     def from_config(cls, cfg) -> Pattern:
         kind = cfg.kind
-        if kind in ("unstructured", "structured"):
+        if kind in RATIO_KINDS:
             ratio = float(cfg.ratio)
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"sparsity.ratio={ratio} is outside [0, 1)")
@@ -48,25 +54,26 @@ class Pattern:
             if not (m >= 2 and 0 < n < m):
                 raise ValueError(f"sparsity N:M needs 0 < n < m (got n={n}, m={m})")
             return cls("nm", ratio=1.0 - n / m, n=n, m=m)
-        raise ValueError(f"sparsity.kind='{kind}' is not one of: unstructured, nm, structured")
+        raise ValueError(f"sparsity.kind='{kind}' is not one of: {', '.join(PATTERN_KINDS)}")
 
 
 # --- pattern labels: one format (records, run ids, reports, published numbers), one parser ------------------
 
 
 def pattern_label(kind: str, ratio: float | None = None, n: int | None = None, m: int | None = None) -> str:
-    """The one label of a pattern: ``dense``, ``50%`` (unstructured), ``2:4`` (N:M), ``30% struct`` (structured).
+    """The one label of a pattern: ``dense``, ``50%`` (unstructured), ``2:4`` (N:M), ``30% struct`` (structured),
+    ``30% rowcol`` (rows and columns).
     A ratio prints with as many digits as it has (``69.5%``), so two ratios never share a label."""
     if kind == "dense":
         return "dense"
     if kind == "nm":
         return f"{int(n)}:{int(m)}"
     percent = f"{round(float(ratio) * 100, 8):.12g}%"
-    if kind == "structured":
-        return f"{percent} struct"
+    if kind in _LABEL_SUFFIX:
+        return percent + _LABEL_SUFFIX[kind]
     if kind == "unstructured":
         return percent
-    raise ValueError(f"pattern kind '{kind}' is not one of: dense, unstructured, nm, structured")
+    raise ValueError(f"pattern kind '{kind}' is not one of: dense, {', '.join(PATTERN_KINDS)}")
 
 
 def parse_pattern_label(label: str) -> dict:
@@ -83,15 +90,16 @@ def parse_pattern_label(label: str) -> dict:
             if pattern_label(**out) != text:  # '02:4', '2: 4'
                 raise ValueError(f"pattern label '{label}': write it as '{pattern_label(**out)}'")
             return out
-        kind = "structured" if text.endswith(" struct") else "unstructured"
-        number = text.removesuffix(" struct")
+        kind = next((k for k, suffix in _LABEL_SUFFIX.items() if text.endswith(suffix)), "unstructured")
+        number = text.removesuffix(_LABEL_SUFFIX.get(kind, ""))
         if not number.endswith("%"):
             raise ValueError
         ratio = float(number[:-1]) / 100
         if not 0.0 <= ratio < 1.0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"pattern label '{label}' is not one of the forms: dense, 50%, 2:4, 30% struct") from None
+        raise ValueError(f"pattern label '{label}' is not one of the forms: dense, 50%, 2:4, 30% struct, "
+                         f"30% rowcol") from None
     out = {"kind": kind, "ratio": ratio, "n": None, "m": None}
     if pattern_label(**out) != text:  # e.g. '050%', '50.0%': not the canonical spelling
         raise ValueError(f"pattern label '{label}': write it as '{pattern_label(**out)}'")
@@ -99,7 +107,7 @@ def parse_pattern_label(label: str) -> dict:
 
 
 def pattern_slug(label: str) -> str:
-    """A label in file and run-id form: ``50pct``, ``2of4``, ``30pct-struct``, ``dense``."""
+    """A label in file and run-id form: ``50pct``, ``2of4``, ``30pct-struct``, ``30pct-rowcol``, ``dense``."""
     return label.replace("%", "pct").replace(":", "of").replace(" ", "-")
 
 

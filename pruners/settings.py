@@ -6,7 +6,8 @@ that a new driver setting reaches every method (layer-wise or whole-model) witho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,13 +18,16 @@ class EngineSettings:
 
     ``device``: where blocks (or, for whole-model methods, the model) run; ``batch_size``: calibration
     windows per forward; ``stats_dtype``: dtype of the accumulated statistics (fp32 or fp64);
-    ``progress``: show progress bars.
+    ``progress``: show progress bars; ``on_shot``: a multi-shot method calls ``on_shot(shot, shots)`` after each
+    shot but the last, the model holding that shot's weights (the runner evaluates and records it:
+    ``eval.shots_every``).
     """
 
     device: str | torch.device = "cpu"
     batch_size: int = 8
     stats_dtype: torch.dtype = torch.float32
     progress: bool = True
+    on_shot: Callable[[int, int], None] | None = field(default=None, compare=False)
 
     @classmethod
     def from_config(cls, engine_cfg, device, progress: bool = True) -> EngineSettings:

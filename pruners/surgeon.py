@@ -16,11 +16,16 @@ With ``G^-1``, ``A^-1`` damped relative to their mean diagonals (:func:`damped_i
   ``C = G^-1[Q_r, Q_r] ∘ A^-1[Q_c, Q_c]``, ``m = C^-1 w_Q``, ``ΔW = -G^-1 M A^-1`` with ``M`` holding ``m`` at
   ``Q`` (:func:`correlated_update`); K-OBD does not update;
 - shots: the target grows linearly, ``s_t = t S / T``; curvature is re-estimated on the pruned model before
-  every shot and removed weights stay removed (:class:`pruners.masks.MaskState`).
+  every shot and removed weights stay removed (:class:`pruners.masks.MaskState`);
+- rows + columns (``sparsity=rowcol``): row costs ``w_r^T A w_r / (2 [G^-1]_rr)``, column costs
+  ``w_c^T G w_c / (2 [A^-1]_cc)`` (:func:`obs_row_costs`, :func:`obs_column_costs`), one threshold with the joint
+  removed-weight count (:func:`rowcol_prune_masks`), the row then column updates (:func:`rowcol_update`);
+- dead rows and columns (all zero, or a zero curvature diagonal) are left out of ``G`` and ``A``, cost 0 and are
+  zero afterwards, as in the reference (:func:`live_structures`).
 
 ``pruner=lobd`` is the L-OBD baseline (``I ⊗ A``, :func:`lobd_element_costs`). Not yet here (docs/methods.md §5):
-rows / columns (structured), labels sampled
-from the model, the perplexity of intermediate shots, the block-by-block memory scheme.
+labels sampled from the model, the perplexity of intermediate shots, the block-by-block memory scheme, shrinking
+aligned rows / columns.
 """
 
 from __future__ import annotations
@@ -83,11 +88,9 @@ def balance(G: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def damped_inverse(M: torch.Tensor, damp: float) -> torch.Tensor:
-    """``(M + damp · mean(diag M) · I)^-1`` in float64 through Cholesky (the reference's ``utils.inv``). A dead
-    input or output (a zero row and column) is left as it is: the damping makes the matrix positive definite, and
-    its inverse diagonal ``1 / (damp · mean)`` is large, so that weights on a dead input cost little and are
-    removed first (the reference drops such rows and columns from the matrices instead). An all-zero ``M``
-    (no signal at all) is damped with mean 1."""
+    """``(M + damp · mean(diag M) · I)^-1`` in float64 through Cholesky (the reference's ``utils.inv``). The
+    pruners leave dead rows and columns out before inverting (:func:`live_structures`); one that remains is made
+    positive definite by the damping. An all-zero ``M`` (no signal at all) is damped with mean 1."""
     M = M.double().clone()
     diag = torch.diagonal(M)
     mean = diag.mean() if diag.numel() else torch.tensor(1.0, dtype=M.dtype)
@@ -109,6 +112,31 @@ def kobd_element_costs(W: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> tor
     return W.double() ** 2 * torch.diagonal(G).double()[:, None] * torch.diagonal(A).double()[None, : W.shape[1]] / 2
 
 
+def obs_row_costs(W: torch.Tensor, A: torch.Tensor, Ginv: torch.Tensor) -> torch.Tensor:
+    """OBS cost of removing each row (output) of ``W`` alone: ``w_r^T A w_r / (2 [G^-1]_rr)`` (docs/methods.md §5.2);
+    ``W`` and ``A`` with the bias column, so a removed row takes its bias along."""
+    W = W.double()
+    return (W @ A.double() * W).sum(1) / (2 * torch.diagonal(Ginv))
+
+
+def obs_column_costs(W: torch.Tensor, G: torch.Tensor, Ainv: torch.Tensor) -> torch.Tensor:
+    """OBS cost of removing each column (input) of ``W`` alone: ``w_c^T G w_c / (2 [A^-1]_cc)``."""
+    W = W.double()
+    return (G.double() @ W * W).sum(0) / (2 * torch.diagonal(Ainv))
+
+
+def kobd_row_costs(W: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """K-OBD row cost (no update): ``(w_r^T A w_r) G_rr / 2``."""
+    W = W.double()
+    return (W @ A.double() * W).sum(1) * torch.diagonal(G).double() / 2
+
+
+def kobd_column_costs(W: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """K-OBD column cost (no update): ``(w_c^T G w_c) A_cc / 2``."""
+    W = W.double()
+    return (G.double() @ W * W).sum(0) * torch.diagonal(A).double() / 2
+
+
 def nm_group_costs(costs: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Per group of ``m`` consecutive inputs of a row (full-matrix coordinates): the sum of its ``m - n`` smallest
     element costs, ``[d_out, d_in / m]`` (docs/methods.md §5.3)."""
@@ -123,6 +151,39 @@ def nm_prune_mask(costs: torch.Tensor, group_mask: torch.Tensor, n: int, m: int)
     rows, cols = costs.shape
     inner = lowest_k(costs.reshape(-1, m), m - n).view(rows, cols // m, m)
     return (inner & group_mask[..., None]).view(rows, cols)
+
+
+def rowcol_prune_masks(costs: dict[str, tuple[torch.Tensor, torch.Tensor]], ratio: float
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One threshold over every module's row and column costs such that the weights removed stay within
+    ``int(ratio · total)`` (docs/methods.md §5.3). Per module of ``R`` rows and ``C`` column candidates, removing
+    ``r`` rows and ``c`` columns removes ``r C + c R - r c`` weights; walking a module's costs in increasing order
+    that count is made monotone (running maximum, as the reference's ``cummax``), and the modules' counts add up
+    along the merged order. The threshold is the largest cost at which the total stays within the target; every
+    row and column at or below it is removed. Returns ``{name: (row_mask [R], column_mask [C])}``."""
+    keys, steps, total = [], [], 0
+    for row_costs, col_costs in costs.values():
+        R, C = row_costs.numel(), col_costs.numel()
+        total += R * C
+        merged = torch.cat([row_costs, col_costs]).double().cpu()
+        order = merged.argsort(stable=True)
+        is_row = (order < R).double()
+        rows, cols = is_row.cumsum(0), (1 - is_row).cumsum(0)
+        removed = (rows * C + cols * R - rows * cols).cummax(0).values
+        keys.append(merged[order])
+        steps.append(torch.diff(removed, prepend=removed.new_zeros(1)))
+    all_keys = torch.cat(keys)
+    order = all_keys.argsort(stable=True)
+    removed = torch.cat(steps)[order].cumsum(0)
+    within = (removed <= int(ratio * total)).nonzero()
+    threshold = all_keys[order][within.max()].item() if within.numel() else float("-inf")
+    return {name: (row_costs.cpu() <= threshold, col_costs.cpu() <= threshold)
+            for name, (row_costs, col_costs) in costs.items()}
+
+
+def rowcol_mask(rows: torch.Tensor, cols: torch.Tensor, d_in: int) -> torch.Tensor:
+    """The weight mask ``[d_out, d_in]`` of removed rows and columns (a bias column candidate is dropped)."""
+    return rows[:, None] | cols[None, :d_in]
 
 
 # --- the correlated update ---------------------------------------------------------------------------------------
@@ -144,6 +205,15 @@ def row_chunks(mask: torch.Tensor, max_correlate: int) -> list[torch.Tensor]:
     return chunks
 
 
+def spd_solve(C: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``C^-1 b`` for a symmetric positive definite ``C`` (a Hadamard product of two damped inverses is one):
+    Cholesky, or LU where rounding has made it indefinite."""
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) == 0:
+        return torch.cholesky_solve(b[:, None], L)[:, 0]
+    return torch.linalg.solve(C, b)
+
+
 def correlated_update(W: torch.Tensor, mask: torch.Tensor, Ginv: torch.Tensor, Ainv: torch.Tensor,
                       max_correlate: int = 2000, addupdate: bool = True) -> torch.Tensor:
     """The OBS update that removes the masked weights of ``W`` (``[d_out, d_in (+1 bias column)]``; the mask covers
@@ -160,14 +230,44 @@ def correlated_update(W: torch.Tensor, mask: torch.Tensor, Ginv: torch.Tensor, A
         sub = full[rows]
         r_local, c = sub.nonzero(as_tuple=True)
         r = rows[r_local]
-        w = (W + total)[r, c] if addupdate else W[r, c]
+        w = W[r, c] + total[r, c] if addupdate else W[r, c]
         C = Ginv[r][:, r] * Ainv[c][:, c]
-        coeff = torch.linalg.solve(C, w)
-        M = torch.zeros_like(W)
-        M.index_put_((r, c), coeff, accumulate=True)
-        total -= Ginv @ M @ Ainv
+        M = W.new_zeros(rows.numel(), W.shape[1])  # the chunk's rows of M
+        M[r_local, c] = spd_solve(C, w)
+        total -= Ginv[:, rows] @ (M @ Ainv)
     W = W + total
     W[full] = 0.0
+    return W
+
+
+def _split(indices: torch.Tensor, max_correlate: int) -> list[torch.Tensor]:
+    if not indices.numel():
+        return []
+    return list(torch.split(indices, max_correlate)) if max_correlate else [indices]
+
+
+def rowcol_update(W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, Ginv: torch.Tensor, Ainv: torch.Tensor,
+                  max_correlate: int = 0, addupdate: bool = False) -> torch.Tensor:
+    """The OBS update that removes whole rows ``R`` and columns ``C`` of ``W`` (``[d_out, d_in (+1 bias column)]``)
+    under ``F = G ⊗ A`` (docs/methods.md §5.4): rows ``ΔW = -G^-1[:, R] (G^-1[R, R])^-1 W[R, :]`` (``A`` cancels),
+    then columns ``ΔW = -W[:, C] (A^-1[C, C])^-1 A^-1[C, :]`` (``G`` cancels), each in chunks of ``max_correlate``
+    rows / columns (0 = all at once); ``addupdate``: each chunk starts from ``W`` plus the updates before it,
+    otherwise every chunk from ``W`` as it came. Returns the updated ``W`` (float64) with the rows and columns
+    exactly zero. ``cols`` may leave out the bias column (``d_in`` long)."""
+    W = W.double()
+    full_cols = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
+    full_cols[: cols.numel()] = cols.to(W.device)
+    rows = rows.to(W.device)
+    total = torch.zeros_like(W)
+    for R in _split(rows.nonzero().flatten(), max_correlate):
+        target = W[R] + total[R] if addupdate else W[R]
+        total -= Ginv[:, R] @ torch.linalg.solve(Ginv[R][:, R], target)
+    for C in _split(full_cols.nonzero().flatten(), max_correlate):
+        target = W[:, C] + total[:, C] if addupdate else W[:, C]
+        total -= torch.linalg.solve(Ainv[C][:, C], target.T).T @ Ainv[C]
+    W = W + total
+    W[rows] = 0.0
+    W[:, full_cols] = 0.0
     return W
 
 
@@ -187,20 +287,67 @@ def _write(linear: nn.Linear, W: torch.Tensor) -> None:
         linear.bias.data.copy_(W[:, d_in].to(linear.bias.dtype))
 
 
+def script_defaults(pattern: Pattern, damp_g: float | None, max_correlate: int | None, addupdate: bool | None
+                    ) -> dict:
+    """``damp_g``, ``max_correlate``, ``addupdate`` with each null replaced by the reference scripts' flag for
+    ``pattern`` (element and 2:4: ``--damp_g 0.1 --max_correlate 2000 --addupdate``; rows + columns
+    (``scripts/structured/surgeon.sh``): the code's defaults 0.01, 0, off)."""
+    rowcol = pattern.kind == "rowcol"
+    return {"damp_g": damp_g if damp_g is not None else (0.01 if rowcol else UNSTRUCTURED_DAMP_G),
+            "max_correlate": max_correlate if max_correlate is not None else (0 if rowcol else 2000),
+            "addupdate": addupdate if addupdate is not None else not rowcol}
+
+
+def live_structures(W: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The live rows and columns of the augmented ``W``: not all zero, and with a nonzero curvature diagonal. The
+    rest is dead, as in the reference (``Pruner.WGA``): left out of ``G`` and ``A`` before anything is inverted
+    (a removed row or column is fixed at zero, so the costs and updates of the others are those of the remaining
+    variables), costing 0, and zero afterwards."""
+    rows = W.ne(0).any(1) & torch.diagonal(G).ne(0).to(W.device)
+    cols = W.ne(0).any(0) & torch.diagonal(A).ne(0).to(W.device)
+    return rows, cols
+
+
+def _scatter(sub: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """A live-rows (x live-columns) tensor in full coordinates, zero elsewhere."""
+    if cols is None:
+        full = sub.new_zeros(rows.numel())
+        full[rows] = sub
+        return full
+    full = sub.new_zeros(rows.numel(), cols.numel())
+    full[rows[:, None] & cols[None, :]] = sub.reshape(-1)
+    return full
+
+
+def _padded(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A mask over the candidate columns widened to the augmented matrix (the bias column: not removed)."""
+    if mask.shape[-1] == width:
+        return mask.clone()
+    out = mask.new_zeros(*mask.shape[:-1], width)
+    out[..., : mask.shape[-1]] = mask
+    return out
+
+
 @dataclass
 class KroneckerPruner(Pruner):
-    """The shared driver of ``surgeon`` and ``kobd``: curvature, costs, one global threshold per shot, update."""
+    """The shared driver of ``surgeon``, ``kobd`` and ``lobd``: curvature, costs, one global threshold per shot,
+    update. A subclass gives the costs (:meth:`element_costs`, :meth:`rowcol_costs`) and, for OBS, the updates."""
 
     needs_calibration = True
     needs_gradients = True
     scope = "model"
+    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "rowcol")
     balanced: ClassVar[bool] = True  # the KFAC factors' Frobenius balancing (L-OBD uses A as it is)
     shots: int = 5
+    prune_bias: bool = False  # biases are candidates and count toward the target (unstructured, rows + columns)
 
     def check(self, pattern: Pattern) -> None:
         super().check(pattern)
         if self.shots < 1:
             raise ValueError(f"pruner.shots={self.shots} must be >= 1")
+        if self.prune_bias and pattern.kind == "nm":
+            raise ValueError("pruner.prune_bias=true: N:M groups hold weights only; use it with unstructured or "
+                             "rowcol sparsity")
 
     def curvature(self, model, modules: dict[str, nn.Linear], calib_ids: torch.Tensor,
                   settings: EngineSettings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -212,15 +359,32 @@ class KroneckerPruner(Pruner):
                                   lambda name, a, g: factors[name].add(a, g))
         return {name: f.factors(self.balanced) for name, f in factors.items()}
 
-    def element_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, d_in: int):
-        """``(costs [d_out, d_in], what update() needs or None)`` of one module's augmented ``W``."""
+    def element_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, pattern: Pattern):
+        """``(costs [d_out, columns], what update() needs or None)`` of one module's augmented ``W``; ``columns``
+        are the candidate columns (the bias column only with ``prune_bias``)."""
         raise NotImplementedError
 
-    def update(self, W: torch.Tensor, mask: torch.Tensor, extra) -> torch.Tensor:
+    def rowcol_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, pattern: Pattern):
+        """``((row costs [d_out], column costs [columns]), what rowcol_update() needs or None)``."""
+        raise NotImplementedError
+
+    def update(self, W: torch.Tensor, mask: torch.Tensor, extra, pattern: Pattern) -> torch.Tensor:
         """``W`` (augmented, float64) with the masked weights removed: zeroed, no compensation (OBD)."""
         W = W.clone()
         W[:, : mask.shape[1]][mask] = 0.0
         return W
+
+    def rowcol_update(self, W: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, extra, pattern: Pattern
+                      ) -> torch.Tensor:
+        """``W`` with the rows and columns removed: zeroed, no compensation (OBD)."""
+        W = W.clone()
+        W[rows.to(W.device)] = 0.0
+        W[:, : cols.numel()][:, cols.to(W.device)] = 0.0
+        return W
+
+    def _columns(self, linear: nn.Linear) -> int:
+        """The candidate columns of ``[W | b]``: the weights, and the bias with ``prune_bias``."""
+        return linear.in_features + int(self.prune_bias and linear.bias is not None)
 
     def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
                     ) -> dict[str, ModuleResult]:
@@ -231,37 +395,77 @@ class KroneckerPruner(Pruner):
             for shot in tqdm(range(1, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
                              disable=not settings.progress):
                 curvature = self.curvature(model, modules, calib_ids, settings)
-                costs, extras = {}, {}
+                costs, extras, lives = {}, {}, {}
                 for name, linear in modules.items():
                     G, A = curvature.pop(name)
-                    costs[name], extras[name] = self.element_costs(_augmented(linear), G, A, linear.in_features)
-                masks = self.shot_masks(costs, pattern, shot)
-                for name, linear in modules.items():
-                    mask = masks[name].to(linear.weight.device)
-                    if name in state:
-                        mask |= state.prune_mask(name, linear.weight.device)
-                    state.register(name, mask)
-                    losses[name] = float(costs[name][mask].sum())
-                    _write(linear, self.update(_augmented(linear), mask, extras[name]))
+                    W = _augmented(linear)
+                    lives[name] = rows, cols = live_structures(W, G, A)
+                    Ws, Gs, As = W[rows][:, cols], G[rows][:, rows], A[cols][:, cols]
+                    if pattern.kind == "rowcol":
+                        (row_costs, col_costs), extras[name] = self.rowcol_costs(Ws, Gs, As, pattern)
+                        costs[name] = (_scatter(row_costs, rows), _scatter(col_costs, cols)[: self._columns(linear)])
+                    else:
+                        element, extras[name] = self.element_costs(Ws, Gs, As, pattern)
+                        costs[name] = _scatter(element, rows, cols)[:, : self._columns(linear)]
+                for name, (removed, loss) in self.shot_masks(costs, pattern, shot).items():
+                    linear = modules[name]
+                    d_in = linear.in_features
+                    W = _augmented(linear)
+                    rows, cols = lives[name]
+                    if pattern.kind == "rowcol":
+                        removed = (removed[0], _padded(removed[1], W.shape[1]))
+                    else:
+                        removed = _padded(removed, W.shape[1])
+                    if name in state:  # removed stays removed (it costs 0, but ties at 0 need not all fit)
+                        before = state.prune_mask(name, linear.weight.device)
+                        if pattern.kind == "rowcol":
+                            removed[0].logical_or_(before.all(1))
+                            removed[1][:d_in].logical_or_(before.all(0))
+                        else:
+                            removed[:, :d_in].logical_or_(before)
+                    if pattern.kind == "rowcol":
+                        state.register(name, rowcol_mask(removed[0] | ~rows, removed[1] | ~cols, d_in))
+                        Ws = self.rowcol_update(W[rows][:, cols], removed[0][rows], removed[1][cols], extras[name],
+                                                pattern)
+                    else:
+                        state.register(name, (removed | ~(rows[:, None] & cols[None, :]))[:, :d_in].clone())
+                        Ws = self.update(W[rows][:, cols], removed[rows][:, cols], extras[name], pattern)
+                    W = _scatter(Ws, rows, cols)  # dead rows and columns are zero
+                    losses[name] = loss
+                    _write(linear, W)
                 del costs, extras
                 state.enforce(model)
+                if settings.on_shot is not None and shot < self.shots:
+                    settings.on_shot(shot, self.shots)
         results = {}
         for name in modules:
             mask = state.prune_mask(name)
             results[name] = ModuleResult(int(mask.sum()), mask.numel(), losses.get(name), mask=PackedMask.pack(mask))
         return results
 
-    def shot_masks(self, costs: dict[str, torch.Tensor], pattern: Pattern, shot: int) -> dict[str, torch.Tensor]:
-        """The removed weights after shot ``shot``: one threshold over every module at ``s_t = t S / T``
-        (unstructured), or over N:M group costs at the fraction ``t / T`` of all groups (every group pruned at the
-        last shot). Removed weights cost 0, so they stay below the threshold."""
+    def shot_masks(self, costs: dict, pattern: Pattern, shot: int) -> dict:
+        """``{name: (removed, summed cost)}`` after shot ``shot``: one threshold over every module at
+        ``s_t = t S / T`` over element costs (unstructured; ``removed`` a mask over the candidate columns) or row
+        and column costs (rowcol, :func:`rowcol_prune_masks`; ``removed`` = ``(rows, columns)``), or over N:M group
+        costs at the fraction ``t / T`` of all groups (every group pruned at the last shot). Removed weights cost 0,
+        so they stay below the threshold."""
+        if pattern.kind == "rowcol":
+            chosen = rowcol_prune_masks(costs, pattern.ratio * shot / self.shots)
+            out = {}
+            for name, (rows, cols) in chosen.items():
+                row_costs, col_costs = costs[name]
+                rows, cols = rows.to(row_costs.device), cols.to(col_costs.device)
+                out[name] = ((rows, cols), float(row_costs[rows].sum() + col_costs[cols].sum()))
+            return out
         if pattern.kind == "nm":
             groups = {name: nm_group_costs(c, pattern.n, pattern.m) for name, c in costs.items()}
             chosen = global_prune_masks(groups, shot / self.shots)
-            return {name: nm_prune_mask(costs[name], chosen[name].to(costs[name].device), pattern.n, pattern.m)
-                    for name in costs}
-        masks = global_prune_masks(costs, pattern.ratio * shot / self.shots)  # (on the CPU)
-        return {name: mask.to(costs[name].device) for name, mask in masks.items()}
+            masks = {name: nm_prune_mask(costs[name], chosen[name].to(costs[name].device), pattern.n, pattern.m)
+                     for name in costs}
+        else:
+            masks = global_prune_masks(costs, pattern.ratio * shot / self.shots)  # (on the CPU)
+        return {name: (mask.to(costs[name].device), float(costs[name][mask.to(costs[name].device)].sum()))
+                for name, mask in masks.items()}
 
 
 @register
@@ -270,46 +474,65 @@ class Surgeon(KroneckerPruner):
     """``pruner=surgeon``: Kronecker-factored OBS costs, one global threshold, correlated updates, ``shots`` shots."""
 
     name = "surgeon"
-    shots: int = 5  # shots to the target (the reference scripts: 5 / 10 / 20 / 40 for element and 2:4)
-    damp_g: float | None = None  # relative damping of G; null = 0.1 for unstructured / N:M (the reference scripts)
+    shots: int = 5  # shots to the target (the reference scripts: 5 / 10 / 20 / 40 for element and 2:4, 40 rowcol)
+    damp_g: float | None = None  # relative damping of G; null = 0.1 unstructured / N:M, 0.01 rowcol (the scripts)
     damp_a: float = 0.01  # relative damping of A
-    max_correlate: int = 2000  # removed entries solved jointly per chunk of rows (0 = all at once)
-    addupdate: bool = True  # each chunk's update sees the earlier chunks' (the reference scripts' --addupdate)
+    max_correlate: int | None = None  # entries (rows / columns) solved jointly per chunk; null = 2000 (0 rowcol)
+    addupdate: bool | None = None  # each chunk's update sees the earlier chunks'; null = true (false rowcol)
 
     def check(self, pattern: Pattern) -> None:
         super().check(pattern)
-        if self.max_correlate < 0:
+        if self.max_correlate is not None and self.max_correlate < 0:
             raise ValueError(f"pruner.max_correlate={self.max_correlate} must be >= 0 (0 = all at once)")
         for key in ("damp_g", "damp_a"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ValueError(f"pruner.{key}={value} must be positive")
 
-    def element_costs(self, W, G, A, d_in):
-        damp_g = UNSTRUCTURED_DAMP_G if self.damp_g is None else float(self.damp_g)
-        Ginv, Ainv = damped_inverse(G, damp_g), damped_inverse(A, self.damp_a)
-        return obs_element_costs(W[:, :d_in], Ginv, Ainv), (Ginv, Ainv)
+    def resolved(self, pattern: Pattern) -> dict:
+        """The settings a null key stands for under ``pattern`` (:func:`script_defaults`)."""
+        return script_defaults(pattern, self.damp_g, self.max_correlate, self.addupdate)
 
-    def update(self, W, mask, extra):
-        Ginv, Ainv = extra
-        return correlated_update(W, mask, Ginv, Ainv, self.max_correlate, self.addupdate)
+    def _inverses(self, G, A, pattern):
+        return damped_inverse(G, self.resolved(pattern)["damp_g"]), damped_inverse(A, self.damp_a)
+
+    def element_costs(self, W, G, A, pattern):
+        Ginv, Ainv = self._inverses(G, A, pattern)
+        return obs_element_costs(W, Ginv, Ainv), (Ginv, Ainv)
+
+    def rowcol_costs(self, W, G, A, pattern):
+        Ginv, Ainv = self._inverses(G, A, pattern)
+        return (obs_row_costs(W, A, Ginv), obs_column_costs(W, G, Ainv)), (Ginv, Ainv)
+
+    def update(self, W, mask, extra, pattern):
+        r = self.resolved(pattern)
+        return correlated_update(W, mask, *extra, r["max_correlate"], r["addupdate"])
+
+    def rowcol_update(self, W, rows, cols, extra, pattern):
+        r = self.resolved(pattern)
+        return rowcol_update(W, rows, cols, *extra, r["max_correlate"], r["addupdate"])
 
 
 @register
 @dataclass
 class KOBD(KroneckerPruner):
     """``pruner=kobd``: the LLM Surgeon repository's K-OBD baseline: diagonal Kronecker-factored costs
-    ``w^2 G_rr A_cc / 2``, the same global threshold and shots, no weight update."""
+    (``w^2 G_rr A_cc / 2`` per weight; ``(w_r^T A w_r) G_rr / 2`` per row, ``(w_c^T G w_c) A_cc / 2`` per column),
+    the same global threshold and shots, no weight update."""
 
     name = "kobd"
-    shots: int = 1
+    shots: int = 1  # the reference scripts: 1 (unstructured), 40 (rows + columns)
 
-    def element_costs(self, W, G, A, d_in):
-        return kobd_element_costs(W[:, :d_in], G, A), None
+    def element_costs(self, W, G, A, pattern):
+        return kobd_element_costs(W, G, A), None
+
+    def rowcol_costs(self, W, G, A, pattern):
+        return (kobd_row_costs(W, G, A), kobd_column_costs(W, G, A)), None
 
 
 def lobd_element_costs(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """L-OBD cost (the input factor only, ``G = I``): ``w_rc^2 A_cc / 2``."""
+    """L-OBD cost (the input factor only, ``G = I``): ``w_rc^2 A_cc / 2``; a row's or column's cost is the sum of
+    its entries' (the reference's ``Activations`` curvature)."""
     return W.double() ** 2 * torch.diagonal(A).double()[None, : W.shape[1]] / 2
 
 
@@ -317,12 +540,16 @@ def lobd_element_costs(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 @dataclass
 class LOBD(KroneckerPruner):
     """``pruner=lobd``: the LLM Surgeon repository's L-OBD baseline (``--curvature activations --obd``): ``F ≈ I ⊗ A``
-    with ``A`` the mean of ``a a^T`` as it is (no balancing), costs ``w^2 A_cc / 2``, the same global threshold and
-    shots, no weight update. (The gradient pass still runs; ``G`` is not used.)"""
+    with ``A`` the mean of ``a a^T`` as it is (no balancing), costs ``w^2 A_cc / 2`` (rows and columns: summed),
+    the same global threshold and shots, no weight update. (The gradient pass still runs; ``G`` is not used.)"""
 
     name = "lobd"
     balanced = False
     shots: int = 1
 
-    def element_costs(self, W, G, A, d_in):
-        return lobd_element_costs(W[:, :d_in], A), None
+    def element_costs(self, W, G, A, pattern):
+        return lobd_element_costs(W, A), None
+
+    def rowcol_costs(self, W, G, A, pattern):
+        costs = lobd_element_costs(W, A)
+        return (costs.sum(1), costs.sum(0)), None

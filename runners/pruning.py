@@ -8,6 +8,7 @@ whose prune id matches a kept pruned model (``runners/prune_cache.py``) skips th
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -34,9 +35,10 @@ def _timed(timings: dict, key: str, start: float) -> float:
     return now
 
 
-def prune(cfg, plan: Plan, loaded, timings: dict) -> Pruned:
+def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
     """Prune ``loaded.model`` in place as ``cfg`` / ``plan`` say; phase times go to ``timings``
-    (``calibration_data``, ``allocation``, ``prune``)."""
+    (``calibration_data``, ``allocation``, ``prune``). ``on_shot(shot, shots, calibration)``: called by a
+    multi-shot method after each shot but the last (:class:`pruners.settings.EngineSettings`)."""
     model, adapter = loaded.model, loaded.adapter
     prunes = plan.pruner.removes_weights
     t = time.perf_counter()
@@ -48,6 +50,8 @@ def prune(cfg, plan: Plan, loaded, timings: dict) -> Pruned:
         calib_ids, calibration = windows.ids, windows.provenance
         t = _timed(timings, "calibration_data", t)
     settings = EngineSettings.from_config(cfg.engine, plan.device, bool(cfg.progress))
+    if on_shot is not None:
+        settings = dataclasses.replace(settings, on_shot=lambda shot, shots: on_shot(shot, shots, calibration))
     try:  # a target glob that selects nothing, an OWL sparsity >= 1: bad input, found once the model is known
         ratios = allocate(model, adapter, plan.pruner, plan.pattern, plan.allocation, calib_ids, settings) if prunes else None
     except ValueError as err:

@@ -221,6 +221,8 @@ def result_config(config: dict, prunes: bool = True, calibrates: bool = True) ->
     ignored = (set(NON_RESULT_KEYS) | ({"sparsity", "engine", "speed", "save_model"} if not prunes else set())
                | ({"calib"} if not calibrates else set()))
     out = {k: v for k, v in config.items() if k not in ignored}
+    if isinstance(out.get("eval"), dict):  # which intermediate shots are also recorded: not this run's result
+        out["eval"] = {k: v for k, v in out["eval"].items() if k != "shots_every"}
     if isinstance(out.get("sparsity"), dict):
         out["sparsity"] = semantic_sparsity(out["sparsity"])
     return out

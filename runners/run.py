@@ -6,6 +6,8 @@ any model weights are loaded; bad input gives one ``prunelab: error: ...`` line 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import random
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import models
 from evaluators.ppl import perplexity, protocol_windows
 from evaluators.speed import measure_speed, speedup
+from pruners.masks import Pattern
 from pruners.masks import sparsity as measured_sparsity
 
 from . import prune_cache, pruning, tracking
@@ -222,6 +225,47 @@ def _reuse(found: Path, out_path: Path, cfg: DictConfig, write: bool) -> dict:
     return record
 
 
+def _shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dict, out_path: Path, task_dict):
+    """With ``eval.shots_every=k``: a callback that evaluates the model after every k-th shot of a multi-shot method
+    and records it as the run it equals, ``sparsity.ratio = t S / T`` with ``pruner.shots = t`` (the linear
+    schedule's first t shots), unless that run is already recorded. None without ``shots_every``."""
+    every = int(cfg.eval.get("shots_every") or 0)
+    if not every:
+        return None
+    start = time.perf_counter()
+    root, sweep = Path(cfg.output_root), str(cfg.sweep)
+
+    def on_shot(shot: int, shots: int, calibration) -> None:
+        if shot % every:
+            return
+        derived = copy.deepcopy(config)
+        derived["sparsity"]["ratio"] = round(plan.pattern.ratio * shot / shots, 12)
+        derived["pruner"]["shots"] = shot
+        rid = run_id(derived, prunes=True, calibrates=plan.calibrates, identity=ident)
+        path = root / sweep / rid / "result.json"
+        if not cfg.force and find_record(root, sweep, rid) is not None:
+            return
+        timings = {"prune": round(time.perf_counter() - start - on_shot.eval_s, 3)}
+        t = time.perf_counter()
+        metrics = _evaluate(cfg, plan, loaded, task_dict, timings, tag=f"shot {shot}/{shots} ")
+        on_shot.eval_s += time.perf_counter() - t  # (not pruning time, for this record or the run's)
+        shot_plan = dataclasses.replace(plan, pattern=Pattern(plan.pattern.kind, derived["sparsity"]["ratio"]))
+        pattern = {"kind": shot_plan.pattern.kind, "ratio": shot_plan.pattern.ratio, "n": None, "m": None,
+                   "label": shot_plan.pattern.describe()}
+        record = _record(cfg, derived, rid, loaded, plan.pruner.name, pattern,
+                         _sparsity_section(loaded.adapter, shot_plan, True), metrics, timings, plan.device,
+                         calibration, None, prune_id(derived, calibrates=plan.calibrates, identity=ident),
+                         identity=scoped(ident, "run"))
+        record["shot_of"] = {"shot": shot, "shots": shots, "run_id": out_path.parent.name}
+        write_atomic(path, record)
+        record["path"] = str(path)
+        log.info("shot %d/%d recorded: %s", shot, shots, path)
+        tracking.log_run(record, cfg)
+
+    on_shot.eval_s = 0.0
+    return on_shot
+
+
 def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> dict:
     """Run one experiment in-process and return its record (also written unless ``write=False``).
 
@@ -310,7 +354,11 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     if kept is None:
         model, adapter = loaded.model, loaded.adapter
         before = _structure_before(model, adapter) if structured else None
-        pruned = pruning.prune(cfg, plan, loaded, timings)  # calibration, allocation, the method
+        on_shot = _shot_recorder(cfg, plan, config, loaded, ident, out_path, task_dict) if write else None
+        pruned = pruning.prune(cfg, plan, loaded, timings, on_shot)  # calibration, allocation, the method
+        if on_shot is not None and on_shot.eval_s:
+            timings["prune"] = round(timings["prune"] - on_shot.eval_s, 3)
+            timings["shot_evals"] = round(on_shot.eval_s, 3)
         module_results, ratios, calibration = pruned.module_results, pruned.ratios, pruned.calibration
         method_losses = {k: v.loss for k, v in module_results.items() if v.loss is not None}
         if structured:

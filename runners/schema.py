@@ -28,6 +28,8 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from pruners.masks import PATTERN_KINDS, RATIO_KINDS
+
 __all__ = ["Config", "SchemaError", "check", "pruner_schema", "sparsity_schema"]
 
 
@@ -100,6 +102,7 @@ class ZeroshotConfig:
 class EvalConfig:
     ppl: PplConfig = field(default_factory=PplConfig)
     zeroshot: ZeroshotConfig = field(default_factory=ZeroshotConfig)
+    shots_every: int = req(**NON_NEGATIVE)  # multi-shot methods: a record every k shots (checked in validate)
 
 
 @dataclass
@@ -139,7 +142,7 @@ class ReportConfig:
 
 @dataclass
 class SparsityBase:
-    kind: str = req(choices=("unstructured", "nm", "structured"))
+    kind: str = req(choices=PATTERN_KINDS)
     # how the ratio is spread over the linears (pruners/allocation.py; defaults in conf/config.yaml)
     allocation: str = req(choices=("uniform", "owl", "global", "list"))
     owl_lambda: float = req(min=0.0, max=1.0)  # (0, 1): checked in pruners.allocation.Allocation.from_config
@@ -160,7 +163,7 @@ class NMSparsity(SparsityBase):
     m: int = req()
 
 
-SPARSITY_SCHEMAS: dict[str, type] = {"unstructured": RatioSparsity, "structured": RatioSparsity, "nm": NMSparsity}
+SPARSITY_SCHEMAS: dict[str, type] = {**{kind: RatioSparsity for kind in RATIO_KINDS}, "nm": NMSparsity}
 
 
 @dataclass

@@ -136,6 +136,13 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
     if cfg.eval.ppl.mode not in ("auto", "full", "sequential"):
         raise ConfigError(f"eval.ppl.mode={cfg.eval.ppl.mode} is not one of: auto, full, sequential")
     zeroshot_tasks = _check_zeroshot(cfg.eval.get("zeroshot"))
+    every = cfg.eval.get("shots_every") or 0
+    if every:
+        if "shots" not in pruner.config_keys() or not pruner.removes_weights:
+            raise ConfigError(f"eval.shots_every={every}: pruner '{pruner.name}' prunes in one step (no pruner.shots)")
+        if pattern.kind not in ("unstructured", "rowcol"):
+            raise ConfigError(f"eval.shots_every={every}: the intermediate shots of a {pattern.kind} run are not "
+                              f"{pattern.kind} patterns (unstructured and rowcol only)")
     if zeroshot_tasks and cfg.eval.zeroshot.get("backend") == "cli" and pattern.kind == "structured" \
             and pruner.removes_weights:
         raise ConfigError("eval.zeroshot.backend=cli: lm_eval loads the saved model with from_pretrained, which cannot "

@@ -11,7 +11,9 @@ OPTIONS = [(g, p.stem) for g in GROUPS if g != "experiment" for p in sorted((CON
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"], ("calib", "text"): ["calib.path=corpora/austen/train.txt"],
          ("sparsity", "structured"): ["pruner=numerical"], ("pruner", "numerical"): ["sparsity=structured"],
-         ("pruner", "flap"): ["sparsity=structured"]}  # the structured pruners accept structured sparsity only
+         ("pruner", "flap"): ["sparsity=structured"],  # the structured pruners accept structured sparsity only
+         ("sparsity", "rowcol"): ["pruner=surgeon"],  # rows + columns: the Kronecker-factored methods only
+         ("pruner", "surgeon_reference"): ["pruner.path={checkout}"]}  # a (stand-in) checkout of the reference code
 
 
 def test_groups_are_the_documented_ones():
@@ -20,8 +22,10 @@ def test_groups_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_shipped_option_composes_and_validates(group, option):
-    cfg = compose(f"{group}={option}", *NEEDS.get((group, option), []))
+def test_every_shipped_option_composes_and_validates(group, option, tmp_path):
+    for name in ("sparsify.py", "curvature.py"):
+        (tmp_path / name).touch()
+    cfg = compose(f"{group}={option}", *(o.format(checkout=tmp_path) for o in NEEDS.get((group, option), [])))
     # hub checkpoints (and the optional SmolLM2 package) are validated without reading their config.json
     plan = validate(cfg, check_model=str(cfg.model.path).startswith("bundled:"))
     assert plan.pattern.target_sparsity >= 0
@@ -67,6 +71,14 @@ def test_paper_defaults():
     (["sparsity=structured"], "pruner 'sparsegpt' does not support sparsity kind 'structured'"),
     (["pruner=numerical"], "pruner 'numerical' does not support sparsity kind 'unstructured'"),
     (["pruner=flap", "sparsity=2of4"], "pruner 'flap' does not support sparsity kind 'nm'"),
+    (["sparsity=rowcol"], "pruner 'sparsegpt' does not support sparsity kind 'rowcol'"),
+    (["pruner=surgeon", "sparsity=2of4", "pruner.prune_bias=true"], "pruner.prune_bias=true: N:M groups"),
+    (["pruner=surgeon", "pruner.max_correlate=-1"], "pruner.max_correlate=-1 must be >= 0"),
+    (["pruner=surgeon_reference"], "pruner.path: set it"),
+    (["eval.shots_every=2"], "eval.shots_every=2: pruner 'sparsegpt' prunes in one step"),
+    (["pruner=surgeon", "sparsity=2of4", "eval.shots_every=2"], "intermediate shots of a nm run are not nm"),
+    (["eval.shots_every=-1"], "eval.shots_every"),
+    (["pruner=surgeon_reference", "pruner.path=/nowhere"], "pruner.path=/nowhere is not a checkout"),
     (["pruner=numerical", "sparsity=structured", "pruner.solver=lbfgs"], "pruner.solver='lbfgs' is not one of"),
     (["pruner=numerical", "sparsity=structured", "pruner.allocation=owl"], "pruner.allocation='owl' is not one of"),
     (["pruner=flap", "sparsity=structured", "pruner.metric=L1"], "pruner.metric='L1' is not one of"),
@@ -117,7 +129,10 @@ def preset_jobs(name: str) -> list:
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_every_experiment_preset_expands_to_valid_jobs(name):
+def test_every_experiment_preset_expands_to_valid_jobs(name, tmp_path, monkeypatch):
+    for stand_in in ("sparsify.py", "curvature.py"):  # the reference code a comparison preset runs beside ours
+        (tmp_path / stand_in).touch()
+    monkeypatch.setenv("PRUNELAB_SURGEON_REFERENCE", str(tmp_path))
     jobs = preset_jobs(name)
     assert len(jobs) >= 2
     for cfg in jobs:
@@ -198,7 +213,7 @@ def _schema_check(cfg):
 def test_every_shipped_option_passes_the_schema(group, option):
     if group == "hydra":  # hydra/launcher options: Hydra's own (structured) configs check them
         pytest.skip("hydra/launcher options are Hydra's section")
-    _schema_check(compose(f"{group}={option}", *NEEDS.get((group, option), [])))
+    _schema_check(compose(f"{group}={option}", *(o.format(checkout="/x") for o in NEEDS.get((group, option), []))))
 
 
 @pytest.mark.parametrize("name", PRESETS)

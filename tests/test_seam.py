@@ -104,8 +104,9 @@ def test_gradient_taps_equal_explicit_autograd(family):
 def test_declared_needs_keep_every_existing_pruner_as_it_was():
     needs = {name: cls.needs_calibration for name, cls in PRUNERS.items()}
     assert needs == {"dense": False, "magnitude": False, "wanda": True, "sparsegpt": True, "apt": True,
-                     "numerical": True, "flap": True, "surgeon": True, "kobd": True, "lobd": True}
-    whole_model = {"surgeon", "kobd", "lobd"}  # the Kronecker-factored methods: gradients through the whole model
+                     "numerical": True, "flap": True, "surgeon": True, "kobd": True, "lobd": True,
+                     "surgeon_reference": True}
+    whole_model = {"surgeon", "kobd", "lobd", "surgeon_reference"}  # the Kronecker-factored methods: gradients through the whole model
     assert all(cls.scope == "block" and not cls.needs_gradients for n, cls in PRUNERS.items() if n not in whole_model)
     assert all(PRUNERS[n].scope == "model" and PRUNERS[n].needs_gradients for n in whole_model)
     assert {name: cls.propagate for name, cls in PRUNERS.items() if name not in whole_model} == {
