@@ -24,8 +24,7 @@ With ``G^-1``, ``A^-1`` damped relative to their mean diagonals (:func:`damped_i
   zero afterwards, as in the reference (:func:`live_structures`).
 
 ``pruner=lobd`` is the L-OBD baseline (``I ⊗ A``, :func:`lobd_element_costs`). Not yet here (docs/methods.md §5):
-labels sampled from the model, the perplexity of intermediate shots, the block-by-block memory scheme, shrinking
-aligned rows / columns.
+the block-by-block memory scheme, shrinking aligned rows / columns.
 """
 
 from __future__ import annotations
@@ -338,13 +337,17 @@ class KroneckerPruner(Pruner):
     scope = "model"
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "rowcol")
     balanced: ClassVar[bool] = True  # the KFAC factors' Frobenius balancing (L-OBD uses A as it is)
+    _shot: ClassVar[int] = 0
     shots: int = 5
     prune_bias: bool = False  # biases are candidates and count toward the target (unstructured, rows + columns)
+    fisher_samples: int = 0  # 0: the empirical Fisher (true labels); k: labels sampled from the model, k per token
 
     def check(self, pattern: Pattern) -> None:
         super().check(pattern)
         if self.shots < 1:
             raise ValueError(f"pruner.shots={self.shots} must be >= 1")
+        if self.fisher_samples < 0:
+            raise ValueError(f"pruner.fisher_samples={self.fisher_samples} must be >= 0 (0 = the true labels)")
         if self.prune_bias and pattern.kind == "nm":
             raise ValueError("pruner.prune_bias=true: N:M groups hold weights only; use it with unstructured or "
                              "rowcol sparsity")
@@ -355,8 +358,8 @@ class KroneckerPruner(Pruner):
         factors = {name: KroneckerFactors(linear.in_features, linear.out_features, linear.bias is not None,
                                           calib_ids.shape[0], settings.device, settings.stats_dtype)
                    for name, linear in modules.items()}
-        accumulate_gradient_stats(model, modules, calib_ids, settings,
-                                  lambda name, a, g: factors[name].add(a, g))
+        accumulate_gradient_stats(model, modules, calib_ids, settings, lambda name, a, g: factors[name].add(a, g),
+                                  self.fisher_samples, seed=self._shot)
         return {name: f.factors(self.balanced) for name, f in factors.items()}
 
     def element_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, pattern: Pattern):
@@ -394,6 +397,7 @@ class KroneckerPruner(Pruner):
         with model_on_device(model, settings.device):
             for shot in tqdm(range(1, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
                              disable=not settings.progress):
+                self._shot = shot  # (the label draws of fisher_samples: seeded per shot)
                 curvature = self.curvature(model, modules, calib_ids, settings)
                 costs, extras, lives = {}, {}, {}
                 for name, linear in modules.items():

@@ -81,6 +81,7 @@ class SurgeonReference(Pruner):
     damp_a: float = 0.01
     max_correlate: int | None = None
     addupdate: bool | None = None
+    fisher_samples: int = 0  # its --fisher_samples: 0 = the true labels
 
     @property
     def checkout(self) -> str | None:
@@ -118,7 +119,7 @@ class SurgeonReference(Pruner):
                         curvature = ref["curvature"].Activations(model, loader, nsamples=len(windows),
                                                                  dev=settings.device, curvature_dev="cpu")
                     else:
-                        curvature = ref["curvature"].KFAC(model, loader, 0, 1, use_iad=True, nsamples=len(windows),
+                        curvature = ref["curvature"].KFAC(model, loader, self.fisher_samples, 1, use_iad=True, nsamples=len(windows),
                                                           dev=settings.device, curvature_dev="cpu")
                     ref["sparsify"].sparsify_model(model, shot * target / self.shots, structures, curvature,
                                                    self.obd, 1.0, flags["max_correlate"], flags["damp_g"],

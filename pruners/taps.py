@@ -66,11 +66,22 @@ def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
 
 
+def sampled_label_loss_sum(logits: torch.Tensor, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """The next-token cross-entropy summed over tokens with labels drawn from the model's own predictive
+    distribution (``samples`` draws per token, their losses averaged: the reference's ``--fisher_samples``), so
+    that ``g g^T`` estimates the true Fisher rather than the empirical one (docs/methods.md §5.1)."""
+    logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    probs = torch.softmax(logits.detach(), dim=-1).cpu()
+    labels = torch.multinomial(probs, samples, replacement=True, generator=generator).to(logits.device)
+    return torch.stack([F.cross_entropy(logits, labels[:, k], reduction="sum") for k in range(samples)]).mean(0)
+
+
 OnBatch = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
 def accumulate_gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib_ids: torch.Tensor,
-                              settings: EngineSettings | None, on_batch: OnBatch) -> float:
+                              settings: EngineSettings | None, on_batch: OnBatch, fisher_samples: int = 0,
+                              seed: int = 0) -> float:
     """Forward + backward over the calibration windows; per batch and selected module, call
     ``on_batch(name, input_activation, output_grad)``.
 
@@ -80,6 +91,8 @@ def accumulate_gradient_stats(model: nn.Module, modules: dict[str, nn.Module], c
     module's first positional input and ``output_grad`` the gradient w.r.t. its output, both
     ``[batch, seqlen, features]`` and detached. A module called several times per forward is reported
     once per call. The model must already be on ``settings.device`` (:func:`model_on_device`).
+    ``fisher_samples > 0``: the labels are drawn from the model instead (:func:`sampled_label_loss_sum`, a
+    generator seeded with ``seed``).
     Works under an outer ``torch.no_grad()``; parameters get no ``.grad`` and keep their
     ``requires_grad``. Returns the mean loss.
     """
@@ -104,6 +117,7 @@ def accumulate_gradient_stats(model: nn.Module, modules: dict[str, nn.Module], c
 
     loss_total = 0.0
     handles = []
+    generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad(), frozen_parameters(model):
         try:
             handles.append(model.get_input_embeddings().register_forward_hook(track))
@@ -111,7 +125,10 @@ def accumulate_gradient_stats(model: nn.Module, modules: dict[str, nn.Module], c
             for batch in calibration_batches(calib_ids, settings.batch_size):
                 batch = batch.to(settings.device)
                 logits = model(input_ids=batch, use_cache=False).logits
-                loss = next_token_loss_sum(logits, batch) / total_tokens
+                if fisher_samples:
+                    loss = sampled_label_loss_sum(logits, fisher_samples, generator) / total_tokens
+                else:
+                    loss = next_token_loss_sum(logits, batch) / total_tokens
                 grads = torch.autograd.grad(loss, [out for _, _, out in captured], allow_unused=True)
                 for (name, activation, out), grad in zip(captured, grads, strict=True):
                     on_batch(name, activation, torch.zeros_like(out) if grad is None else grad.detach())

@@ -365,3 +365,24 @@ def test_intermediate_shots_are_recorded_as_the_runs_they_equal(tmp_path):
     again = execute(compose(*common, "sparsity.ratio=0.2", "pruner.shots=2", "force=true"))
     assert again["run_id"] == found["run_id"]
     assert again["metrics"]["ppl"] == found["metrics"]["ppl"]
+
+
+def test_sampled_labels_follow_the_model_and_change_the_curvature():
+    from pruners.taps import next_token_loss_sum, sampled_label_loss_sum
+
+    ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(3))
+    peaked = torch.nn.functional.one_hot(torch.roll(ids, -1, dims=1), 11).float() * 60.0  # it predicts the data
+    g = torch.Generator().manual_seed(0)
+    assert sampled_label_loss_sum(peaked, 3, g) == pytest.approx(float(next_token_loss_sum(peaked, ids)), abs=1e-6)
+    flat = torch.zeros(2, 6, 11)  # uniform: every draw costs log(11)
+    assert sampled_label_loss_sum(flat, 2, g) == pytest.approx(10 * float(torch.log(torch.tensor(11.0))))
+    model = random_model("llama")
+    modules = prunable_modules(models.adapter_for(model))
+    calib = random_ids(n=3, seqlen=10)
+    true, sampled = (build_pruner({"name": "surgeon", "fisher_samples": k}).curvature(model, modules, calib, QUIET)
+                     for k in (0, 2))
+    name = next(iter(modules))
+    G0, A0 = true[name]
+    G1, A1 = sampled[name]  # (balanced: A's scale follows G's norm; its direction is the same activations')
+    assert not torch.allclose(G0 / G0.norm(), G1 / G1.norm(), atol=1e-3)
+    torch.testing.assert_close(A0 / A0.norm(), A1 / A1.norm())
