@@ -193,6 +193,12 @@ class Adapter:
             _sync_sizes(module)
         self.resized(block, kind, int(keep.numel()))
 
+    def zero_output_units(self, block: nn.Module, group: UnitGroup) -> torch.Tensor:
+        """``[count]`` bool: units whose output is zero whatever the input, by the family's own rules (e.g. an
+        MLP neuron whose input row and bias are zero, under an activation with ``act(0) = 0``); here: none.
+        Used by :func:`models.shrink.silent_units`."""
+        return torch.zeros(group.count, dtype=torch.bool)
+
     def repair_keep(self, block: nn.Module, group: UnitGroup, keep: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """A keep mask for ``group`` that the family can realize, as close as possible to ``keep`` (the
         units with the highest ``scores`` win where a rule forces a change); here: ``keep`` as it is."""
@@ -234,6 +240,21 @@ def _sync_sizes(module: nn.Module) -> None:
         module.out_channels = channels
         if depthwise:
             module.in_channels = module.groups = channels
+
+
+def zero_rows(linear: nn.Linear, index: torch.Tensor) -> torch.Tensor:
+    """``[count]`` bool: for each unit's output rows ``index[u]`` of ``linear``, whether they (and their bias
+    entries) are all zero, so that the unit's slice of the output is zero for every input."""
+    rows = index.to(linear.weight.device)
+    zero = linear.weight.detach()[rows.reshape(-1)].view(*rows.shape, -1).eq(0).all(-1).all(-1)
+    if linear.bias is not None:
+        zero &= linear.bias.detach()[rows].eq(0).all(-1)
+    return zero.cpu()
+
+
+def maps_zero_to_zero(activation) -> bool:
+    """``activation(0) == 0`` (ReLU, GELU, SiLU: a zero pre-activation stays zero)."""
+    return bool(activation(torch.zeros(1)).eq(0).all())
 
 
 def add_bias(linear: nn.Linear) -> torch.Tensor:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous
+from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous, maps_zero_to_zero, zero_rows
 
 
 class LlamaAdapter(Adapter):
@@ -84,6 +84,19 @@ class LlamaAdapter(Adapter):
                 owned[f"mlp.{proj}.bias"] = (0, neurons)
         groups.append(UnitGroup("mlp_neuron", inter, owned, reader="mlp.down_proj"))
         return groups
+
+    def zero_output_units(self, block, group):
+        """A KV group whose value rows (and biases) are zero puts out zero in every query head that reads it; a
+        neuron whose up row is zero, or whose gate row is zero under an activation with act(0) = 0."""
+        if group.kind == "kv_group":
+            return zero_rows(block.self_attn.v_proj, group.owned["self_attn.v_proj.weight"][1])
+        if group.kind == "mlp_neuron":
+            rows = group.owned["mlp.up_proj.weight"][1]
+            zero = zero_rows(block.mlp.up_proj, rows)
+            if maps_zero_to_zero(block.mlp.act_fn):
+                zero |= zero_rows(block.mlp.gate_proj, group.owned["mlp.gate_proj.weight"][1])
+            return zero
+        return super().zero_output_units(block, group)
 
     def _groups_of_query_heads(self, block, keep: torch.Tensor) -> torch.Tensor:
         heads, kv_heads, _ = self.head_layout(block)

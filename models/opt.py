@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous
+from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous, maps_zero_to_zero, zero_rows
 
 
 class OPTAdapter(Adapter):
@@ -50,6 +50,15 @@ class OPTAdapter(Adapter):
             neuron_owned["fc1.bias"] = (0, neurons)
         return [UnitGroup("attention_head", heads, head_owned, reader="self_attn.out_proj"),
                 UnitGroup("mlp_neuron", ffn, neuron_owned, reader="fc2")]
+
+    def zero_output_units(self, block, group):
+        """A head whose value rows (and biases) are zero puts out zero (its softmax mixes zeros); a neuron whose
+        fc1 row and bias are zero, under an activation with act(0) = 0."""
+        if group.kind == "attention_head":
+            return zero_rows(block.self_attn.v_proj, group.owned["self_attn.v_proj.weight"][1])
+        if group.kind == "mlp_neuron" and maps_zero_to_zero(block.activation_fn):
+            return zero_rows(block.fc1, group.owned["fc1.weight"][1])
+        return super().zero_output_units(block, group)
 
     def resized(self, block, kind, count):
         if kind == "attention_head":  # OPTAttention reshapes with num_heads

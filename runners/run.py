@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import models
 from evaluators.ppl import perplexity, protocol_windows
 from evaluators.speed import measure_speed, speedup
+from models.shrink import shrink_silent_units
 from pruners.masks import Pattern
 from pruners.masks import sparsity as measured_sparsity
 
@@ -119,7 +120,8 @@ def _structure_section(model, adapter, plan: Plan, before: dict, module_results:
 
 def _speed_wanted(cfg: DictConfig, plan: Plan) -> bool:
     mode = str(cfg.speed.mode)
-    return mode == "always" or (mode == "auto" and plan.pattern.kind == "structured" and plan.pruner.removes_weights)
+    return mode == "always" or (mode == "auto" and plan.pattern.kind in ("structured", "rowcol")
+                                and plan.pruner.removes_weights)
 
 
 def _speed(cfg: DictConfig, model, device: str) -> dict:
@@ -367,6 +369,13 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
             sparsity = _sparsity_section(adapter, plan, prunes)
             if prunes:
                 sparsity["allocation"] = ratios.to_record(plan.allocation) if ratios is not None else {"kind": "uniform"}
+            if prunes and plan.pattern.kind == "rowcol":  # zeroed rows / columns that free whole units: cut out
+                t, units_before = time.perf_counter(), adapter.unit_parameters()
+                structure = shrink_silent_units(model, adapter)
+                structure.update(unit_parameters_before=units_before, unit_parameters_after=adapter.unit_parameters(),
+                                 unit_scope=adapter.unit_scope)
+                structure["removed_fraction"] = round(1 - structure["unit_parameters_after"] / units_before, 6)
+                t = _timed(timings, "shrink", t)
         if prunes:
             info = prune_cache.meta(pid, run_id=rid, sweep=sweep, record=out_path, source=loaded.source,
                                     device=plan.device, prune_config=prune_config(config, plan.calibrates),
@@ -459,7 +468,12 @@ def summary(record: dict) -> str:
     ppl = ", ".join(f"{k} {v['value']:.2f}" for k, v in record["metrics"]["ppl"].items())
     zeroshot = record["metrics"].get("zeroshot")
     structure, speed = record.get("structure"), record["metrics"].get("speed")
-    if structure:
+    if structure and record["pattern"]["kind"] == "rowcol":  # zeroed rows / columns, then the silent units cut out
+        head_line = (f"{head} | sparsity {record['sparsity']['overall']:.2%} of "
+                     f"{record['sparsity']['prunable_parameters']:,} prunable weights | parameters "
+                     f"{structure['parameters_before']:,} -> {structure['parameters_after']:,} "
+                     f"({structure['parameters_after'] / structure['parameters_before'] - 1:+.1%}: silent units removed)")
+    elif structure:
         head_line = (f"{head} | parameters {structure['parameters_before']:,} -> {structure['parameters_after']:,} "
                      f"({structure['parameters_after'] / structure['parameters_before'] - 1:+.1%}; "
                      f"{structure['unit_scope']} {-structure['removed_fraction']:+.1%} of "
@@ -549,6 +563,21 @@ def _group_options(group: str) -> list[str] | None:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else None
 
 
+def _preset_base(compose, config_name: str, searchpath: list[str], parsed) -> DictConfig | None:
+    """The config of the command line's preset alone (``+experiment=...``, the searchpath, ``hydra.*``), if the
+    preset declares sweeps: a command line whose other keys only compose inside the preset's sweep (a pruner key
+    for the pruners it sweeps) is then expanded and checked job by job. None otherwise."""
+    kept = [o.input_line for o in parsed if not o.is_sweep_override()
+            and (o.key_or_group == "experiment" or o.key_or_group.startswith("hydra"))]
+    if not any(o.key_or_group == "experiment" for o in parsed):
+        return None
+    try:
+        base = compose(config_name, overrides=searchpath + kept, return_hydra_config=True)
+    except Exception:
+        return None
+    return base if base.hydra.sweeper.get("params") else None
+
+
 def prevalidate(argv: list[str]) -> str | None:
     """Compose and validate every job; return an error message, or None if all are valid.
 
@@ -625,11 +654,15 @@ def prevalidate(argv: list[str]) -> str | None:
     except Exception as err:  # Hydra's own syntax errors
         return str(err).strip().splitlines()[0]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        error = None
         try:
             base = compose(config_name, overrides=searchpath + [o.input_line for o in parsed if not o.is_sweep_override()],
                            return_hydra_config=True)
         except Exception as err:
-            first = explain(err, searchpath + [o.input_line for o in parsed if not o.is_sweep_override()])
+            error = err  # unless a key of a group the preset sweeps (pruner.shots with pruner: a,b): checked per job
+            base = _preset_base(compose, config_name, searchpath, parsed)
+        if base is None:
+            first = explain(error, searchpath + [o.input_line for o in parsed if not o.is_sweep_override()])
             for o in parsed:  # a bad group option: say which options there are
                 options = None if o.key_or_group.startswith("hydra") else group_options(o.key_or_group)
                 if options is not None and not o.is_delete() and not o.is_sweep_override() and \

@@ -205,6 +205,20 @@ def test_prevalidate_checks_every_job_of_a_preset():
     assert "not an option" in prevalidate(["+experiment=nope"])
 
 
+def test_a_key_of_the_pruners_a_preset_sweeps_is_checked_per_job(tmp_path, monkeypatch):
+    """``pruner.shots=8`` with a preset sweeping ``pruner: surgeon,surgeon_reference``: the default pruner has no
+    such key, the swept ones have; a key none of them has is still refused."""
+    from runners.run import prevalidate
+
+    for stand_in in ("sparsify.py", "curvature.py"):
+        (tmp_path / stand_in).touch()
+    monkeypatch.setenv("PRUNELAB_SURGEON_REFERENCE", str(tmp_path))
+    out = f"output_root={tmp_path / 'out'}"
+    assert prevalidate(["+experiment=bench-surgeon-reference", "sparsity=rowcol", "pruner.shots=8", out]) is None
+    assert "pruner.blah: unknown key" in prevalidate(["+experiment=bench-surgeon-reference", "pruner.blah=8", out])
+    assert "pruner.shots: unknown key" in prevalidate(["pruner.shots=8", out])
+
+
 # --- the schema (runners/schema.py): every key typed, no typo and no wrong type gets through ------------------
 def _schema_check(cfg):
     from runners import schema

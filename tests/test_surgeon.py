@@ -386,3 +386,63 @@ def test_sampled_labels_follow_the_model_and_change_the_curvature():
     G1, A1 = sampled[name]  # (balanced: A's scale follows G's norm; its direction is the same activations')
     assert not torch.allclose(G0 / G0.norm(), G1 / G1.norm(), atol=1e-3)
     torch.testing.assert_close(A0 / A0.norm(), A1 / A1.norm())
+
+
+def _zero(linear, rows=None, cols=None):
+    with torch.no_grad():
+        if rows is not None:
+            linear.weight[rows] = 0
+            if linear.bias is not None:
+                linear.bias[rows] = 0
+        if cols is not None:
+            linear.weight[:, cols] = 0
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "mamba"])
+def test_zeroed_rows_and_columns_that_line_up_with_units_shrink_with_identical_logits(family):
+    """Silent units (nothing reads them, or they put out zero) are removed through the adapter: the logits do
+    not move, and exactly those units go (models/shrink.py)."""
+    from models.shrink import shrink_silent_units
+
+    from .conftest import load_tiny
+
+    if family == "mamba":
+        model = load_tiny("tiny-mamba").model
+    else:
+        model = random_model(family)
+        g = torch.Generator().manual_seed(4)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.data = torch.randn(module.bias.shape, generator=g) * 0.1
+    adapter = models.adapter_for(model)
+    block = adapter.blocks()[0]
+    if family == "opt":  # head_dim 8, 4 heads, 64 neurons
+        attn = block.self_attn
+        _zero(attn.v_proj, rows=slice(8, 16))  # head 1 puts out zero
+        _zero(attn.out_proj, cols=slice(16, 24))  # nobody reads head 2
+        _zero(block.fc2, cols=[3])  # nobody reads neuron 3
+        _zero(block.fc1, rows=[5])  # neuron 5: relu(0) = 0
+        _zero(block.fc1, rows=[7], cols=None)
+        block.fc1.bias.data[7] = 0.5  # neuron 7's output is relu(0.5), read by fc2: not silent
+        expected = {"attention_head": 2, "mlp_neuron": 62}
+    elif family == "llama":  # 4 query heads, 2 KV groups, head_dim 8, 64 neurons
+        attn = block.self_attn
+        _zero(attn.v_proj, rows=slice(0, 8))  # KV group 0 puts out zero
+        _zero(block.mlp.down_proj, cols=[3])
+        _zero(block.mlp.up_proj, rows=[4])
+        _zero(block.mlp.gate_proj, rows=[6])  # silu(0) = 0
+        expected = {"kv_group": 1, "query_head": 2, "mlp_neuron": 61}
+    else:
+        mixer = block.mixer
+        _zero(mixer.x_proj, cols=[2])
+        _zero(mixer.out_proj, cols=[2, 5])  # channel 5 is still read by x_proj: not silent
+        expected = {"mamba_channel": adapter.block_counts(block)["mamba_channel"] - 1}
+    ids = random_ids(n=2, seqlen=10, vocab=min(64, model.config.vocab_size))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        report = shrink_silent_units(model, adapter)
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4)
+    assert adapter.block_counts(adapter.blocks()[0]) == expected
+    assert report["parameters_after"] < report["parameters_before"]
+    assert all(e["kept"] == e["of"] for blk in report["blocks"][1:] for e in blk.values())  # nothing else went
