@@ -446,3 +446,22 @@ def test_zeroed_rows_and_columns_that_line_up_with_units_shrink_with_identical_l
     assert adapter.block_counts(adapter.blocks()[0]) == expected
     assert report["parameters_after"] < report["parameters_before"]
     assert all(e["kept"] == e["of"] for blk in report["blocks"][1:] for e in blk.values())  # nothing else went
+
+
+def test_chunk_solve_equals_the_direct_solve():
+    """Preconditioned conjugate gradients on ``C = G^-1[Q_r, Q_r] ∘ A^-1[Q_c, Q_c]`` (rows of different counts),
+    the one-row shortcut and the direct fallback all give ``C^-1 w``."""
+    from pruners.surgeon import chunk_solve
+
+    Gr, Ainv = torch.linalg.inv(spd(5, 30)), torch.linalg.inv(spd(12, 31))
+    g = torch.Generator().manual_seed(32)
+    mask = torch.rand(5, 12, generator=g) < 0.5
+    mask[2] = False  # a row with no entry
+    r_local, c = mask.nonzero(as_tuple=True)
+    w = torch.randn(r_local.numel(), generator=g, dtype=torch.float64)
+    direct = torch.linalg.solve(Gr[r_local][:, r_local] * Ainv[c][:, c], w)
+    torch.testing.assert_close(chunk_solve(Gr, Ainv, r_local, c, w), direct)
+    torch.testing.assert_close(chunk_solve(Gr, Ainv, r_local, c, w, max_iter=0), direct)  # the fallback
+    one = r_local == 0
+    torch.testing.assert_close(chunk_solve(Gr[:1, :1], Ainv, r_local[one], c[one], w[one]),
+                               torch.linalg.solve(Gr[0, 0] * Ainv[c[one]][:, c[one]], w[one]))
