@@ -227,6 +227,8 @@ def chunk_solve(Gr: torch.Tensor, Ainv: torch.Tensor, r_local: torch.Tensor, c: 
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.arange(r_local.numel(), device=w.device) - starts[r_local]  # place of each entry in its row's block
     width = int(counts.max())
+    if k * width * width > r_local.numel() ** 2:  # very uneven rows: the padded blocks would outgrow C itself
+        return spd_solve(Gr[r_local][:, r_local] * Ainv[c][:, c], w)
     blocks = torch.eye(width, dtype=w.dtype, device=w.device).repeat(k, 1, 1)  # padded with the identity
     for i, (start, count) in enumerate(zip(starts.tolist(), counts.tolist(), strict=True)):
         cols = c[start:start + count]  # (the entries come row by row)
@@ -352,12 +354,15 @@ def script_defaults(pattern: Pattern, damp_g: float | None, max_correlate: int |
             "addupdate": addupdate if addupdate is not None else not rowcol}
 
 
-def live_structures(W: torch.Tensor, G: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The live rows and columns of the augmented ``W``: not all zero, and with a nonzero curvature diagonal. The
-    rest is dead, as in the reference (``Pruner.WGA``): left out of ``G`` and ``A`` before anything is inverted
-    (a removed row or column is fixed at zero, so the costs and updates of the others are those of the remaining
-    variables), costing 0, and zero afterwards."""
-    rows = W.ne(0).any(1) & torch.diagonal(G).ne(0).to(W.device)
+def live_structures(W: torch.Tensor, G: torch.Tensor | None, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The live rows and columns of the augmented ``W``: not all zero, and with a nonzero curvature diagonal
+    (``G = None``: the method does not use ``G``, as L-OBD's ``I ⊗ A``). The rest is dead, as in the reference
+    (``Pruner.WGA``): left out of ``G`` and ``A`` before anything is inverted (a removed row or column is fixed at
+    zero, so the costs and updates of the others are those of the remaining variables), costing 0, and zero
+    afterwards."""
+    rows = W.ne(0).any(1)
+    if G is not None:
+        rows &= torch.diagonal(G).ne(0).to(W.device)
     cols = W.ne(0).any(0) & torch.diagonal(A).ne(0).to(W.device)
     return rows, cols
 
@@ -392,6 +397,8 @@ class KroneckerPruner(Pruner):
     scope = "model"
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "rowcol")
     balanced: ClassVar[bool] = True  # the KFAC factors' Frobenius balancing (L-OBD uses A as it is)
+    uses_g: ClassVar[bool] = True  # G enters the costs (L-OBD: no, so a zero diagonal of G kills no row)
+    calls_on_shot: ClassVar[bool] = True  # hands each intermediate shot to settings.on_shot (eval.shots_every)
     _shot: ClassVar[int] = 0
     shots: int = 5
     prune_bias: bool = False  # biases are candidates and count toward the target (unstructured, rows + columns)
@@ -458,7 +465,7 @@ class KroneckerPruner(Pruner):
                 for name, linear in modules.items():
                     G, A = curvature.pop(name)
                     W = _augmented(linear)
-                    lives[name] = rows, cols = live_structures(W, G, A)
+                    lives[name] = rows, cols = live_structures(W, G if self.uses_g else None, A)
                     Ws, Gs, As = W[rows][:, cols], G[rows][:, rows], A[cols][:, cols]
                     if pattern.kind == "rowcol":
                         (row_costs, col_costs), extras[name] = self.rowcol_costs(Ws, Gs, As, pattern)
@@ -475,13 +482,9 @@ class KroneckerPruner(Pruner):
                         removed = (removed[0], _padded(removed[1], W.shape[1]))
                     else:
                         removed = _padded(removed, W.shape[1])
-                    if name in state:  # removed stays removed (it costs 0, but ties at 0 need not all fit)
-                        before = state.prune_mask(name, linear.weight.device)
-                        if pattern.kind == "rowcol":
-                            removed[0].logical_or_(before.all(1))
-                            removed[1][:d_in].logical_or_(before.all(0))
-                        else:
-                            removed[:, :d_in].logical_or_(before)
+                    if name in state and pattern.kind != "rowcol":  # removed stays removed (it costs 0, but ties
+                        # at 0 need not all fit); rowcol: a removed row / column is zero, so dead (~rows, ~cols)
+                        removed[:, :d_in].logical_or_(state.prune_mask(name, linear.weight.device))
                     if pattern.kind == "rowcol":
                         state.register(name, rowcol_mask(removed[0] | ~rows, removed[1] | ~cols, d_in))
                         Ws = self.rowcol_update(W[rows][:, cols], removed[0][rows], removed[1][cols], extras[name],
@@ -604,6 +607,7 @@ class LOBD(KroneckerPruner):
 
     name = "lobd"
     balanced = False
+    uses_g = False
     shots: int = 1
 
     def element_costs(self, W, G, A, pattern):

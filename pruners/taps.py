@@ -72,7 +72,7 @@ def sampled_label_loss_sum(logits: torch.Tensor, samples: int, generator: torch.
     that ``g g^T`` estimates the true Fisher rather than the empirical one (docs/methods.md §5.1)."""
     logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     probs = torch.softmax(logits.detach(), dim=-1).cpu()
-    labels = torch.multinomial(probs, samples, replacement=True, generator=generator).to(logits.device)
+    labels = torch.multinomial(probs, samples, generator=generator).to(logits.device)  # (distinct, as the reference)
     return torch.stack([F.cross_entropy(logits, labels[:, k], reduction="sum") for k in range(samples)]).mean(0)
 
 

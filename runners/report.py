@@ -615,11 +615,14 @@ def runs_table(records: list[dict], specs, baseline: str | None = None) -> tuple
         same = ("model", "pattern") if key == "method" else ("model", "method", "pattern")
 
         def base_of(row):
-            for b in chosen:
-                if all(b[k] == row[k] for k in same) and all(
-                        k not in b["_keys"] or b[k] == row[k] for k in match):
-                    return b
-            return None
+            candidates = [b for b in chosen if all(b[k] == row[k] for k in same) and all(
+                k not in b["_keys"] or b[k] == row[k] for k in match)]
+            if len(candidates) < 2:
+                return candidates[0] if candidates else None
+            # several (a method baseline run with different settings of its own): the one that agrees with the row
+            # on the most keys both have (pruner.shots=5 beside pruner.shots=1 and 5), the first on a tie
+            shared = [k for k in vary if k not in match and k in row["_keys"]]
+            return max(candidates, key=lambda b: sum(k in b["_keys"] and b[k] == row[k] for k in shared))
 
         numeric = [c for c in cols if c.ratio and any(_number(r[c.label]) for r in table)]
         for row in table:

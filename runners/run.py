@@ -227,7 +227,8 @@ def _reuse(found: Path, out_path: Path, cfg: DictConfig, write: bool) -> dict:
     return record
 
 
-def _shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dict, out_path: Path, task_dict):
+def _shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dict, out_path: Path, task_dict,
+                   timings: dict):
     """With ``eval.shots_every=k``: a callback that evaluates the model after every k-th shot of a multi-shot method
     and records it as the run it equals, ``sparsity.ratio = t S / T`` with ``pruner.shots = t`` (the linear
     schedule's first t shots), unless that run is already recorded. None without ``shots_every``."""
@@ -247,15 +248,17 @@ def _shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dic
         path = root / sweep / rid / "result.json"
         if not cfg.force and find_record(root, sweep, rid) is not None:
             return
-        timings = {"prune": round(time.perf_counter() - start - on_shot.eval_s, 3)}
+        before = sum(timings.get(k, 0.0) for k in ("calibration_data", "allocation"))  # (timed on their own)
+        shot_timings = {"prune": round(time.perf_counter() - start - on_shot.eval_s - before, 3)}
         t = time.perf_counter()
-        metrics = _evaluate(cfg, plan, loaded, task_dict, timings, tag=f"shot {shot}/{shots} ")
+        metrics = _evaluate(cfg, plan, loaded, task_dict, shot_timings, tag=f"shot {shot}/{shots} ")
+        loaded.model.to(plan.device)  # (a sequential evaluation leaves the blocks on the CPU; pruning goes on)
         on_shot.eval_s += time.perf_counter() - t  # (not pruning time, for this record or the run's)
         shot_plan = dataclasses.replace(plan, pattern=Pattern(plan.pattern.kind, derived["sparsity"]["ratio"]))
         pattern = {"kind": shot_plan.pattern.kind, "ratio": shot_plan.pattern.ratio, "n": None, "m": None,
                    "label": shot_plan.pattern.describe()}
         record = _record(cfg, derived, rid, loaded, plan.pruner.name, pattern,
-                         _sparsity_section(loaded.adapter, shot_plan, True), metrics, timings, plan.device,
+                         _sparsity_section(loaded.adapter, shot_plan, True), metrics, shot_timings, plan.device,
                          calibration, None, prune_id(derived, calibrates=plan.calibrates, identity=ident),
                          identity=scoped(ident, "run"))
         record["shot_of"] = {"shot": shot, "shots": shots, "run_id": out_path.parent.name}
@@ -299,7 +302,9 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     want_dense = write and prunes and bool(cfg.dense_baseline) and dense_found is None
     if write and not cfg.force:
         found = find_record(root, sweep, rid)
-        if found is not None:
+        # an intermediate shot's record (eval.shots_every) has no shrink and no speed: a run that wants them computes
+        if found is not None and not (read_record(found).get("shot_of") and (
+                plan.pattern.kind == "rowcol" or _speed_wanted(cfg, plan))):
             return _reuse(found, out_path, cfg, write)
 
     timings: dict = {}
@@ -356,7 +361,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     if kept is None:
         model, adapter = loaded.model, loaded.adapter
         before = _structure_before(model, adapter) if structured else None
-        on_shot = _shot_recorder(cfg, plan, config, loaded, ident, out_path, task_dict) if write else None
+        on_shot = _shot_recorder(cfg, plan, config, loaded, ident, out_path, task_dict, timings) if write else None
         pruned = pruning.prune(cfg, plan, loaded, timings, on_shot)  # calibration, allocation, the method
         if on_shot is not None and on_shot.eval_s:
             timings["prune"] = round(timings["prune"] - on_shot.eval_s, 3)

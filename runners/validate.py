@@ -138,8 +138,9 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
     zeroshot_tasks = _check_zeroshot(cfg.eval.get("zeroshot"))
     every = cfg.eval.get("shots_every") or 0
     if every:
-        if "shots" not in pruner.config_keys() or not pruner.removes_weights:
-            raise ConfigError(f"eval.shots_every={every}: pruner '{pruner.name}' prunes in one step (no pruner.shots)")
+        if not getattr(pruner, "calls_on_shot", False) or not pruner.removes_weights:
+            raise ConfigError(f"eval.shots_every={every}: pruner '{pruner.name}' does not hand out its intermediate "
+                              f"shots (surgeon, kobd, lobd do)")
         if pattern.kind not in ("unstructured", "rowcol"):
             raise ConfigError(f"eval.shots_every={every}: the intermediate shots of a {pattern.kind} run are not "
                               f"{pattern.kind} patterns (unstructured and rowcol only)")

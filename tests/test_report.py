@@ -285,3 +285,22 @@ def test_the_runs_table_splits_runs_that_differ_only_in_their_identity(tmp_path)
     assert len(runs) == 2 and "identity.resolved.dtype" in runs.columns
     assert sorted(written["tables"]["ppl"]["method"]) == ["sparsegpt (identity.resolved.dtype=bfloat16)",
                                                           "sparsegpt (identity.resolved.dtype=float32)"]
+
+
+def test_a_method_baseline_with_several_settings_is_matched_on_the_keys_both_have(tmp_path):
+    """Two runs of the baseline method (surgeon_reference with shots 5, and with obd=true shots 1): a 5-shot run of
+    another method takes the 5-shot one, a 1-shot run the 1-shot one (not the first found)."""
+    from runners.report import runs_table
+
+    folder = tmp_path / "sweep"
+    records = []
+    for name, pruner, keys, ppl in [("ours", "surgeon", {"shots": 5}, 100.0), ("kobd", "kobd", {"shots": 1}, 120.0),
+                                    ("ref5", "surgeon_reference", {"shots": 5, "obd": False}, 110.0),
+                                    ("ref1", "surgeon_reference", {"shots": 1, "obd": True}, 130.0)]:
+        rec = json.loads(_record(folder, name, pruner=pruner, ppl=ppl).read_text())
+        rec["config"]["pruner"].update(keys)
+        records.append(rec)
+    table, _ = runs_table(records, ["ppl"], baseline="surgeon_reference")
+    ratio = [c for c in table.columns if c.endswith("/ surgeon_reference")][0]
+    by_method = {(m, s): r for m, s, r in zip(table.method, table["pruner.shots"], table[ratio], strict=True)}
+    assert by_method[("surgeon", "5")] == pytest.approx(100 / 110) and by_method[("kobd", "1")] == pytest.approx(120 / 130)
