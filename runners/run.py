@@ -568,21 +568,6 @@ def _group_options(group: str) -> list[str] | None:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else None
 
 
-def _preset_base(compose, config_name: str, searchpath: list[str], parsed) -> DictConfig | None:
-    """The config of the command line's preset alone (``+experiment=...``, the searchpath, ``hydra.*``), if the
-    preset declares sweeps: a command line whose other keys only compose inside the preset's sweep (a pruner key
-    for the pruners it sweeps) is then expanded and checked job by job. None otherwise."""
-    kept = [o.input_line for o in parsed if not o.is_sweep_override()
-            and (o.key_or_group == "experiment" or o.key_or_group.startswith("hydra"))]
-    if not any(o.key_or_group == "experiment" for o in parsed):
-        return None
-    try:
-        base = compose(config_name, overrides=searchpath + kept, return_hydra_config=True)
-    except Exception:
-        return None
-    return base if base.hydra.sweeper.get("params") else None
-
-
 def prevalidate(argv: list[str]) -> str | None:
     """Compose and validate every job; return an error message, or None if all are valid.
 
@@ -659,15 +644,11 @@ def prevalidate(argv: list[str]) -> str | None:
     except Exception as err:  # Hydra's own syntax errors
         return str(err).strip().splitlines()[0]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        error = None
         try:
             base = compose(config_name, overrides=searchpath + [o.input_line for o in parsed if not o.is_sweep_override()],
                            return_hydra_config=True)
-        except Exception as err:
-            error = err  # unless a key of a group the preset sweeps (pruner.shots with pruner: a,b): checked per job
-            base = _preset_base(compose, config_name, searchpath, parsed)
-        if base is None:
-            first = explain(error, searchpath + [o.input_line for o in parsed if not o.is_sweep_override()])
+        except Exception as err:  # (as Hydra: a multirun composes its base from the overrides that are no sweep)
+            first = explain(err, searchpath + [o.input_line for o in parsed if not o.is_sweep_override()])
             for o in parsed:  # a bad group option: say which options there are
                 options = None if o.key_or_group.startswith("hydra") else group_options(o.key_or_group)
                 if options is not None and not o.is_delete() and not o.is_sweep_override() and \
