@@ -399,7 +399,6 @@ class KroneckerPruner(Pruner):
     balanced: ClassVar[bool] = True  # the KFAC factors' Frobenius balancing (L-OBD uses A as it is)
     uses_g: ClassVar[bool] = True  # G enters the costs (L-OBD: no, so a zero diagonal of G kills no row)
     calls_on_shot: ClassVar[bool] = True  # hands each intermediate shot to settings.on_shot (eval.shots_every)
-    _shot: ClassVar[int] = 0
     shots: int = 5
     prune_bias: bool = False  # biases are candidates and count toward the target (unstructured, rows + columns)
     fisher_samples: int = 0  # 0: the empirical Fisher (true labels); k: labels sampled from the model, k per token
@@ -415,13 +414,13 @@ class KroneckerPruner(Pruner):
                              "rowcol sparsity")
 
     def curvature(self, model, modules: dict[str, nn.Linear], calib_ids: torch.Tensor,
-                  settings: EngineSettings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                  settings: EngineSettings, shot: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{name: (G, A)}`` of every module from one forward + backward pass over the calibration windows."""
         factors = {name: KroneckerFactors(linear.in_features, linear.out_features, linear.bias is not None,
                                           calib_ids.shape[0], settings.device, settings.stats_dtype)
                    for name, linear in modules.items()}
         accumulate_gradient_stats(model, modules, calib_ids, settings, lambda name, a, g: factors[name].add(a, g),
-                                  self.fisher_samples, seed=self._shot)
+                                  self.fisher_samples, seed=shot)  # (label draws: seeded per shot)
         return {name: f.factors(self.balanced) for name, f in factors.items()}
 
     def element_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, pattern: Pattern):
@@ -459,8 +458,7 @@ class KroneckerPruner(Pruner):
         with model_on_device(model, settings.device):
             for shot in tqdm(range(1, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
                              disable=not settings.progress):
-                self._shot = shot  # (the label draws of fisher_samples: seeded per shot)
-                curvature = self.curvature(model, modules, calib_ids, settings)
+                curvature = self.curvature(model, modules, calib_ids, settings, shot)
                 costs, extras, lives = {}, {}, {}
                 for name, linear in modules.items():
                     G, A = curvature.pop(name)
