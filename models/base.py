@@ -113,6 +113,12 @@ class Adapter:
         """Prunable linears of a block, grouped by shared input, in forward order."""
         raise NotImplementedError
 
+    def applied_weights(self, block: nn.Module) -> tuple[str, ...]:
+        """Prunable linears that the installed forward applies by their weight (``weight @ x``, features along
+        dim -2) instead of calling the module, so that a hook on the module never fires: the gradient taps read
+        their outputs off that product (:mod:`pruners.taps`). Default: none."""
+        return ()
+
     def unit_groups(self, block: nn.Module) -> list[UnitGroup]:
         """Structural units of a block (heads / KV groups, MLP neurons, Mamba inner channels)."""
         raise NotImplementedError

@@ -6,7 +6,8 @@ The mixer's linears: ``in_proj`` (d -> 2*d_inner: x and gate z), ``x_proj`` (d_i
 
 Statistics are taken on the path that runs: transformers applies ``dt_proj.weight`` functionally
 (``dt_proj.weight @ time_step``), so a hook on ``dt_proj`` never fires; its input is the first
-``dt_rank`` features of ``x_proj``'s output, which is where we tap it. The fused CUDA kernels
+``dt_rank`` features of ``x_proj``'s output, which is where we tap it, and the gradient taps read its
+output off that product (``applied_weights``). The fused CUDA kernels
 (mamba_ssm) likewise take weights directly; taps on in_proj / x_proj / out_proj see the real inputs.
 """
 
@@ -39,6 +40,9 @@ class MambaAdapter(Adapter):
             LinearGroup(("mixer.dt_proj",), Tap("mixer.x_proj", where="output", narrow=(0, dt_rank))),
             LinearGroup(("mixer.out_proj",), Tap("mixer.out_proj")),
         ]
+
+    def applied_weights(self, block):
+        return ("mixer.dt_proj",)  # time_step = dt_proj.weight @ time_step^T (the bias is added inside the scan)
 
     def unit_groups(self, block):
         mixer = block.mixer

@@ -18,7 +18,10 @@ class EngineSettings:
 
     ``device``: where blocks (or, for whole-model methods, the model) run; ``batch_size``: calibration
     windows per forward; ``stats_dtype``: dtype of the accumulated statistics (fp32 or fp64);
-    ``progress``: show progress bars; ``on_shot``: a multi-shot method calls ``on_shot(shot, shots)`` after each
+    ``progress``: show progress bars; ``grad_windows``: calibration windows per forward + backward pass of the
+    gradient taps (:mod:`pruners.taps`; 0 = all in one pass; fewer bound the stored block inputs);
+    ``offload_dir``: a folder for what the gradient methods keep off the device (block inputs, Kronecker factors),
+    null = host memory; ``on_shot``: a multi-shot method calls ``on_shot(shot, shots)`` after each
     shot but the last, the model holding that shot's weights (the runner evaluates and records it:
     ``eval.shots_every``).
     """
@@ -27,10 +30,16 @@ class EngineSettings:
     batch_size: int = 8
     stats_dtype: torch.dtype = torch.float32
     progress: bool = True
+    grad_windows: int = 0
+    offload_dir: str | None = None
     on_shot: Callable[[int, int], None] | None = field(default=None, compare=False)
 
     @classmethod
     def from_config(cls, engine_cfg, device, progress: bool = True) -> EngineSettings:
-        """From the ``engine`` config group (``batch_size``, ``stats_dtype`` as ``float32`` | ``float64``)."""
+        """From the ``engine`` config group (``batch_size``, ``stats_dtype`` as ``float32`` | ``float64``,
+        ``grad_windows``, ``offload_dir``)."""
         dtype = torch.float64 if str(engine_cfg.stats_dtype) == "float64" else torch.float32
-        return cls(device=device, batch_size=int(engine_cfg.batch_size), stats_dtype=dtype, progress=bool(progress))
+        offload = engine_cfg.get("offload_dir")
+        return cls(device=device, batch_size=int(engine_cfg.batch_size), stats_dtype=dtype, progress=bool(progress),
+                   grad_windows=int(engine_cfg.get("grad_windows") or 0),
+                   offload_dir=str(offload) if offload is not None else None)

@@ -23,12 +23,18 @@ With ``G^-1``, ``A^-1`` damped relative to their mean diagonals (:func:`damped_i
 - dead rows and columns (all zero, or a zero curvature diagonal) are left out of ``G`` and ``A``, cost 0 and are
   zero afterwards, as in the reference (:func:`live_structures`).
 
-``pruner=lobd`` is the L-OBD baseline (``I ⊗ A``, :func:`lobd_element_costs`). Not yet here (docs/methods.md §5):
-the block-by-block memory scheme, shrinking aligned rows / columns.
+``pruner=lobd`` is the L-OBD baseline (``I ⊗ A``, :func:`lobd_element_costs`).
+
+Memory (docs/methods.md §5.9): the curvature pass goes block by block with recomputation (:mod:`pruners.taps`),
+each block's factors leave the device once complete (host memory, or files under ``engine.offload_dir``, in
+``pruner.factor_dtype``), and costs and updates bring one module's factors back at a time; the model stays on the
+host.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,40 +45,70 @@ from tqdm.auto import tqdm
 from .base import ModuleResult, Pruner, register
 from .masks import MaskState, PackedMask, Pattern, global_prune_masks, lowest_k
 from .settings import EngineSettings
-from .taps import accumulate_gradient_stats, model_on_device, prunable_modules
+from .taps import Offload, accumulate_gradient_stats, prunable_modules
 
 UNSTRUCTURED_DAMP_G = 0.1  # the reference scripts' --damp_g for element / 2:4 pruning (the code's default: 0.01)
 
 
 # --- curvature ---------------------------------------------------------------------------------------------------
-class KroneckerFactors:
-    """Running sums for ``A = Σ a a^T / T`` and ``G = Σ g g^T / T`` over the ``T`` tokens seen (docs/methods.md §5.1).
+FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}
 
-    ``a`` gets a trailing ones entry when the module has a bias. ``g`` is taken as the gradient of the
-    *per-sequence* mean loss (the reference runs one sequence per backward): the taps hand out gradients of the
-    mean over all ``sequences`` windows, so they are scaled by ``sequences`` here. (The overall scale of ``G ⊗ A``
-    changes no mask and no update; it is kept for comparisons with the reference's factors.)"""
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, sequences: int, device, dtype=torch.float32):
-        self.bias = bias
-        self.scale = float(sequences)
-        self.A = torch.zeros(d_in + int(bias), d_in + int(bias), device=device, dtype=dtype)
-        self.G = torch.zeros(d_out, d_out, device=device, dtype=dtype)
-        self.tokens = 0
+class KroneckerCurvature:
+    """Running sums for ``A = Σ a a^T / T`` per group of linears reading one input (q / k / v, gate / up: one ``A``
+    serves them all) and ``G = Σ g g^T / T`` per linear, over the ``T`` tokens seen (docs/methods.md §5.1).
 
-    def add(self, activation: torch.Tensor, grad: torch.Tensor) -> None:
-        a = activation.reshape(-1, activation.shape[-1]).to(self.A.dtype)
-        g = grad.reshape(-1, grad.shape[-1]).to(self.G.dtype).nan_to_num(0.0) * self.scale
-        if self.bias:
+    Fed by the gradient taps (:func:`pruners.taps.accumulate_gradient_stats`: ``g`` is the gradient of each
+    window's own mean loss, as the reference runs one sequence per backward). ``a`` gets a trailing ones entry when
+    a linear of the group has a bias (a linear without one reads ``A`` without it). A block's sums are built on the
+    device in ``stats_dtype``; when the block is complete (:meth:`block_done`) they move to ``store`` (host memory
+    or files) in ``storage_dtype``, and :meth:`factors` brings one linear's ``(G, A)`` back. (The overall scale of
+    ``G ⊗ A`` changes no mask and no update; it is kept for comparisons with the reference's factors.)"""
+
+    def __init__(self, modules: dict[str, nn.Linear], store: Offload, stats_dtype=torch.float32,
+                 storage_dtype: torch.dtype | None = None):
+        self.modules = modules
+        self.store = store
+        self.stats_dtype = stats_dtype
+        self.storage_dtype = storage_dtype or stats_dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.a_key: dict[str, tuple[str, bool]] = {}
+
+    def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        if key not in self.sums:
+            self.sums[key] = x.new_zeros(x.shape[1], x.shape[1])
+        self.sums[key].addmm_(x.T, x)
+
+    def add(self, index: int, names: tuple[str, ...], activation: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        """One batch of one group: its input ``[batch, seqlen, d_in]`` and each linear's output gradient."""
+        bias = any(self.modules[name].bias is not None for name in names)
+        key = f"A:{names[0]}"
+        a = activation.reshape(-1, activation.shape[-1]).to(self.stats_dtype)
+        if bias:
             a = torch.cat([a, torch.ones(a.shape[0], 1, device=a.device, dtype=a.dtype)], dim=1)
-        self.A.addmm_(a.T, a)
-        self.G.addmm_(g.T, g)
-        self.tokens += a.shape[0]
+        self._accumulate(key, a)
+        self.tokens[key] = self.tokens.get(key, 0) + a.shape[0]
+        for name, grad in zip(names, grads, strict=True):
+            self.a_key[name] = (key, bias)
+            self._accumulate(f"G:{name}", grad.reshape(-1, grad.shape[-1]).to(self.stats_dtype).nan_to_num(0.0))
 
-    def factors(self, balanced: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(G, A)``, averaged and (``balanced``) balanced (:func:`balance`)."""
-        count = max(self.tokens, 1)
-        G, A = self.G / count, self.A / count
+    def block_done(self, index: int) -> None:
+        """The block's sums are complete (for this pass): off the device, into the store."""
+        for key, total in self.sums.items():
+            self.store.add(key, total, self.storage_dtype)
+        self.sums.clear()
+
+    def factors(self, name: str, balanced: bool = True, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G, A)`` of one linear on ``device`` in ``stats_dtype``, averaged and (``balanced``) balanced
+        (:func:`balance`)."""
+        key, bias = self.a_key[name]
+        count = max(self.tokens[key], 1)
+        A = self.store.get(key, device, self.stats_dtype) / count
+        if bias and self.modules[name].bias is None:
+            A = A[:-1, :-1]
+        G = self.store.get(f"G:{name}", device, self.stats_dtype) / count
         return balance(G, A) if balanced else (G, A)
 
 
@@ -402,6 +438,7 @@ class KroneckerPruner(Pruner):
     shots: int = 5
     prune_bias: bool = False  # biases are candidates and count toward the target (unstructured, rows + columns)
     fisher_samples: int = 0  # 0: the empirical Fisher (true labels); k: labels sampled from the model, k per token
+    factor_dtype: str | None = None  # dtype the completed factors wait in (float32 | bfloat16 | ...); null = stats dtype
 
     def check(self, pattern: Pattern) -> None:
         super().check(pattern)
@@ -409,27 +446,38 @@ class KroneckerPruner(Pruner):
             raise ValueError(f"pruner.shots={self.shots} must be >= 1")
         if self.fisher_samples < 0:
             raise ValueError(f"pruner.fisher_samples={self.fisher_samples} must be >= 0 (0 = the true labels)")
+        if self.factor_dtype is not None and self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"pruner.factor_dtype={self.factor_dtype} is not one of: {', '.join(FACTOR_DTYPES)} "
+                             "(or null: engine.stats_dtype)")
         if self.prune_bias and pattern.kind == "nm":
             raise ValueError("pruner.prune_bias=true: N:M groups hold weights only; use it with unstructured or "
                              "rowcol sparsity")
 
-    def curvature(self, model, modules: dict[str, nn.Linear], calib_ids: torch.Tensor,
-                  settings: EngineSettings, shot: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{name: (G, A)}`` of every module from one forward + backward pass over the calibration windows."""
-        factors = {name: KroneckerFactors(linear.in_features, linear.out_features, linear.bias is not None,
-                                          calib_ids.shape[0], settings.device, settings.stats_dtype)
-                   for name, linear in modules.items()}
-        accumulate_gradient_stats(model, modules, calib_ids, settings, lambda name, a, g: factors[name].add(a, g),
-                                  self.fisher_samples, seed=shot)  # (label draws: seeded per shot)
-        return {name: f.factors(self.balanced) for name, f in factors.items()}
+    @contextmanager
+    def curvature(self, model, adapter, modules: dict[str, nn.Linear], calib_ids: torch.Tensor,
+                  settings: EngineSettings, shot: int = 1) -> Iterator[KroneckerCurvature]:
+        """Every linear's Kronecker factors from one forward + backward pass over the calibration windows, block by
+        block (:func:`pruners.taps.accumulate_gradient_stats`), kept off the device (``engine.offload_dir``: files)
+        for the body. The label draws of ``fisher_samples`` are seeded with the shot."""
+        storage = FACTOR_DTYPES[self.factor_dtype] if self.factor_dtype is not None else None
+        with Offload(settings.offload_dir) as store:
+            curvature = KroneckerCurvature(modules, store, settings.stats_dtype, storage)
+            accumulate_gradient_stats(model, adapter, calib_ids, settings, curvature.add, curvature.block_done,
+                                      self.fisher_samples, seed=shot)
+            yield curvature
 
-    def element_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, pattern: Pattern):
-        """``(costs [d_out, columns], what update() needs or None)`` of one module's augmented ``W``; ``columns``
-        are the candidate columns (the bias column only with ``prune_bias``)."""
+    def prepare(self, G: torch.Tensor, A: torch.Tensor, pattern: Pattern):
+        """What the costs and the update of one module need beyond ``G`` and ``A`` (the Surgeon: the damped
+        inverses), or None."""
+        return None
+
+    def element_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, extra, pattern: Pattern):
+        """Costs ``[d_out, columns]`` of one module's augmented ``W``; ``columns`` are the candidate columns (the bias
+        column only with ``prune_bias``)."""
         raise NotImplementedError
 
-    def rowcol_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, pattern: Pattern):
-        """``((row costs [d_out], column costs [columns]), what rowcol_update() needs or None)``."""
+    def rowcol_costs(self, W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, extra, pattern: Pattern):
+        """``(row costs [d_out], column costs [columns])``."""
         raise NotImplementedError
 
     def update(self, W: torch.Tensor, mask: torch.Tensor, extra, pattern: Pattern) -> torch.Tensor:
@@ -450,53 +498,63 @@ class KroneckerPruner(Pruner):
         """The candidate columns of ``[W | b]``: the weights, and the bias with ``prune_bias``."""
         return linear.in_features + int(self.prune_bias and linear.bias is not None)
 
+    def _live(self, curvature: KroneckerCurvature, name: str, linear: nn.Linear, pattern: Pattern, device):
+        """One module's augmented ``W``, its live rows and columns, and ``W``, ``G``, ``A`` and the method's extra
+        restricted to them, on ``device``."""
+        G, A = curvature.factors(name, self.balanced, device)
+        W = _augmented(linear).to(device)
+        rows, cols = live_structures(W, G if self.uses_g else None, A)
+        Gs, As = G[rows][:, rows], A[cols][:, cols]
+        del G, A
+        return W, rows, cols, W[rows][:, cols], Gs, As, self.prepare(Gs, As, pattern)
+
     def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
                     ) -> dict[str, ModuleResult]:
+        """Per shot: the curvature (block by block, off the device), every module's costs (one module on the
+        device at a time), one global threshold, then every module's update (its factors fetched again). The model
+        stays on the host; only what one module or block needs is on ``settings.device``."""
         modules = prunable_modules(adapter)
         state = MaskState()
         losses: dict[str, float] = {}
-        with model_on_device(model, settings.device):
-            for shot in tqdm(range(1, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
-                             disable=not settings.progress):
-                curvature = self.curvature(model, modules, calib_ids, settings, shot)
-                costs, extras, lives = {}, {}, {}
+        device = settings.device
+        for shot in tqdm(range(1, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
+                         disable=not settings.progress):
+            with self.curvature(model, adapter, modules, calib_ids, settings, shot) as curvature:
+                costs = {}
                 for name, linear in modules.items():
-                    G, A = curvature.pop(name)
-                    W = _augmented(linear)
-                    lives[name] = rows, cols = live_structures(W, G if self.uses_g else None, A)
-                    Ws, Gs, As = W[rows][:, cols], G[rows][:, rows], A[cols][:, cols]
+                    W, rows, cols, Ws, Gs, As, extra = self._live(curvature, name, linear, pattern, device)
                     if pattern.kind == "rowcol":
-                        (row_costs, col_costs), extras[name] = self.rowcol_costs(Ws, Gs, As, pattern)
-                        costs[name] = (_scatter(row_costs, rows), _scatter(col_costs, cols)[: self._columns(linear)])
+                        row_costs, col_costs = self.rowcol_costs(Ws, Gs, As, extra, pattern)
+                        costs[name] = (_scatter(row_costs, rows).cpu(),
+                                       _scatter(col_costs, cols)[: self._columns(linear)].cpu())
                     else:
-                        element, extras[name] = self.element_costs(Ws, Gs, As, pattern)
-                        costs[name] = _scatter(element, rows, cols)[:, : self._columns(linear)]
+                        element = self.element_costs(Ws, Gs, As, extra, pattern)
+                        costs[name] = _scatter(element, rows, cols)[:, : self._columns(linear)].cpu()
+                    del W, Ws, Gs, As, extra
                 for name, (removed, loss) in self.shot_masks(costs, pattern, shot).items():
                     linear = modules[name]
                     d_in = linear.in_features
-                    W = _augmented(linear)
-                    rows, cols = lives[name]
+                    W, rows, cols, Ws, Gs, As, extra = self._live(curvature, name, linear, pattern, device)
                     if pattern.kind == "rowcol":
-                        removed = (removed[0], _padded(removed[1], W.shape[1]))
+                        removed = (removed[0].to(device), _padded(removed[1], W.shape[1]).to(device))
                     else:
-                        removed = _padded(removed, W.shape[1])
+                        removed = _padded(removed, W.shape[1]).to(device)
                     if name in state and pattern.kind != "rowcol":  # removed stays removed (it costs 0, but ties
                         # at 0 need not all fit); rowcol: a removed row / column is zero, so dead (~rows, ~cols)
-                        removed[:, :d_in].logical_or_(state.prune_mask(name, linear.weight.device))
+                        removed[:, :d_in].logical_or_(state.prune_mask(name, device))
                     if pattern.kind == "rowcol":
-                        state.register(name, rowcol_mask(removed[0] | ~rows, removed[1] | ~cols, d_in))
-                        Ws = self.rowcol_update(W[rows][:, cols], removed[0][rows], removed[1][cols], extras[name],
-                                                pattern)
+                        state.register(name, rowcol_mask(removed[0] | ~rows, removed[1] | ~cols, d_in).cpu())
+                        Ws = self.rowcol_update(Ws, removed[0][rows], removed[1][cols], extra, pattern)
                     else:
-                        state.register(name, (removed | ~(rows[:, None] & cols[None, :]))[:, :d_in].clone())
-                        Ws = self.update(W[rows][:, cols], removed[rows][:, cols], extras[name], pattern)
-                    W = _scatter(Ws, rows, cols)  # dead rows and columns are zero
+                        state.register(name, (removed | ~(rows[:, None] & cols[None, :]))[:, :d_in].cpu())
+                        Ws = self.update(Ws, removed[rows][:, cols], extra, pattern)
                     losses[name] = loss
-                    _write(linear, W)
-                del costs, extras
-                state.enforce(model)
-                if settings.on_shot is not None and shot < self.shots:
-                    settings.on_shot(shot, self.shots)
+                    _write(linear, _scatter(Ws, rows, cols))  # dead rows and columns are zero
+                    del W, Ws, Gs, As, extra
+                del costs
+            state.enforce(model)
+            if settings.on_shot is not None and shot < self.shots:
+                settings.on_shot(shot, self.shots)
         results = {}
         for name in modules:
             mask = state.prune_mask(name)
@@ -553,16 +611,16 @@ class Surgeon(KroneckerPruner):
         """The settings a null key stands for under ``pattern`` (:func:`script_defaults`)."""
         return script_defaults(pattern, self.damp_g, self.max_correlate, self.addupdate)
 
-    def _inverses(self, G, A, pattern):
+    def prepare(self, G, A, pattern):
         return damped_inverse(G, self.resolved(pattern)["damp_g"]), damped_inverse(A, self.damp_a)
 
-    def element_costs(self, W, G, A, pattern):
-        Ginv, Ainv = self._inverses(G, A, pattern)
-        return obs_element_costs(W, Ginv, Ainv), (Ginv, Ainv)
+    def element_costs(self, W, G, A, extra, pattern):
+        Ginv, Ainv = extra
+        return obs_element_costs(W, Ginv, Ainv)
 
-    def rowcol_costs(self, W, G, A, pattern):
-        Ginv, Ainv = self._inverses(G, A, pattern)
-        return (obs_row_costs(W, A, Ginv), obs_column_costs(W, G, Ainv)), (Ginv, Ainv)
+    def rowcol_costs(self, W, G, A, extra, pattern):
+        Ginv, Ainv = extra
+        return obs_row_costs(W, A, Ginv), obs_column_costs(W, G, Ainv)
 
     def update(self, W, mask, extra, pattern):
         r = self.resolved(pattern)
@@ -583,11 +641,11 @@ class KOBD(KroneckerPruner):
     name = "kobd"
     shots: int = 1  # the reference scripts: 1 (unstructured), 40 (rows + columns)
 
-    def element_costs(self, W, G, A, pattern):
-        return kobd_element_costs(W, G, A), None
+    def element_costs(self, W, G, A, extra, pattern):
+        return kobd_element_costs(W, G, A)
 
-    def rowcol_costs(self, W, G, A, pattern):
-        return (kobd_row_costs(W, G, A), kobd_column_costs(W, G, A)), None
+    def rowcol_costs(self, W, G, A, extra, pattern):
+        return kobd_row_costs(W, G, A), kobd_column_costs(W, G, A)
 
 
 def lobd_element_costs(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -608,9 +666,9 @@ class LOBD(KroneckerPruner):
     uses_g = False
     shots: int = 1
 
-    def element_costs(self, W, G, A, pattern):
-        return lobd_element_costs(W, A), None
+    def element_costs(self, W, G, A, extra, pattern):
+        return lobd_element_costs(W, A)
 
-    def rowcol_costs(self, W, G, A, pattern):
+    def rowcol_costs(self, W, G, A, extra, pattern):
         costs = lobd_element_costs(W, A)
-        return (costs.sum(1), costs.sum(0)), None
+        return costs.sum(1), costs.sum(0)

@@ -1,21 +1,40 @@
-"""Whole-model taps: forward activations and loss gradients of selected modules (docs/architecture.md §1).
+"""Gradient taps: forward activations and loss gradients of every prunable linear, block by block
+(docs/architecture.md §1.3).
 
-The block engine (:mod:`pruners.engine`) only runs forwards, one block at a time. Whole-model methods
-(``scope = "model"``, e.g. LLM Surgeon's Kronecker-factored curvature ``A = E[a a^T]``, ``G = E[g g^T]``)
-need the gradient of the language-model loss with respect to each pruned linear's output, next to the
-linear's input. :func:`accumulate_gradient_stats` runs forward + backward over the calibration windows
-and hands each (input activation, output gradient) pair to a callback; it leaves no hooks, no
-``.grad`` and no changed ``requires_grad`` behind.
+The block engine (:mod:`pruners.engine`) only runs forwards. Whole-model methods (``scope = "model"``, e.g. the
+LLM Surgeon's Kronecker-factored curvature ``A = E[a a^T]``, ``G = E[g g^T]``) also need the gradient of the
+language-model loss with respect to each linear's output. :func:`accumulate_gradient_stats` gets it without
+ever holding the whole model's autograd graph, nor (on a GPU) the whole model on the device:
+
+1. forward, one block at a time on the device, storing only each block's input (host memory, or files under
+   ``engine.offload_dir``);
+2. the head (final norm, LM head) and the loss, giving the gradient w.r.t. the last block's output;
+3. backward, last block first: each block is run again on its stored input with gradients on (recomputation),
+   the linears' inputs and output gradients are handed to a callback, and the gradient w.r.t. the block's input
+   goes on to the block before. After a block's last batch the callback is told that the block is complete, so
+   its statistics can leave the device.
+
+Blocks and the head run in float32 at least (a float16 / bfloat16 model is borrowed in float32 for the pass:
+small loss gradients do not underflow, and the statistics are those of the reference's fp32 model). Peak device
+memory: one block in float32, its statistics, the gradients w.r.t. one block's outputs for the windows of one
+pass and one batch's activations; peak host memory adds the stored block inputs
+(``blocks x windows x seqlen x hidden x 4`` bytes; ``engine.grad_windows`` bounds the windows per pass).
+The result equals one backward through the whole model (tests/test_seam.py, tests/test_surgeon.py).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from models.blocks import capture_block_inputs
 
 from .settings import EngineSettings
 
@@ -35,7 +54,8 @@ def prunable_modules(adapter) -> dict[str, nn.Linear]:
 
 @contextmanager
 def model_on_device(model: nn.Module, device):
-    """The whole model on ``device`` for the duration (whole-model methods), back on the host after."""
+    """The whole model on ``device`` for the duration, back on the host after (code that needs the whole model
+    at once, as the LLM Surgeon reference code run by ``pruner=surgeon_reference``)."""
     moved = str(device) != "cpu"
     if moved:
         model.to(device)
@@ -48,16 +68,106 @@ def model_on_device(model: nn.Module, device):
 
 
 @contextmanager
-def frozen_parameters(model: nn.Module):
-    """``requires_grad = False`` on every parameter (no weight gradients are built), restored after."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
+def borrowed(modules: list[nn.Module], device, dtype: torch.dtype | None = None):
+    """Every parameter and buffer of ``modules`` as a copy on ``device`` (floating ones in ``dtype``) for the
+    body; afterwards each gets its original tensor back, untouched (read-only use: nothing is copied back).
+    Tied parameters stay tied. A tensor already on ``device`` in ``dtype`` is not copied."""
+    saved = []
+    seen = set()
+    for module in modules:
+        for sub in module.modules():
+            for store in (sub._parameters, sub._buffers):
+                for key, tensor in store.items():
+                    if tensor is None:
+                        continue
+                    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+                    if id(tensor) in seen and isinstance(tensor, nn.Parameter):
+                        continue
+                    seen.add(id(tensor))
+                    target = dtype if dtype is not None and data.is_floating_point() else data.dtype
+                    moved = data.to(device=device, dtype=target)
+                    if moved is data:
+                        continue
+                    saved.append((store, key, tensor, data))
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = moved
+                    else:
+                        store[key] = moved
     try:
-        for p, _ in saved:
-            p.requires_grad_(False)
-        yield model
+        yield
     finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
+        for store, key, tensor, data in saved:
+            if isinstance(tensor, nn.Parameter):
+                tensor.data = data
+            else:
+                store[key] = data
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors of a block's kwargs (masks, rotary embeddings) in ``dtype``; the rest as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
+
+
+class Offload:
+    """Where tensors wait while they are not needed on the device: host memory, or (``directory``) one file each
+    in a temporary folder under it, read back memory-mapped. :meth:`put` returns a handle for :meth:`get`;
+    :meth:`add` accumulates into a stored tensor. Use as a context manager: the files go at exit."""
+
+    def __init__(self, directory: str | None = None):
+        self.directory = directory
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._count = 0
+        self.tensors: dict[str, torch.Tensor | str] = {}
+
+    def __enter__(self):
+        if self.directory is not None:
+            os.makedirs(self.directory, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(dir=self.directory, prefix="prunelab-offload-")
+        return self
+
+    def __exit__(self, *exc):
+        self.tensors.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def put(self, key: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        tensor = tensor.detach().to(dtype or tensor.dtype)
+        if self._tmp is None:
+            self.tensors[key] = tensor.to("cpu")
+            return
+        self._count += 1
+        path = os.path.join(self._tmp.name, f"{self._count}.pt")
+        torch.save(tensor.cpu(), path)
+        self.tensors[key] = path
+
+    def get(self, key: str, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        value = self.tensors[key]
+        if isinstance(value, str):
+            value = torch.load(value, mmap=True, weights_only=True)
+        return value.to(device=device, dtype=dtype or value.dtype)
+
+    def add(self, key: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """``stored + tensor`` (in float32 at least), stored in ``dtype``; a new key is stored as it is."""
+        if key in self.tensors:
+            total = self.get(key, tensor.device, torch.promote_types(tensor.dtype, torch.float32)) + tensor
+            self.pop(key)
+            tensor = total
+        self.put(key, tensor, dtype)
+
+    def pop(self, key: str) -> None:
+        value = self.tensors.pop(key, None)
+        if isinstance(value, str):
+            os.remove(value)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
 
 
 def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -76,67 +186,165 @@ def sampled_label_loss_sum(logits: torch.Tensor, samples: int, generator: torch.
     return torch.stack([F.cross_entropy(logits, labels[:, k], reduction="sum") for k in range(samples)]).mean(0)
 
 
-OnBatch = Callable[[str, torch.Tensor, torch.Tensor], None]
+OnBatch = Callable[[int, tuple[str, ...], torch.Tensor, list[torch.Tensor]], None]
 
 
-def accumulate_gradient_stats(model: nn.Module, modules: dict[str, nn.Module], calib_ids: torch.Tensor,
-                              settings: EngineSettings | None, on_batch: OnBatch, fisher_samples: int = 0,
-                              seed: int = 0) -> float:
-    """Forward + backward over the calibration windows; per batch and selected module, call
-    ``on_batch(name, input_activation, output_grad)``.
+class _WeightProducts(TorchFunctionMode):
+    """Records ``weight @ x`` for the weights of linears the forward applies without calling them
+    (:meth:`models.base.Adapter.applied_weights`), as those linears' outputs, features moved last."""
 
-    The loss is the mean next-token cross-entropy over **all** calibration tokens (fp32); a batch
-    contributes its share, so the gradients handed out sum over batches to the gradient of that mean
-    (e.g. ``sum_batches grad^T @ input`` is ``d loss / d W`` of a linear). ``input_activation`` is the
-    module's first positional input and ``output_grad`` the gradient w.r.t. its output, both
-    ``[batch, seqlen, features]`` and detached. A module called several times per forward is reported
-    once per call. The model must already be on ``settings.device`` (:func:`model_on_device`).
-    ``fisher_samples > 0``: the labels are drawn from the model instead (:func:`sampled_label_loss_sum`, a
-    generator seeded with ``seed``).
-    Works under an outer ``torch.no_grad()``; parameters get no ``.grad`` and keep their
-    ``requires_grad``. Returns the mean loss.
+    def __init__(self, weights: dict[int, str], captured: dict):
+        super().__init__()
+        self.weights, self.captured = weights, captured
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _MATMULS and args and id(args[0]) in self.weights:
+            self.captured.setdefault(("output", self.weights[id(args[0])]), []).append(out)  # (features at -2)
+        return out
+
+
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+
+def _group_hooks(block: nn.Module, adapter, prefix: str, captured: dict) -> list:
+    """Hooks that record, per linear group, the group's input (its adapter tap) and each linear's output."""
+    handles = []
+    applied = set(adapter.applied_weights(block))
+    for group in adapter.linear_groups(block):
+        names = tuple(f"{prefix}{name}" for name in group.names)
+        tap = group.tap
+
+        def record_input(value, names=names):
+            captured.setdefault(("input", names), []).append(value.detach())
+
+        target = block.get_submodule(tap.module)
+        if tap.where == "input":
+            handles.append(target.register_forward_pre_hook(lambda m, args, t=tap, f=record_input: f(t.select(args, None))))
+        else:
+            handles.append(target.register_forward_hook(lambda m, args, out, t=tap, f=record_input: f(t.select(args, out))))
+        for short, full in zip(group.names, names, strict=True):
+            def record_output(module, args, out, full=full):
+                out = out[0] if isinstance(out, tuple) else out
+                if not out.requires_grad:
+                    raise RuntimeError(f"gradient tap on {full}: its output is not connected to the loss graph")
+                captured.setdefault(("output", full), []).append(out)
+            if short not in applied:
+                handles.append(block.get_submodule(short).register_forward_hook(record_output))
+    return handles
+
+
+def accumulate_gradient_stats(model: nn.Module, adapter, calib_ids: torch.Tensor, settings: EngineSettings | None,
+                              on_batch: OnBatch, on_block: Callable[[int], None] | None = None,
+                              fisher_samples: int = 0, seed: int = 0) -> float:
+    """Forward + backward over the calibration windows, block by block (module docstring); per block (last
+    first), batch and linear group, ``on_batch(index, names, activation, grads)``: the group's input
+    ``[batch, seqlen, d_in]`` and each linear's output gradient (``names``: full module names, in order), detached;
+    after a block's last batch of a pass, ``on_block(index)``.
+
+    The gradients are those of the **sum over windows of each window's mean next-token loss** (fp32): a window's
+    share is the gradient of its own mean loss, as the reference computes it one sequence at a time (so ``Σ g a^T``
+    over every call is ``n`` times ``d loss / d W`` of the mean loss over ``n`` windows). ``fisher_samples > 0``:
+    the labels are drawn from the model (:func:`sampled_label_loss_sum`, a generator seeded with ``seed``).
+    ``settings.grad_windows`` windows go through each pass (0: all in one); ``settings.offload_dir`` stores the
+    block inputs in files there. Works under an outer ``torch.no_grad()``; the model stays where it is (on the
+    host: each block is borrowed onto ``settings.device``), parameters get no ``.grad``, no hook is left behind.
+    Every linear must run exactly once per forward. Returns the mean loss over all tokens.
     """
     settings = settings or EngineSettings()
     n, seqlen = calib_ids.shape
-    total_tokens = n * (seqlen - 1)
-    if total_tokens <= 0:
+    if seqlen < 2:
         raise ValueError("gradient taps need calibration windows of at least 2 tokens")
-    captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-
-    def tap(name):
-        def hook(module, args, out):
-            out = out[0] if isinstance(out, tuple) else out
-            if not out.requires_grad:
-                raise RuntimeError(f"gradient tap on {name}: its output is not connected to the loss graph")
-            captured.append((name, args[0].detach(), out))
-        return hook
-
-    def track(module, args, out):  # parameters are frozen: the graph starts at the embeddings' output
-        if isinstance(out, torch.Tensor) and not out.requires_grad:
-            out.requires_grad_(True)
-
-    loss_total = 0.0
-    handles = []
+    device = settings.device
+    blocks = adapter.blocks()
+    prefix = adapter.blocks_prefix()
+    model_dtype = next(model.parameters()).dtype
+    compute = torch.promote_types(model_dtype, torch.float32)
     generator = torch.Generator().manual_seed(seed)
-    with torch.enable_grad(), frozen_parameters(model):
-        try:
-            handles.append(model.get_input_embeddings().register_forward_hook(track))
-            handles += [module.register_forward_hook(tap(name)) for name, module in modules.items()]
-            for batch in calibration_batches(calib_ids, settings.batch_size):
-                batch = batch.to(settings.device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                if fisher_samples:
-                    loss = sampled_label_loss_sum(logits, fisher_samples, generator) / total_tokens
-                else:
-                    loss = next_token_loss_sum(logits, batch) / total_tokens
-                grads = torch.autograd.grad(loss, [out for _, _, out in captured], allow_unused=True)
-                for (name, activation, out), grad in zip(captured, grads, strict=True):
-                    on_batch(name, activation, torch.zeros_like(out) if grad is None else grad.detach())
-                loss_total += float(loss.detach())
-                captured.clear()
-                del logits, loss, grads
-        finally:
-            captured.clear()
-            for handle in handles:
-                handle.remove()
+    per_pass = settings.grad_windows or n
+    loss_total = 0.0
+    with torch.enable_grad(), Offload(settings.offload_dir) as stored:
+        for start in range(0, n, per_pass):
+            ids = calib_ids[start : start + per_pass]
+            with torch.no_grad():
+                inputs = capture_block_inputs(model, adapter, ids, device, settings.batch_size)
+                kwargs = {size: _cast(kw, compute) for size, kw in inputs.kwargs_by_batch_size.items()}
+                hidden = [h.to(compute) for h in inputs.batches]
+                del inputs
+                for index, block in enumerate(blocks):  # 1. forward, keeping each block's input
+                    with borrowed([block], device, compute):
+                        for b, h in enumerate(hidden):
+                            stored.put(f"{index}/{b}", h)
+                        hidden = [adapter.call_block(block, h, kwargs[h.shape[0]]) for h in hidden]
+            grads = []
+            batch_ids = list(calibration_batches(ids, settings.batch_size))
+            with borrowed(adapter.post_block_modules(), device, compute):  # 2. the loss at the head
+                for h, batch in zip(hidden, batch_ids, strict=True):
+                    h = h.detach().requires_grad_(True)
+                    logits = adapter.head(h)
+                    if fisher_samples:
+                        loss = sampled_label_loss_sum(logits, fisher_samples, generator)
+                    else:
+                        loss = next_token_loss_sum(logits, batch.to(logits.device))
+                    loss = loss / (seqlen - 1)  # the sum of the windows' mean losses
+                    grads.append(torch.autograd.grad(loss, h)[0])
+                    loss_total += float(loss.detach()) / n
+                    del logits, loss
+            del hidden
+            for index in reversed(range(len(blocks))):  # 3. backward, block by block, recomputing each forward
+                block = blocks[index]
+                captured: dict = {}
+                groups = adapter.linear_groups(block)
+                applied = set(adapter.applied_weights(block))
+                products = _WeightProducts({id(block.get_submodule(name).weight): f"{prefix}.{index}.{name}"
+                                            for name in adapter.applied_weights(block)}, captured)
+                with borrowed([block], device, compute), _frozen(block), products:
+                    handles = _group_hooks(block, adapter, f"{prefix}.{index}.", captured)
+                    try:
+                        for b in range(len(grads)):
+                            h = stored.get(f"{index}/{b}", device).requires_grad_(True)
+                            stored.pop(f"{index}/{b}")
+                            captured.clear()
+                            out = adapter.call_block(block, h, kwargs[h.shape[0]])
+                            outputs = []
+                            for group in groups:
+                                for name in group.names:
+                                    calls = captured.get(("output", f"{prefix}.{index}.{name}"), [])
+                                    if len(calls) != 1:
+                                        raise RuntimeError(f"gradient taps: {prefix}.{index}.{name} ran {len(calls)} "
+                                                           "times in one forward (expected once)")
+                                    outputs.append(calls[0])
+                            found = torch.autograd.grad(out, [h, *outputs], grad_outputs=grads[b], allow_unused=True)
+                            grads[b] = torch.zeros_like(h) if found[0] is None else found[0].detach()
+                            module_grads = iter(zip(outputs, found[1:], strict=True))
+                            for group in groups:
+                                names = tuple(f"{prefix}.{index}.{name}" for name in group.names)
+                                activation = captured[("input", names)][0]
+                                group_grads = []
+                                for short in group.names:
+                                    output, grad = next(module_grads)
+                                    grad = torch.zeros_like(output) if grad is None else grad.detach()
+                                    group_grads.append(grad.transpose(-1, -2) if short in applied else grad)
+                                on_batch(index, names, activation, group_grads)
+                            del out, outputs, found, h
+                    finally:
+                        captured.clear()
+                        for handle in handles:
+                            handle.remove()
+                if on_block is not None:
+                    on_block(index)
+            del grads
     return loss_total
+
+
+@contextmanager
+def _frozen(module: nn.Module):
+    """``requires_grad = False`` on every parameter (no weight gradients are built), restored after."""
+    saved = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield module
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)

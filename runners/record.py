@@ -223,6 +223,8 @@ def result_config(config: dict, prunes: bool = True, calibrates: bool = True) ->
     out = {k: v for k, v in config.items() if k not in ignored}
     if isinstance(out.get("eval"), dict):  # which intermediate shots are also recorded: not this run's result
         out["eval"] = {k: v for k, v in out["eval"].items() if k != "shots_every"}
+    if isinstance(out.get("engine"), dict):  # where offloaded tensors wait: not what they are
+        out["engine"] = {k: v for k, v in out["engine"].items() if k != "offload_dir"}
     if isinstance(out.get("sparsity"), dict):
         out["sparsity"] = semantic_sparsity(out["sparsity"])
     return out
@@ -297,7 +299,10 @@ def prune_config(config: dict, calibrates: bool = True) -> dict:
     """The keys of a resolved config that determine the pruned weights (:data:`PRUNE_KEYS`): model, calibration
     (when the run calibrates), pruner, sparsity, engine, seed, device. Not ``eval``, ``speed``, ``save_model``,
     nor where or how the run is written: runs that differ only in those share their pruned model."""
-    return {k: config.get(k) for k in PRUNE_KEYS if calibrates or k != "calib"}
+    out = {k: config.get(k) for k in PRUNE_KEYS if calibrates or k != "calib"}
+    if isinstance(out.get("engine"), dict):  # (as in result_config)
+        out["engine"] = {k: v for k, v in out["engine"].items() if k != "offload_dir"}
+    return out
 
 
 def prune_id(config: dict, calibrates: bool = True, identity: dict | None = None) -> str:

@@ -252,7 +252,6 @@ def _shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dic
         shot_timings = {"prune": round(time.perf_counter() - start - on_shot.eval_s - before, 3)}
         t = time.perf_counter()
         metrics = _evaluate(cfg, plan, loaded, task_dict, shot_timings, tag=f"shot {shot}/{shots} ")
-        loaded.model.to(plan.device)  # (a sequential evaluation leaves the blocks on the CPU; pruning goes on)
         on_shot.eval_s += time.perf_counter() - t  # (not pruning time, for this record or the run's)
         shot_plan = dataclasses.replace(plan, pattern=Pattern(plan.pattern.kind, derived["sparsity"]["ratio"]))
         pattern = {"kind": shot_plan.pattern.kind, "ratio": shot_plan.pattern.ratio, "n": None, "m": None,

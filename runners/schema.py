@@ -109,6 +109,8 @@ class EvalConfig:
 class EngineConfig:
     batch_size: int = req(**POSITIVE)
     stats_dtype: str = req(choices=("float32", "float64"))
+    grad_windows: int = req(**NON_NEGATIVE)
+    offload_dir: str | None = req()
 
 
 @dataclass

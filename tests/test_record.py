@@ -18,7 +18,8 @@ def test_run_id_covers_what_changes_a_result_and_nothing_else():
     base = rid()
     assert base.startswith("tiny-opt_sparsegpt_50pct_") and base == rid()
     assert rid("sparsity.ratio=0.6") != base and rid("seed=1") != base and rid("calib.nsamples=64") != base
-    assert rid("sweep=other", "output_root=/tmp/x", "progress=false") == base
+    assert rid("sweep=other", "output_root=/tmp/x", "progress=false", "engine.offload_dir=/tmp/spill") == base
+    assert rid("engine.grad_windows=4") != base  # (the summation order of the factors)
     assert rid("sparsity=2of4").split("_")[2] == "2of4"
 
 

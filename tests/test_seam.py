@@ -35,6 +35,12 @@ def random_model(family: str):
         config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         model = LlamaForCausalLM(config)
+    elif family == "mamba":
+        from transformers import MambaConfig, MambaForCausalLM
+
+        config = MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
+                             time_step_rank=4)
+        model = MambaForCausalLM(config)
     else:
         config = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=64, word_embed_proj_dim=32)
@@ -60,13 +66,15 @@ class GradientProbe(Pruner):
     def prune_model(self, model, adapter, pattern, calib_ids, settings):
         modules = prunable_modules(adapter)
 
-        def on_batch(name, activation, grad):
+        def on_batch(index, names, activation, grads):
             self.dtypes.add(settings.stats_dtype)
             a = activation.reshape(-1, activation.shape[-1]).to(settings.stats_dtype)
-            g = grad.reshape(-1, grad.shape[-1]).to(settings.stats_dtype)
-            self.grads[name] = self.grads.get(name, 0) + g.T @ a  # dL/dW of a linear: sum_t g_t a_t^T
+            for name, grad in zip(names, grads, strict=True):
+                g = grad.reshape(-1, grad.shape[-1]).to(settings.stats_dtype)
+                # dL/dW of a linear: sum_t g_t a_t^T (the taps: gradients of the windows' summed mean losses)
+                self.grads[name] = self.grads.get(name, 0) + g.T @ a / calib_ids.shape[0]
 
-        accumulate_gradient_stats(model, modules, calib_ids, settings, on_batch)
+        accumulate_gradient_stats(model, adapter, calib_ids, settings, on_batch)
         results = {}
         for name, linear in modules.items():
             weight = linear.weight.data.float()
@@ -75,7 +83,7 @@ class GradientProbe(Pruner):
         return results
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "mamba"])
 def test_gradient_taps_equal_explicit_autograd(family):
     model = random_model(family)
     reference = copy.deepcopy(model)

@@ -14,7 +14,7 @@ from pruners import build_pruner
 from pruners.masks import MaskState, Pattern, check_masks_against_weights, satisfies_n_of_m
 from pruners.settings import EngineSettings
 from pruners.surgeon import (
-    KroneckerFactors,
+    KroneckerCurvature,
     balance,
     correlated_update,
     damped_inverse,
@@ -31,7 +31,7 @@ from pruners.surgeon import (
     rowcol_prune_masks,
     rowcol_update,
 )
-from pruners.taps import accumulate_gradient_stats, prunable_modules
+from pruners.taps import Offload, accumulate_gradient_stats, prunable_modules
 
 from .test_seam import random_ids, random_model
 
@@ -44,16 +44,25 @@ def spd(n: int, seed: int) -> torch.Tensor:
     return X @ X.T / (3 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("family", ["opt", "llama"])
-def test_kfac_factors_equal_an_explicit_per_sequence_computation(family):
+@pytest.mark.parametrize("family", ["opt", "llama", "mamba"])
+@pytest.mark.parametrize("grad_windows", [0, 3])
+def test_kfac_factors_equal_an_explicit_per_sequence_computation(family, grad_windows, tmp_path):
     """A = Σ a a^T / T (a ones entry for a bias), G = Σ g g^T / T with g the gradient of each sequence's own mean
-    loss, as the reference computes them one sequence at a time."""
+    loss, as the reference computes them one sequence at a time: the block-by-block taps (one pass, or passes of
+    3 windows with the factors spilled to files and added up) equal one backward through the whole model."""
     model = random_model(family)
     ids = random_ids(n=4, seqlen=10)
     modules = prunable_modules(models.adapter_for(model))
-    factors = {n: KroneckerFactors(m.in_features, m.out_features, m.bias is not None, ids.shape[0], "cpu",
-                                   torch.float64) for n, m in modules.items()}
-    accumulate_gradient_stats(model, modules, ids, QUIET, lambda n, a, g: factors[n].add(a, g))
+    settings = EngineSettings(progress=False, batch_size=2, grad_windows=grad_windows,
+                              offload_dir=str(tmp_path) if grad_windows else None)
+    with Offload(settings.offload_dir) as store:
+        curvature = KroneckerCurvature(modules, store, torch.float64)
+        accumulate_gradient_stats(model, models.adapter_for(model), ids, settings, curvature.add, curvature.block_done)
+        factors = {n: curvature.factors(n, balanced=False) for n in modules}
+        tokens = {n: curvature.tokens[curvature.a_key[n][0]] for n in modules}
+        if grad_windows:
+            assert all(isinstance(v, str) for v in store.tensors.values())  # (spilled to files)
+    assert not list(tmp_path.iterdir())  # the files are gone
     explicit = {n: [0, 0, 0] for n in modules}
     for seq in ids:
         seq = seq[None]
@@ -73,12 +82,16 @@ def test_kfac_factors_equal_an_explicit_per_sequence_computation(family):
             explicit[n][0] += a.T @ a
             explicit[n][1] += g.T @ g
             explicit[n][2] += a.shape[0]
-    for n, (A, G, tokens) in explicit.items():
-        assert factors[n].tokens == tokens
+    for n, (A, G, count) in explicit.items():
+        if not count:  # Mamba's dt_proj: applied by its weight, no hook fires (its taps: tests/test_seam.py)
+            assert family == "mamba" and n.endswith("dt_proj") and tokens[n] == tokens[n.replace("dt_proj", "x_proj")]
+            continue
+        assert tokens[n] == count
+        G_ours, A_ours = factors[n]
         # (fp32 activations and gradients: agreement to fp32 accuracy, relative to the factor's scale)
-        torch.testing.assert_close(factors[n].A / tokens, A / tokens, rtol=1e-5, atol=1e-6 * float(A.abs().max() / tokens))
-        torch.testing.assert_close(factors[n].G / tokens, G / tokens, rtol=1e-4, atol=1e-5 * float(G.abs().max() / tokens))
-    assert any(modules[n].bias is not None for n in modules) == (family == "opt")
+        torch.testing.assert_close(A_ours, A / count, rtol=1e-5, atol=1e-6 * float(A.abs().max() / count))
+        torch.testing.assert_close(G_ours, G / count, rtol=1e-4, atol=1e-5 * float(G.abs().max() / count))
+    assert any(modules[n].bias is not None for n in modules) == (family != "llama")
 
 
 def test_balance_keeps_the_kronecker_product_and_equalizes_norms():
@@ -234,6 +247,29 @@ def test_whole_model_prune_meets_the_target_and_masks_persist(name, pattern):
             assert satisfies_n_of_m(linear.weight, 2, 4)
 
 
+def test_offloading_and_passes_change_where_not_what(tmp_path):
+    """engine.offload_dir (block inputs and factors in files) with engine.grad_windows (passes of 4 of 6 windows)
+    prunes to the same weights as one pass in memory; pruner.factor_dtype=bfloat16 rounds the stored factors
+    (other updates) and still meets the target."""
+    ids = random_ids(n=6, seqlen=12)
+    spilled = EngineSettings(progress=False, batch_size=2, grad_windows=4, offload_dir=str(tmp_path / "spill"))
+    weights = []
+    for settings, extra in [(QUIET, {}), (spilled, {}), (QUIET, {"factor_dtype": "bfloat16"})]:
+        model = random_model("opt")
+        adapter = models.adapter_for(model)
+        results = build_pruner({"name": "surgeon", "shots": 2, **extra}).prune(
+            model, adapter, Pattern("unstructured", 0.5), ids, settings)
+        assert sum(r.pruned for r in results.values()) == sum(r.total for r in results.values()) // 2
+        weights.append({n: m.weight.detach().clone() for n, m in prunable_modules(adapter).items()})
+    assert not list((tmp_path / "spill").iterdir())  # the files are gone
+    for n, w in weights[0].items():
+        assert torch.equal(weights[1][n] == 0, w == 0), n
+        torch.testing.assert_close(weights[1][n], w, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(weights[2][n], w, rtol=1e-4, atol=1e-6) for n, w in weights[0].items())
+    with pytest.raises(ValueError, match="factor_dtype"):
+        build_pruner({"name": "surgeon", "factor_dtype": "int8"}).check(Pattern("unstructured", 0.5))
+
+
 def test_row_and_column_costs_and_updates_equal_brute_force_obs():
     G, A = spd(4, 13), spd(6, 14)
     W = torch.randn(4, 6, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
@@ -387,11 +423,13 @@ def test_sampled_labels_follow_the_model_and_change_the_curvature():
     model = random_model("llama")
     modules = prunable_modules(models.adapter_for(model))
     calib = random_ids(n=3, seqlen=10)
-    true, sampled = (build_pruner({"name": "surgeon", "fisher_samples": k}).curvature(model, modules, calib, QUIET)
-                     for k in (0, 2))
     name = next(iter(modules))
-    G0, A0 = true[name]
-    G1, A1 = sampled[name]  # (balanced: A's scale follows G's norm; its direction is the same activations')
+    factors = []
+    for k in (0, 2):
+        with build_pruner({"name": "surgeon", "fisher_samples": k}).curvature(
+                model, models.adapter_for(model), modules, calib, QUIET) as curvature:
+            factors.append(curvature.factors(name))
+    (G0, A0), (G1, A1) = factors  # (balanced: A's scale follows G's norm; its direction is the same activations')
     assert not torch.allclose(G0 / G0.norm(), G1 / G1.norm(), atol=1e-3)
     torch.testing.assert_close(A0 / A0.norm(), A1 / A1.norm())
 
