@@ -275,15 +275,48 @@ class MaskState:
         return state
 
 
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys with the order of the fp32 ``values`` (``-0.0`` as ``0.0``; NaN above ``+inf``, as a sort puts it)."""
+    bits = (values.detach().float().reshape(-1) + 0.0).view(torch.int32).long()
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
 def global_prune_masks(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
     """One threshold over every module (whole-model methods' global comparison group): the
-    ``int(total * ratio)`` lowest scores of all modules together (stable order on ties), as prune masks.
-    The scores are concatenated on the CPU in fp32 (4 bytes per weight of host memory meanwhile)."""
+    ``int(total * ratio)`` lowest scores of all modules together, compared in fp32, ties taken in module order and
+    then element order (what a stable sort of the concatenation takes), as prune masks on the CPU.
+
+    Nothing is concatenated or sorted: the k-th lowest value is found by bisection over the fp32 order (at most
+    33 counting passes over the modules, one module's keys at a time), so the memory beyond the scores is a
+    module's keys and the masks (1 byte per weight): a 7B model's costs can be thresholded beside them."""
     names = list(scores)
-    flat = torch.cat([scores[name].detach().float().cpu().reshape(-1) for name in names])
-    mask = lowest_k(flat.unsqueeze(0), int(flat.numel() * ratio)).squeeze(0)
-    parts = mask.split([scores[name].numel() for name in names])
-    return {name: part.view(scores[name].shape) for name, part in zip(names, parts, strict=True)}
+    total = sum(scores[name].numel() for name in names)
+    k = int(total * ratio)
+    if k <= 0:
+        return {name: torch.zeros(scores[name].shape, dtype=torch.bool) for name in names}
+    if k >= total:
+        return {name: torch.ones(scores[name].shape, dtype=torch.bool) for name in names}
+
+    def at_most(key: int) -> int:
+        return sum(int((_order_keys(scores[name].cpu()) <= key).sum()) for name in names)
+
+    low, high = -(2**31), 2**31 - 1  # the smallest key with at_most(key) >= k lies in [low, high]
+    while low < high:
+        mid = (low + high) // 2
+        if at_most(mid) >= k:
+            high = mid
+        else:
+            low = mid + 1
+    masks, ties_left = {}, k - at_most(low - 1)  # entries equal to the threshold still to take, in order
+    for name in names:
+        keys = _order_keys(scores[name].cpu())
+        mask = keys < low
+        if ties_left > 0:
+            tied = (keys == low).nonzero().flatten()[:ties_left]
+            mask[tied] = True
+            ties_left -= tied.numel()
+        masks[name] = mask.view(scores[name].shape)
+    return masks
 
 
 @torch.no_grad()

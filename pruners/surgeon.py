@@ -529,7 +529,8 @@ class KroneckerPruner(Pruner):
                                        _scatter(col_costs, cols)[: self._columns(linear)].cpu())
                     else:
                         element = self.element_costs(Ws, Gs, As, extra, pattern)
-                        costs[name] = _scatter(element, rows, cols)[:, : self._columns(linear)].cpu()
+                        # (fp32 on the host: 4 bytes per weight; the threshold compares fp32 anyway)
+                        costs[name] = _scatter(element, rows, cols)[:, : self._columns(linear)].float().cpu()
                     del W, Ws, Gs, As, extra
                 for name, (removed, loss) in self.shot_masks(costs, pattern, shot).items():
                     linear = modules[name]
@@ -582,8 +583,7 @@ class KroneckerPruner(Pruner):
                      for name in costs}
         else:
             masks = global_prune_masks(costs, pattern.ratio * shot / self.shots)  # (on the CPU)
-        return {name: (mask.to(costs[name].device), float(costs[name][mask.to(costs[name].device)].sum()))
-                for name, mask in masks.items()}
+        return {name: (mask, float(costs[name][mask].double().sum())) for name, mask in masks.items()}
 
 
 @register

@@ -176,6 +176,24 @@ def test_global_prune_masks_use_one_threshold_over_all_modules():
     assert masks["b"].tolist() == [[True, True, False, False]]
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.013, 0.5, 0.77, 1.0])
+def test_global_prune_masks_equal_a_stable_sort_of_everything(ratio):
+    """The bisection threshold takes exactly what a stable sort of the concatenated fp32 scores takes: ties (many
+    zeros, repeated values, -0.0 beside 0.0) in module order then element order; negatives, inf and float64
+    inputs included."""
+    g = torch.Generator().manual_seed(4)
+    scores = {"a": torch.randint(-3, 4, (7, 9), generator=g).double() / 4,
+              "b": torch.randn(5, 11, generator=g).abs() * (torch.rand(5, 11, generator=g) < 0.5),
+              "c": torch.tensor([[-0.0, 0.0, float("inf"), -float("inf"), 1e-30, -1e-30]])}
+    flat = torch.cat([v.float().reshape(-1) for v in scores.values()])
+    k = int(flat.numel() * ratio)
+    expected = torch.zeros_like(flat, dtype=torch.bool)
+    expected[torch.sort(flat, stable=True)[1][:k]] = True
+    masks = global_prune_masks(scores, ratio)
+    assert torch.equal(torch.cat([masks[n].reshape(-1) for n in scores]), expected)
+    assert all(masks[n].shape == scores[n].shape for n in scores)
+
+
 def test_masks_persist_through_an_update_and_a_second_shot():
     model = random_model("llama")
     adapter = models.adapter_for(model)
