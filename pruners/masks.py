@@ -277,7 +277,9 @@ class MaskState:
 
 def _order_keys(values: torch.Tensor) -> torch.Tensor:
     """int64 keys with the order of the fp32 ``values`` (``-0.0`` as ``0.0``; NaN above ``+inf``, as a sort puts it)."""
-    bits = (values.detach().float().reshape(-1) + 0.0).view(torch.int32).long()
+    values = values.detach().float().reshape(-1) + 0.0
+    bits = values.view(torch.int32).long()
+    bits = torch.where(values.isnan(), 0x7FC00000, bits)  # (a NaN's sign bit is often set: all NaNs sort last)
     return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
 
 

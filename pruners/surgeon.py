@@ -529,8 +529,10 @@ class KroneckerPruner(Pruner):
                                        _scatter(col_costs, cols)[: self._columns(linear)].cpu())
                     else:
                         element = self.element_costs(Ws, Gs, As, extra, pattern)
-                        # (fp32 on the host: 4 bytes per weight; the threshold compares fp32 anyway)
-                        costs[name] = _scatter(element, rows, cols)[:, : self._columns(linear)].float().cpu()
+                        # (fp32 on the host: 4 bytes per weight; the threshold compares fp32 anyway; N:M keeps fp64
+                        # for the choice inside each group)
+                        element = _scatter(element, rows, cols)[:, : self._columns(linear)]
+                        costs[name] = (element if pattern.kind == "nm" else element.float()).cpu()
                     del W, Ws, Gs, As, extra
                 for name, (removed, loss) in self.shot_masks(costs, pattern, shot).items():
                     linear = modules[name]

@@ -14,10 +14,10 @@ ever holding the whole model's autograd graph, nor (on a GPU) the whole model on
    goes on to the block before. After a block's last batch the callback is told that the block is complete, so
    its statistics can leave the device.
 
-Blocks and the head run in float32 at least (a float16 / bfloat16 model is borrowed in float32 for the pass:
-small loss gradients do not underflow, and the statistics are those of the reference's fp32 model). Peak device
-memory: one block in float32, its statistics, the gradients w.r.t. one block's outputs for the windows of one
-pass and one batch's activations; peak host memory adds the stored block inputs
+Blocks and the head run in float32 at least (a float16 / bfloat16 model's blocks are borrowed in float32 for the
+pass, so small loss gradients do not underflow; the embeddings run in the model's dtype). Peak device memory:
+one block in float32, its statistics, the hidden states and the gradients w.r.t. one block's outputs for the
+windows of one pass, and one batch's activations; peak host memory adds the stored block inputs
 (``blocks x windows x seqlen x hidden x 4`` bytes; ``engine.grad_windows`` bounds the windows per pass).
 The result equals one backward through the whole model (tests/test_seam.py, tests/test_surgeon.py).
 """
@@ -74,28 +74,26 @@ def borrowed(modules: list[nn.Module], device, dtype: torch.dtype | None = None)
     Tied parameters stay tied. A tensor already on ``device`` in ``dtype`` is not copied."""
     saved = []
     seen = set()
-    for module in modules:
-        for sub in module.modules():
-            for store in (sub._parameters, sub._buffers):
-                for key, tensor in store.items():
-                    if tensor is None:
-                        continue
-                    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
-                    if id(tensor) in seen and isinstance(tensor, nn.Parameter):
-                        continue
-                    seen.add(id(tensor))
-                    target = dtype if dtype is not None and data.is_floating_point() else data.dtype
-                    moved = data.to(device=device, dtype=target)
-                    if moved is data:
-                        continue
-                    saved.append((store, key, tensor, data))
-                    if isinstance(tensor, nn.Parameter):
-                        tensor.data = moved
-                    else:
-                        store[key] = moved
     try:
+        for module in modules:
+            for sub in module.modules():
+                for store in (sub._parameters, sub._buffers):
+                    for key, tensor in store.items():
+                        if tensor is None or id(tensor) in seen:
+                            continue
+                        seen.add(id(tensor))
+                        data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+                        target = dtype if dtype is not None and data.is_floating_point() else data.dtype
+                        moved = data.to(device=device, dtype=target)
+                        if moved is data:
+                            continue
+                        saved.append((store, key, tensor, data))
+                        if isinstance(tensor, nn.Parameter):
+                            tensor.data = moved
+                        else:
+                            store[key] = moved
         yield
-    finally:
+    finally:  # (also after a failed borrow: whatever was swapped goes back)
         for store, key, tensor, data in saved:
             if isinstance(tensor, nn.Parameter):
                 tensor.data = data
@@ -199,9 +197,15 @@ class _WeightProducts(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in _MATMULS and args and id(args[0]) in self.weights:
-            self.captured.setdefault(("output", self.weights[id(args[0])]), []).append(out)  # (features at -2)
+        if func in _MATMULS and args and id(args[0]) in self.weights:  # weight @ x: features at -2
+            self._record(self.weights[id(args[0])], out, transposed=True)
+        elif func is F.linear and len(args) > 1 and id(args[1]) in self.weights:  # a module call after all
+            self._record(self.weights[id(args[1])], out, transposed=False)  # (older transformers' Mamba on CPU)
         return out
+
+    def _record(self, name: str, out: torch.Tensor, transposed: bool) -> None:
+        self.captured.setdefault(("output", name), []).append(out)
+        self.captured[("transposed", name)] = transposed
 
 
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
@@ -252,6 +256,8 @@ def accumulate_gradient_stats(model: nn.Module, adapter, calib_ids: torch.Tensor
     Every linear must run exactly once per forward. Returns the mean loss over all tokens.
     """
     settings = settings or EngineSettings()
+    if model.training:
+        raise RuntimeError("gradient taps recompute each block's forward: the model must be in eval mode (dropout)")
     n, seqlen = calib_ids.shape
     if seqlen < 2:
         raise ValueError("gradient taps need calibration windows of at least 2 tokens")
@@ -294,8 +300,6 @@ def accumulate_gradient_stats(model: nn.Module, adapter, calib_ids: torch.Tensor
             for index in reversed(range(len(blocks))):  # 3. backward, block by block, recomputing each forward
                 block = blocks[index]
                 captured: dict = {}
-                groups = adapter.linear_groups(block)
-                applied = set(adapter.applied_weights(block))
                 products = _WeightProducts({id(block.get_submodule(name).weight): f"{prefix}.{index}.{name}"
                                             for name in adapter.applied_weights(block)}, captured)
                 with borrowed([block], device, compute), _frozen(block), products:
@@ -304,29 +308,9 @@ def accumulate_gradient_stats(model: nn.Module, adapter, calib_ids: torch.Tensor
                         for b in range(len(grads)):
                             h = stored.get(f"{index}/{b}", device).requires_grad_(True)
                             stored.pop(f"{index}/{b}")
-                            captured.clear()
-                            out = adapter.call_block(block, h, kwargs[h.shape[0]])
-                            outputs = []
-                            for group in groups:
-                                for name in group.names:
-                                    calls = captured.get(("output", f"{prefix}.{index}.{name}"), [])
-                                    if len(calls) != 1:
-                                        raise RuntimeError(f"gradient taps: {prefix}.{index}.{name} ran {len(calls)} "
-                                                           "times in one forward (expected once)")
-                                    outputs.append(calls[0])
-                            found = torch.autograd.grad(out, [h, *outputs], grad_outputs=grads[b], allow_unused=True)
-                            grads[b] = torch.zeros_like(h) if found[0] is None else found[0].detach()
-                            module_grads = iter(zip(outputs, found[1:], strict=True))
-                            for group in groups:
-                                names = tuple(f"{prefix}.{index}.{name}" for name in group.names)
-                                activation = captured[("input", names)][0]
-                                group_grads = []
-                                for short in group.names:
-                                    output, grad = next(module_grads)
-                                    grad = torch.zeros_like(output) if grad is None else grad.detach()
-                                    group_grads.append(grad.transpose(-1, -2) if short in applied else grad)
-                                on_batch(index, names, activation, group_grads)
-                            del out, outputs, found, h
+                            grads[b] = _block_backward(adapter, block, index, prefix, h, kwargs[h.shape[0]], grads[b],
+                                                       captured, on_batch)
+                            del h
                     finally:
                         captured.clear()
                         for handle in handles:
@@ -335,6 +319,38 @@ def accumulate_gradient_stats(model: nn.Module, adapter, calib_ids: torch.Tensor
                     on_block(index)
             del grads
     return loss_total
+
+
+def _block_backward(adapter, block: nn.Module, index: int, prefix: str, h: torch.Tensor, kwargs: dict,
+                    grad_out: torch.Tensor, captured: dict, on_batch: OnBatch) -> torch.Tensor:
+    """One batch through one block again with gradients on: hands each group's input and its linears' output
+    gradients to ``on_batch`` and returns the gradient w.r.t. the block input (what the block before needs).
+    (A function of its own, so that nothing of this batch outlives it.)"""
+    captured.clear()
+    out = adapter.call_block(block, h, kwargs)
+    groups = adapter.linear_groups(block)
+    outputs = []
+    for group in groups:
+        for name in group.names:
+            calls = captured.get(("output", f"{prefix}.{index}.{name}"), [])
+            if len(calls) != 1:
+                raise RuntimeError(f"gradient taps: {prefix}.{index}.{name} ran {len(calls)} times in one forward "
+                                   "(expected once)")
+            outputs.append(calls[0])
+    found = torch.autograd.grad(out, [h, *outputs], grad_outputs=grad_out, allow_unused=True)
+    grad_in = torch.zeros_like(h) if found[0] is None else found[0].detach()
+    position = 1
+    for group in groups:
+        names = tuple(f"{prefix}.{index}.{name}" for name in group.names)
+        group_grads = []
+        for name, output in zip(names, outputs[position - 1 : position - 1 + len(names)], strict=True):
+            grad = found[position]
+            position += 1
+            grad = torch.zeros_like(output) if grad is None else grad.detach()
+            group_grads.append(grad.transpose(-1, -2) if captured.get(("transposed", name)) else grad)
+        on_batch(index, names, captured[("input", names)][0], group_grads)
+    captured.clear()
+    return grad_in
 
 
 @contextmanager

@@ -109,6 +109,25 @@ def test_gradient_taps_equal_explicit_autograd(family):
     check_masks_against_weights(model, masks)
 
 
+def test_a_linear_declared_applied_by_weight_is_tapped_when_called_as_a_module_too():
+    """Adapter.applied_weights names linears a forward may apply as ``weight @ x`` (transformers 5's Mamba dt_proj);
+    where the installed forward calls the module after all (older transformers on the CPU), the taps still read its
+    output (through F.linear): here LLaMA's q_proj / down_proj declared so, the gradients as explicit autograd."""
+    model = random_model("llama")
+    reference = copy.deepcopy(model)
+    ids = random_ids()
+    adapter = models.adapter_for(model)
+    adapter.applied_weights = lambda block: ("self_attn.q_proj", "mlp.down_proj")
+    probe = GradientProbe()
+    with torch.no_grad():
+        probe.prune(model, adapter, Pattern("unstructured", 0.5), ids,
+                    EngineSettings(batch_size=2, stats_dtype=torch.float64, progress=False))
+    logits = reference(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    for name, linear in prunable_modules(models.adapter_for(reference)).items():
+        torch.testing.assert_close(probe.grads[name].float(), linear.weight.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_declared_needs_keep_every_existing_pruner_as_it_was():
     needs = {name: cls.needs_calibration for name, cls in PRUNERS.items()}
     assert needs == {"dense": False, "magnitude": False, "wanda": True, "sparsegpt": True, "apt": True,
@@ -180,11 +199,12 @@ def test_global_prune_masks_use_one_threshold_over_all_modules():
 def test_global_prune_masks_equal_a_stable_sort_of_everything(ratio):
     """The bisection threshold takes exactly what a stable sort of the concatenated fp32 scores takes: ties (many
     zeros, repeated values, -0.0 beside 0.0) in module order then element order; negatives, inf and float64
-    inputs included."""
+    inputs, NaN (last, as a sort puts it) included."""
     g = torch.Generator().manual_seed(4)
     scores = {"a": torch.randint(-3, 4, (7, 9), generator=g).double() / 4,
               "b": torch.randn(5, 11, generator=g).abs() * (torch.rand(5, 11, generator=g) < 0.5),
-              "c": torch.tensor([[-0.0, 0.0, float("inf"), -float("inf"), 1e-30, -1e-30]])}
+              "c": torch.tensor([[-0.0, 0.0, float("inf"), -float("inf"), 1e-30, -1e-30, float("nan")]]),
+              "d": torch.tensor([0.0, -1.0, 1.0]) / 0.0}  # (nan as 0 / 0 makes it: sign bit set)
     flat = torch.cat([v.float().reshape(-1) for v in scores.values()])
     k = int(flat.numel() * ratio)
     expected = torch.zeros_like(flat, dtype=torch.bool)
