@@ -119,6 +119,17 @@ class Adapter:
         their outputs off that product (:mod:`pruners.taps`). Default: none."""
         return ()
 
+    def query_key(self, block: nn.Module) -> tuple[str, str]:
+        """The linears whose outputs are the attention queries and keys (before any rotary embedding), for
+        :meth:`attention_probabilities`. Families without attention raise."""
+        raise NotImplementedError(f"model family '{self.family}' has no attention probabilities")
+
+    def attention_probabilities(self, block: nn.Module, q: torch.Tensor, k: torch.Tensor, kwargs: dict
+                                ) -> torch.Tensor:
+        """``[batch, query heads, seqlen, seqlen]`` causal attention probabilities (fp32) from the outputs of
+        :meth:`query_key` on a batch of unpadded windows (``kwargs``: what the block was called with)."""
+        raise NotImplementedError(f"model family '{self.family}' has no attention probabilities")
+
     def unit_groups(self, block: nn.Module) -> list[UnitGroup]:
         """Structural units of a block (heads / KV groups, MLP neurons, Mamba inner channels)."""
         raise NotImplementedError
@@ -246,6 +257,13 @@ def _sync_sizes(module: nn.Module) -> None:
         module.out_channels = channels
         if depthwise:
             module.in_channels = module.groups = channels
+
+
+def causal_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension in fp32 with every key after the query masked (unpadded windows)."""
+    s = scores.shape[-1]
+    future = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
+    return torch.softmax(scores.float().masked_fill(future, float("-inf")), dim=-1)
 
 
 def zero_rows(linear: nn.Linear, index: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,16 @@ import math
 
 import torch
 
-from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous, maps_zero_to_zero, zero_rows
+from .base import (
+    Adapter,
+    LinearGroup,
+    Tap,
+    UnitGroup,
+    _contiguous,
+    causal_softmax,
+    maps_zero_to_zero,
+    zero_rows,
+)
 
 
 class LlamaAdapter(Adapter):
@@ -84,6 +93,21 @@ class LlamaAdapter(Adapter):
                 owned[f"mlp.{proj}.bias"] = (0, neurons)
         groups.append(UnitGroup("mlp_neuron", inter, owned, reader="mlp.down_proj"))
         return groups
+
+    def query_key(self, block):
+        return "self_attn.q_proj", "self_attn.k_proj"
+
+    def attention_probabilities(self, block, q, k, kwargs):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        heads, kv_heads, head_dim = self.head_layout(block)
+        b, s, _ = q.shape
+        q = q.view(b, s, heads, head_dim).transpose(1, 2)
+        k = k.view(b, s, kv_heads, head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        q, k = apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        k = k.repeat_interleave(heads // kv_heads, dim=1)  # (each query head reads its group's key)
+        return causal_softmax(q @ k.transpose(-1, -2) * block.self_attn.scaling)
 
     def zero_output_units(self, block, group):
         """A KV group whose value rows (and biases) are zero puts out zero in every query head that reads it; a

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous, maps_zero_to_zero, zero_rows
+from .base import (
+    Adapter,
+    LinearGroup,
+    Tap,
+    UnitGroup,
+    _contiguous,
+    causal_softmax,
+    maps_zero_to_zero,
+    zero_rows,
+)
 
 
 class OPTAdapter(Adapter):
@@ -31,6 +40,18 @@ class OPTAdapter(Adapter):
             LinearGroup(("fc1",), Tap("fc1")),
             LinearGroup(("fc2",), Tap("fc2")),
         ]
+
+    def query_key(self, block):
+        return "self_attn.q_proj", "self_attn.k_proj"
+
+    def attention_probabilities(self, block, q, k, kwargs):
+        attn = block.self_attn
+        head_dim = attn.head_dim
+        b, s, _ = q.shape
+        heads = q.shape[-1] // head_dim
+        q = q.view(b, s, heads, head_dim).transpose(1, 2)
+        k = k.view(b, s, heads, head_dim).transpose(1, 2)
+        return causal_softmax(q @ k.transpose(-1, -2) * attn.scaling)
 
     def unit_groups(self, block):
         attn = block.self_attn

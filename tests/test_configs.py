@@ -12,6 +12,7 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"], ("calib", "text"): ["calib.path=corpora/austen/train.txt"],
          ("sparsity", "structured"): ["pruner=numerical"], ("pruner", "numerical"): ["sparsity=structured"],
          ("pruner", "flap"): ["sparsity=structured"],  # the structured pruners accept structured sparsity only
+         ("pruner", "goa"): ["sparsity=structured", "model=tiny-llama"],
          ("sparsity", "rowcol"): ["pruner=surgeon"],  # rows + columns: the Kronecker-factored methods only
          ("pruner", "surgeon_reference"): ["pruner.path={checkout}"]}  # a (stand-in) checkout of the reference code
 
@@ -83,6 +84,9 @@ def test_paper_defaults():
     (["pruner=numerical", "sparsity=structured", "pruner.allocation=owl"], "pruner.allocation='owl' is not one of"),
     (["pruner=flap", "sparsity=structured", "pruner.metric=L1"], "pruner.metric='L1' is not one of"),
     (["pruner=flap", "sparsity=structured", "pruner.attention_unit=head"], "pruner.attention_unit='head'"),
+    (["pruner=goa", "sparsity=structured", "pruner.blocks=[3,1]"], r"pruner.blocks=\[3, 1\] must be \[start, stop\)"),
+    (["pruner=goa", "sparsity=structured", "pruner.tau=0"], "pruner.tau=0 must be positive"),
+    (["pruner=goa"], "pruner 'goa' does not support sparsity kind 'unstructured'"),
     (["speed.mode=sometimes"], "speed.mode=sometimes is not one of: auto, always, never"),
     (["speed.mode=off"], "speed.mode=off is not one of: auto, always, never"),
     (["speed.new_tokens=1"], "speed.new_tokens=1 must be >= 2"),

@@ -1,0 +1,326 @@
+"""Greedy Output Approximation (Li, Lei, Dong; CPAL 2025, arXiv 2407.19126; docs/methods.md §7).
+
+Structured pruning of depth-2 modules, block by block on the model as pruned so far:
+
+- a depth-2 module is an adapter unit group: its level-1 linears own the units' rows (attention: q / k / v;
+  FFN: gate / up, or fc1) and its reader is level 2 (o_proj / out_proj, down_proj / fc2); whole units go
+  (heads or KV groups, MLP neurons), level-1 rows and level-2 columns with the same indices;
+- channel scores (Eq. 3 / 4): ``M_j = ||B_:,j||^2 · a_j^T Σ a_j`` with ``Σ`` the level-1 input's second moment on
+  the current (pruned-upstream) activations (:func:`channel_scores`; a gated FFN multiplies its two branches'
+  scores; the activation's 1/2 ranks nothing differently and is left out); a head sums the scores of its
+  channels, ``a_j^T Σ_h a_j`` read off the second moment of the level-2 input (:func:`head_scores`);
+- heads: the Jensen-Shannon divergence between every two heads' attention rows, averaged over rows
+  (:func:`js_divergence_sum`), Algorithm 2's similar heads (:func:`similar_heads`) first, filled up (or cut
+  down) to the target count by head scores (:func:`select_heads`);
+- ``remedy``: before scoring, level 1 is refit to the dense model's level-1 outputs, then level 2 to the dense
+  level-2 output, by ridge-damped least squares (:func:`ridge_refit`) on the current inputs.
+
+``sparsity.ratio`` is the fraction of each pruned module's units, in the blocks ``pruner.blocks``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from models import Adapter, UnitGroup
+from models.blocks import BlockInputs, capture_block_inputs, run_block
+
+from .base import ModuleResult, Pruner, register
+from .masks import Pattern
+from .settings import EngineSettings
+from .structured import ATTENTION_UNITS, remove_kept
+
+
+# --- criteria ----------------------------------------------------------------------------------------------------
+def js_divergence_sum(probs: torch.Tensor) -> torch.Tensor:
+    """``[h, h]``: for every two heads, the Jensen-Shannon divergence (natural log) between their attention rows,
+    summed over the batch's rows (``probs``: ``[batch, h, s, s]``, rows summing to 1); divide by the row count for
+    Eq. 1's mean. One head at a time against all: ``batch x h x s x s`` of memory."""
+    p = probs.double()
+    heads = p.shape[1]
+    out = torch.zeros(heads, heads, dtype=torch.float64, device=p.device)
+    for i in range(heads):
+        mean = (p[:, i : i + 1] + p) / 2
+        kl_i = torch.xlogy(p[:, i : i + 1], p[:, i : i + 1]) - torch.xlogy(p[:, i : i + 1], mean)
+        kl_j = torch.xlogy(p, p) - torch.xlogy(p, mean)
+        out[i] = ((kl_i + kl_j) / 2).sum(dim=(0, 2, 3))
+    return out
+
+
+def similar_heads(D: torch.Tensor, tau: float) -> list[int]:
+    """Algorithm 2 (docs/methods.md §7): walk ``D`` row by row; for every pair ``i != j`` closer than ``tau``
+    with neither yet chosen, choose ``i``. Returns the chosen heads in the order chosen."""
+    chosen: list[int] = []
+    close = (D < tau).tolist()
+    for i, row in enumerate(close):
+        for j, near in enumerate(row):
+            if near and i != j and i not in chosen and j not in chosen:
+                chosen.append(i)
+    return chosen
+
+
+def select_heads(D: torch.Tensor | None, scores: torch.Tensor, count: int, tau: float) -> torch.Tensor:
+    """Indices of the ``count`` heads to remove: Algorithm 2's similar heads first (without ``D``: none); fewer
+    than ``count``: the lowest-scoring others fill up; more: the ones closest to a head that stays are taken
+    (docs/methods.md §7, [INF])."""
+    candidates = similar_heads(D, tau) if D is not None and count > 0 else []
+    if len(candidates) > count:
+        others = [h for h in range(scores.numel()) if h not in candidates]
+        nearest = D[candidates][:, others].min(dim=1).values if others else torch.zeros(len(candidates))
+        order = torch.argsort(nearest, stable=True)[:count]
+        return torch.tensor(sorted(candidates[i] for i in order.tolist()), dtype=torch.long)
+    rest = [h for h in torch.argsort(scores.double().cpu(), stable=True).tolist() if h not in candidates]
+    return torch.tensor(sorted(candidates + rest[: count - len(candidates)]), dtype=torch.long)
+
+
+def channel_scores(level_one: list[torch.Tensor], reader: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 per inner channel ``j``: ``||B_:,j||^2 · a_j^T Σ a_j`` for each level-1 weight ``A`` (rows ``a_j``,
+    ``[d_inner, d_in]``, or ``d_in + 1`` with the bias as a column and ``Σ`` augmented to match) and the level-2
+    weight ``B`` (``[d_out, d_inner]``); several level-1 weights (a gated FFN's gate and up) multiply their
+    scores (Appendix B). ``a_j^T Σ a_j`` is ``E[(a_j^T x)^2]``, the channel's second moment."""
+    column = reader.double().pow(2).sum(0)
+    score = torch.ones_like(column)
+    for A in level_one:
+        A = A.double()
+        score = score * column * ((A @ sigma.double()) * A).sum(1)
+    return score
+
+
+def head_scores(reader: torch.Tensor, second_moment: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """A head's score (Appendix B, attention): the sum over its channels ``j`` (``columns``: ``[heads, width]`` of
+    the level-2 input) of ``||W_O[:, j]||^2 · E[z_j^2]``, ``z`` the level-2 input (the head's attention-mixed
+    values: ``E[z_j^2] = v_j^T Σ_h v_j``)."""
+    channel = reader.double().pow(2).sum(0) * second_moment.double()
+    return channel[columns.to(channel.device)].sum(dim=1)
+
+
+def ridge_refit(gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """``argmin_W ||X W - Y||^2 + λ ||W||^2`` from ``gram = X^T X`` and ``cross = X^T Y``: ``(X^T X + λ I)^-1 X^T Y``
+    with ``λ = damp · mean(diag X^T X)`` (the paper's normal equations; the ridge is ours, [INF]), in float64."""
+    gram = gram.double()
+    lam = damp * torch.diagonal(gram).mean().clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device),
+                              cross.double())
+
+
+# --- the driver --------------------------------------------------------------------------------------------------
+def _augment(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).double()
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1) if bias else x
+
+
+class _Capture:
+    """Forward hooks that keep, per call of the block, chosen modules' inputs or outputs."""
+
+    def __init__(self, block: nn.Module, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()):
+        self.values: dict[tuple[str, str], torch.Tensor] = {}
+        self.handles = [block.get_submodule(n).register_forward_pre_hook(
+            lambda m, args, n=n: self.values.__setitem__(("in", n), args[0])) for n in inputs]
+        self.handles += [block.get_submodule(n).register_forward_hook(
+            lambda m, args, out, n=n: self.values.__setitem__(("out", n), out[0] if isinstance(out, tuple) else out))
+            for n in outputs]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+@register
+@dataclass
+class GOA(Pruner):
+    """``pruner=goa``: Greedy Output Approximation (module docstring)."""
+
+    name = "goa"
+    needs_calibration = True
+    patterns: ClassVar[tuple[str, ...]] = ("structured",)
+    blocks: list | None = None  # [start, stop) of the blocks pruned (the paper: [4, 30) on LLaMA-7B); null = all
+    attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA; heads otherwise) | query_head
+    similarity: bool = True  # heads: Algorithm 2's similar heads first (false: head scores only)
+    tau: float = 0.16  # Algorithm 2's threshold on the mean JS divergence (the paper: 0.16 - 0.20)
+    remedy: bool = False  # refit level 1, then level 2, to the dense model's outputs before scoring ("w/ remedy")
+    damp: float = 0.01  # ridge of the refits, relative to the mean diagonal of X^T X
+    min_units: int = 1  # units every pruned module keeps
+
+    def check(self, pattern: Pattern) -> None:
+        super().check(pattern)
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise ValueError(f"pruner.attention_unit='{self.attention_unit}' is not one of: "
+                             f"{', '.join(ATTENTION_UNITS)}")
+        if not self.tau > 0:
+            raise ValueError(f"pruner.tau={self.tau} must be positive")
+        if not self.damp > 0:
+            raise ValueError(f"pruner.damp={self.damp} must be positive")
+        if not isinstance(self.min_units, int) or self.min_units < 1:
+            raise ValueError(f"pruner.min_units={self.min_units} must be an integer >= 1")
+        if self.blocks is not None:
+            b = list(self.blocks)
+            if len(b) != 2 or not all(isinstance(x, int) for x in b) or not 0 <= b[0] < b[1]:
+                raise ValueError(f"pruner.blocks={self.blocks} must be [start, stop) with 0 <= start < stop")
+
+    def pruned_blocks(self, count: int) -> range:
+        if self.blocks is None:
+            return range(count)
+        start, stop = self.blocks
+        if stop > count:
+            raise ValueError(f"pruner.blocks={list(self.blocks)}: the model has {count} blocks")
+        return range(start, stop)
+
+    def modules(self, adapter: Adapter, block) -> list[UnitGroup]:
+        """The depth-2 modules of a block, in forward order: its unit groups (query heads instead of KV groups
+        with ``attention_unit=query_head`` where the family has them)."""
+        refined = ("query_head",) if self.attention_unit == "query_head" else ()
+        groups = adapter.structure_groups(block, refined)
+        if any(not g.reader or g.kind.startswith("mamba") for g in groups):
+            raise ValueError(f"pruner 'goa' prunes attention + MLP depth-2 modules; model family '{adapter.family}' "
+                             "has none")
+        return groups
+
+    @staticmethod
+    def level_one(adapter: Adapter, block, group: UnitGroup) -> tuple[str, ...]:
+        """The level-1 linears of a depth-2 module: the linear group (shared input) holding a linear whose rows
+        the units own (attention: q / k / v; FFN: gate / up, or fc1)."""
+        owners = {path.rpartition(".")[0] for path, (axis, _) in group.owned.items()
+                  if axis == 0 and path.endswith(".weight")}
+        for linear_group in adapter.linear_groups(block):
+            if owners & set(linear_group.names):
+                return linear_group.names
+        raise ValueError(f"unit group {group.kind}: no linear group owns its rows")
+
+    @torch.no_grad()
+    def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
+              ratios=None) -> dict[str, ModuleResult]:
+        settings = settings or EngineSettings()
+        if ratios is not None:
+            raise ValueError("pruner 'goa' allocates its own units: sparsity.allocation must be uniform")
+        self.check(pattern)
+        if calib_ids is None:
+            raise ValueError("pruner 'goa' needs calibration data")
+        blocks = adapter.blocks()
+        chosen = self.pruned_blocks(len(blocks))
+        device = settings.device
+        current = capture_block_inputs(model, adapter, calib_ids, device, settings.batch_size)
+        dense = BlockInputs(list(current.batches), current.kwargs_by_batch_size) if self.remedy else None
+        results: dict[str, ModuleResult] = {}
+        prefix = adapter.blocks_prefix()
+        for index in tqdm(range(len(blocks)), desc=f"goa {pattern.describe()}", unit="block",
+                          disable=not settings.progress):
+            block = blocks[index]
+            block.to(device)
+            original = copy.deepcopy(block) if dense is not None else None
+            if index in chosen:
+                for group in self.modules(adapter, block):
+                    group = adapter.unit_group(block, group.kind)  # (as the block is now)
+                    if dense is not None:
+                        self.refit(adapter, block, original, group, current, dense)
+                    keep = self.keep(adapter, block, group, current, pattern.ratio)
+                    name, result = remove_kept(adapter, block, group, keep, prefix, index)
+                    results[name] = result
+            outputs = run_block(adapter, block, current)
+            if dense is not None:
+                dense = BlockInputs(run_block(adapter, original, dense), dense.kwargs_by_batch_size)
+                del original
+            current = BlockInputs(outputs, current.kwargs_by_batch_size)
+            if str(device) != "cpu":
+                block.to("cpu")
+                torch.cuda.empty_cache()
+        return results
+
+    # --- scoring and choosing ----------------------------------------------------------------------------------
+    def keep(self, adapter: Adapter, block, group: UnitGroup, inputs: BlockInputs, ratio: float) -> torch.Tensor:
+        """Keep mask over the module's units from one pass of the current inputs."""
+        count = min(round(ratio * group.count), group.count - self.min_units)
+        level_one = self.level_one(adapter, block, group)
+        attention = group.reader_columns().shape[1] > 1
+        reader = block.get_submodule(group.reader)
+        if attention:
+            q_name, k_name = adapter.query_key(block)
+            D, rows, moment, tokens = None, 0, None, 0
+            with _Capture(block, inputs=(group.reader,), outputs=(q_name, k_name)) as cap:
+                for h in inputs.batches:
+                    kwargs = inputs.kwargs(h)
+                    adapter.call_block(block, h, kwargs)
+                    z = cap.values[("in", group.reader)].reshape(-1, reader.in_features).double()
+                    moment = z.pow(2).sum(0) if moment is None else moment + z.pow(2).sum(0)
+                    tokens += z.shape[0]
+                    if self.similarity:
+                        probs = adapter.attention_probabilities(block, cap.values[("out", q_name)],
+                                                                cap.values[("out", k_name)], kwargs)
+                        part = js_divergence_sum(probs)
+                        D = part if D is None else D + part
+                        rows += probs.shape[0] * probs.shape[2]
+            scores = head_scores(reader.weight.data, moment / max(tokens, 1), group.reader_columns())
+            if D is not None:
+                D = self.unit_divergence(D / rows, group, adapter, block)
+            removed = select_heads(D, scores, count, self.tau)
+        else:
+            bias = any(block.get_submodule(n).bias is not None for n in level_one)
+            sigma = self.second_moment(adapter, block, level_one[0], inputs, bias)
+            owners = [n for n in level_one if f"{n}.weight" in group.owned]
+            weights = [_weight(block.get_submodule(n), bias) for n in owners]
+            scores = channel_scores(weights, reader.weight.data, sigma)
+            removed = torch.argsort(scores.cpu(), stable=True)[:count]
+        keep = torch.ones(group.count, dtype=torch.bool)
+        keep[removed] = False
+        return adapter.repair_keep(block, group, keep, scores.cpu())
+
+    def unit_divergence(self, D: torch.Tensor, group: UnitGroup, adapter: Adapter, block) -> torch.Tensor:
+        """``D`` between query heads -> between the group's units: a KV group under GQA averages its query heads'
+        divergences ([INF]); plain heads and query heads as they are."""
+        heads = D.shape[0]
+        if group.count == heads:
+            return D
+        per = heads // group.count
+        return D.view(group.count, per, group.count, per).mean(dim=(1, 3))
+
+    def second_moment(self, adapter: Adapter, block, name: str, inputs: BlockInputs, bias: bool) -> torch.Tensor:
+        """``Σ = E[x x^T]`` of a linear's input over the current inputs (with a ones entry for a bias)."""
+        total, tokens = None, 0
+        with _Capture(block, inputs=(name,)) as cap:
+            for h in inputs.batches:
+                adapter.call_block(block, h, inputs.kwargs(h))
+                x = _augment(cap.values[("in", name)], bias)
+                total = x.T @ x if total is None else total + x.T @ x
+                tokens += x.shape[0]
+        return total / max(tokens, 1)
+
+    # --- the remedy --------------------------------------------------------------------------------------------
+    def refit(self, adapter: Adapter, block, original, group: UnitGroup, current: BlockInputs,
+              dense: BlockInputs) -> None:
+        """Level 1, then level 2, refit by ridge least squares from the current inputs to the dense model's
+        outputs of the same linears (docs/methods.md §7)."""
+        for names in (self.level_one(adapter, block, group), (group.reader,)):
+            bias = any(block.get_submodule(n).bias is not None for n in names)
+            gram, cross = None, {n: None for n in names}
+            with _Capture(block, inputs=(names[0],)) as cap, _Capture(original, outputs=names) as target:
+                for h, d in zip(current.batches, dense.batches, strict=True):
+                    adapter.call_block(block, h, current.kwargs(h))
+                    adapter.call_block(original, d, dense.kwargs(d))
+                    x = _augment(cap.values[("in", names[0])], bias)
+                    gram = x.T @ x if gram is None else gram + x.T @ x
+                    for n in names:
+                        y = target.values[("out", n)].reshape(x.shape[0], -1).double()
+                        cross[n] = x.T @ y if cross[n] is None else cross[n] + x.T @ y
+            for n in names:
+                linear = block.get_submodule(n)
+                solved = ridge_refit(gram, cross[n], self.damp).T  # [d_out, d_in (+1)]
+                linear.weight.data.copy_(solved[:, : linear.in_features].to(linear.weight.dtype))
+                if linear.bias is not None:
+                    linear.bias.data.copy_(solved[:, linear.in_features].to(linear.bias.dtype))
+
+
+def _weight(linear: nn.Linear, bias: bool) -> torch.Tensor:
+    """``[W | b]`` when the input moment carries a ones entry (a linear without a bias gets a zero column)."""
+    W = linear.weight.data.double()
+    if not bias:
+        return W
+    b = linear.bias.data.double() if linear.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+    return torch.cat([W, b[:, None]], dim=1)

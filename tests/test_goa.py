@@ -1,0 +1,149 @@
+"""Greedy Output Approximation (pruners/goa.py): the criteria against direct computations, Algorithm 2 on hand-made
+matrices, the refit against least squares, and the method on small models (docs/methods.md §7)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import models
+from models.blocks import capture_block_inputs
+from pruners import build_pruner
+from pruners.goa import (
+    channel_scores,
+    head_scores,
+    js_divergence_sum,
+    ridge_refit,
+    select_heads,
+    similar_heads,
+)
+from pruners.masks import Pattern
+from pruners.settings import EngineSettings
+
+from .test_seam import random_ids, random_model
+
+QUIET = EngineSettings(progress=False, batch_size=2)
+
+
+def test_js_divergence_equals_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 3, 4, 4, generator=g), dim=-1)
+    probs[0, 1, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # (zeros: 0 log 0 = 0)
+    D = js_divergence_sum(probs)
+    for i in range(3):
+        for j in range(3):
+            total = 0.0
+            for b in range(2):
+                for q in range(4):
+                    p, r = probs[b, i, q].double(), probs[b, j, q].double()
+                    m = (p + r) / 2
+                    kl = lambda a, c: sum(float(x * torch.log(x / y)) for x, y in zip(a, c, strict=True) if x > 0)  # noqa: E731
+                    total += 0.5 * kl(p, m) + 0.5 * kl(r, m)
+            assert D[i, j] == pytest.approx(total, abs=1e-12)
+    assert torch.allclose(D, D.T) and not D.diagonal().any()
+    assert (D / 8).max() <= torch.log(torch.tensor(2.0))  # (JS is at most ln 2 per row)
+
+
+def test_algorithm_2_takes_one_of_every_close_pair_in_row_order():
+    D = torch.tensor([[0.0, 0.1, 0.5, 0.3], [0.1, 0.0, 0.05, 0.4], [0.5, 0.05, 0.0, 0.12], [0.3, 0.4, 0.12, 0.0]])
+    # row 0: (0,1) close -> 0; row 1: (1,0) has 0 chosen, (1,2) close -> 1; row 2: (2,1) has 1; (2,3) close -> 2;
+    # row 3: (3,2) has 2 chosen
+    assert similar_heads(D, 0.16) == [0, 1, 2]
+    assert similar_heads(D, 0.08) == [1]
+    assert similar_heads(D, 0.01) == []
+    scores = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    assert select_heads(D, scores, 3, 0.16).tolist() == [0, 1, 2]
+    assert select_heads(D, scores, 2, 0.08).tolist() == [1, 3]  # candidate 1, then the lowest score of the rest
+    # too many candidates: keep those closest to a head that stays (0: 0.1 to 1 ... all three vs head 3)
+    assert select_heads(D, scores, 1, 0.16).tolist() == [2]  # min distance to head 3: 0 -> 0.3, 1 -> 0.4, 2 -> 0.12
+    assert select_heads(None, scores, 2, 0.16).tolist() == [1, 3]
+    assert select_heads(D, scores, 0, 0.16).tolist() == []
+
+
+def test_channel_scores_are_the_second_moments_they_estimate():
+    """M_j = ||B_:,j||^2 a_j^T Σ a_j = Σ_i E[(B_ij a_j^T x)^2] over the samples Σ is taken from (Eq. 2-3); a gated
+    FFN multiplies its branches; a head sums its channels' ||W_O[:, j]||^2 E[z_j^2]."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    A, U = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    B = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    sigma = X.T @ X / X.shape[0]
+    empirical = lambda W: ((X @ W.T)[:, None, :] * B[None]).pow(2).sum(1).mean(0)  # noqa: E731
+    torch.testing.assert_close(channel_scores([A], B, sigma), empirical(A))
+    torch.testing.assert_close(channel_scores([A, U], B, sigma), empirical(A) * empirical(U))
+    z2 = torch.rand(6, generator=g, dtype=torch.float64)
+    W_O = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    columns = torch.arange(6).view(2, 3)
+    expected = (W_O.pow(2).sum(0) * z2).view(2, 3).sum(1)
+    torch.testing.assert_close(head_scores(W_O, z2, columns), expected)
+
+
+def test_ridge_refit_is_least_squares():
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(40, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ridge_refit(X.T @ X, X.T @ Y, 1e-12), torch.linalg.lstsq(X, Y).solution)
+    lam = 0.5 * torch.diagonal(X.T @ X).mean()
+    ridge = torch.linalg.solve(X.T @ X + lam * torch.eye(5, dtype=X.dtype), X.T @ Y)
+    torch.testing.assert_close(ridge_refit(X.T @ X, X.T @ Y, 0.5), ridge)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_attention_probabilities_equal_the_eager_attention_weights(family):
+    model = random_model(family)
+    model.config._attn_implementation = "eager"
+    ids = random_ids(n=2, seqlen=9)
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_attentions=True).attentions[0]
+    adapter = models.adapter_for(model)
+    inputs = capture_block_inputs(model, adapter, ids, "cpu", 2)
+    block, captured = adapter.blocks()[0], {}
+    names = adapter.query_key(block)
+    hooks = [block.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(n, o))
+             for n in names]
+    with torch.no_grad():
+        adapter.call_block(block, inputs.batches[0], inputs.kwargs(inputs.batches[0]))
+    for hook in hooks:
+        hook.remove()
+    probs = adapter.attention_probabilities(block, captured[names[0]], captured[names[1]],
+                                            inputs.kwargs(inputs.batches[0]))
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,unit", [("llama", "kv_group"), ("llama", "query_head"), ("opt", "kv_group")])
+@pytest.mark.parametrize("remedy", [False, True])
+def test_goa_removes_the_ratio_of_units_in_the_chosen_blocks_only(family, unit, remedy):
+    model = random_model(family)
+    adapter = models.adapter_for(model)
+    before = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
+    untouched = copy.deepcopy(adapter.blocks()[0].state_dict())
+    pruner = build_pruner({"name": "goa", "blocks": [1, 2], "attention_unit": unit, "remedy": remedy})
+    results = pruner.prune(model, adapter, Pattern("structured", 0.5), random_ids(n=4, seqlen=10), QUIET)
+    after = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
+    assert after[0] == before[0]
+    assert all(torch.equal(v, adapter.blocks()[0].state_dict()[k]) for k, v in untouched.items())
+    kinds = {r.unit_kind for r in results.values()}
+    assert len(results) == 2 and "mlp_neuron" in kinds
+    for kind in kinds:  # half of the units of each pruned module
+        assert after[1][kind] == before[1][kind] - round(0.5 * before[1][kind])
+    with torch.no_grad():
+        logits = model(input_ids=random_ids(n=2, seqlen=10)).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_the_remedy_refit_of_an_unpruned_module_gives_its_weights_back():
+    """With nothing removed upstream the current inputs are the dense ones, so the least-squares refit (tiny ridge)
+    reproduces the dense outputs of the same linears: the same logits (not always the same weights: a layer norm's
+    outputs are linearly dependent once the bias's ones column is appended, and the ridge picks the smallest)."""
+    model = random_model("opt")
+    adapter = models.adapter_for(model)
+    reference = copy.deepcopy(model)
+    pruner = build_pruner({"name": "goa", "blocks": [0, 1], "remedy": True, "damp": 1e-10})
+    pruner.keep = lambda adapter_, block, group, inputs, ratio: torch.ones(group.count, dtype=torch.bool)
+    ids = random_ids(n=8, seqlen=12)
+    pruner.prune(model, adapter, Pattern("structured", 0.5), ids, QUIET)
+    changed = any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert changed  # (the refit ran)
