@@ -70,6 +70,11 @@ class Pruner:
     def config_keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    def extra_windows(self) -> int:
+        """Calibration windows the method needs beyond ``calib.nsamples``, drawn after them from the same source
+        and appended to ``calib_ids`` (GOA's recovery set); 0 for most methods."""
+        return 0
+
     def check(self, pattern: Pattern) -> None:
         """Raise ValueError if this method cannot produce ``pattern`` with these settings."""
         if self.scope not in SCOPES:

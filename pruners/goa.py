@@ -12,8 +12,10 @@ Structured pruning of depth-2 modules, block by block on the model as pruned so 
 - heads: the Jensen-Shannon divergence between every two heads' attention rows, averaged over rows
   (:func:`js_divergence_sum`), Algorithm 2's similar heads (:func:`similar_heads`) first, filled up (or cut
   down) to the target count by head scores (:func:`select_heads`);
-- ``remedy``: before scoring, level 1 is refit to the dense model's level-1 outputs, then level 2 to the dense
-  level-2 output, by ridge-damped least squares (:func:`ridge_refit`) on the current inputs.
+- reconstruction (``reconstruct``): before scoring, level 1 is refit to the dense model's level-1 outputs, then
+  level 2 to the dense level-2 output, by ridge-damped least squares (:func:`ridge_refit`) on the current inputs;
+  ``remedy`` ("w/ remedy") refits on a separate recovery set of ``remedy_samples`` windows drawn after the
+  calibration windows (:meth:`GOA.extra_windows`), the criteria staying on the calibration windows.
 
 ``sparsity.ratio`` is the fraction of each pruned module's units, in the blocks ``pruner.blocks``.
 """
@@ -146,7 +148,9 @@ class GOA(Pruner):
     attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA; heads otherwise) | query_head
     similarity: bool = True  # heads: Algorithm 2's similar heads first (false: head scores only)
     tau: float = 0.16  # Algorithm 2's threshold on the mean JS divergence (the paper: 0.16 - 0.20)
-    remedy: bool = False  # refit level 1, then level 2, to the dense model's outputs before scoring ("w/ remedy")
+    reconstruct: bool = True  # refit level 1, then level 2, to the dense model's outputs before scoring
+    remedy: bool = False  # "w/ remedy": the refits use a recovery set of remedy_samples more windows
+    remedy_samples: int = 1024  # windows of the recovery set (the paper: 1024 examples of the downstream data)
     damp: float = 0.01  # ridge of the refits, relative to the mean diagonal of X^T X
     min_units: int = 1  # units every pruned module keeps
 
@@ -157,6 +161,10 @@ class GOA(Pruner):
                              f"{', '.join(ATTENTION_UNITS)}")
         if not self.tau > 0:
             raise ValueError(f"pruner.tau={self.tau} must be positive")
+        if self.remedy and not self.reconstruct:
+            raise ValueError("pruner.remedy=true refits on a recovery set: it needs pruner.reconstruct=true")
+        if not isinstance(self.remedy_samples, int) or self.remedy_samples < 1:
+            raise ValueError(f"pruner.remedy_samples={self.remedy_samples} must be a positive integer")
         if not self.damp > 0:
             raise ValueError(f"pruner.damp={self.damp} must be positive")
         if not isinstance(self.min_units, int) or self.min_units < 1:
@@ -165,6 +173,10 @@ class GOA(Pruner):
             b = list(self.blocks)
             if len(b) != 2 or not all(isinstance(x, int) for x in b) or not 0 <= b[0] < b[1]:
                 raise ValueError(f"pruner.blocks={self.blocks} must be [start, stop) with 0 <= start < stop")
+
+    def extra_windows(self) -> int:
+        """Calibration windows loaded after the ``calib.nsamples`` ones: the recovery set with ``remedy``."""
+        return self.remedy_samples if self.remedy else 0
 
     def pruned_blocks(self, count: int) -> range:
         if self.blocks is None:
@@ -207,28 +219,41 @@ class GOA(Pruner):
         blocks = adapter.blocks()
         chosen = self.pruned_blocks(len(blocks))
         device = settings.device
-        current = capture_block_inputs(model, adapter, calib_ids, device, settings.batch_size)
-        dense = BlockInputs(list(current.batches), current.kwargs_by_batch_size) if self.remedy else None
+        extra = self.extra_windows()
+        if extra and calib_ids.shape[0] <= extra:
+            raise ValueError(f"pruner.remedy: {calib_ids.shape[0]} windows, expected calib.nsamples + "
+                             f"remedy_samples={extra}")
+        criteria_ids, fit_ids = (calib_ids[:-extra], calib_ids[-extra:]) if extra else (calib_ids, None)
+        current = capture_block_inputs(model, adapter, criteria_ids, device, settings.batch_size)
+        fit = None  # the refits' windows: (current, dense) streams
+        if self.reconstruct:
+            fit_current = current if fit_ids is None else capture_block_inputs(model, adapter, fit_ids, device,
+                                                                               settings.batch_size)
+            fit = (fit_current, BlockInputs(list(fit_current.batches), fit_current.kwargs_by_batch_size))
         results: dict[str, ModuleResult] = {}
         prefix = adapter.blocks_prefix()
         for index in tqdm(range(len(blocks)), desc=f"goa {pattern.describe()}", unit="block",
                           disable=not settings.progress):
             block = blocks[index]
             block.to(device)
-            original = copy.deepcopy(block) if dense is not None else None
+            original = copy.deepcopy(block) if fit is not None else None
             if index in chosen:
                 for group in self.modules(adapter, block):
                     group = adapter.unit_group(block, group.kind)  # (as the block is now)
-                    if dense is not None:
-                        self.refit(adapter, block, original, group, current, dense)
+                    if fit is not None:
+                        self.refit(adapter, block, original, group, *fit)
                     keep = self.keep(adapter, block, group, current, pattern.ratio)
                     name, result = remove_kept(adapter, block, group, keep, prefix, index)
                     results[name] = result
             outputs = run_block(adapter, block, current)
-            if dense is not None:
-                dense = BlockInputs(run_block(adapter, original, dense), dense.kwargs_by_batch_size)
+            if fit is not None:
+                fit_current = BlockInputs(outputs, current.kwargs_by_batch_size) if fit[0] is current else \
+                    BlockInputs(run_block(adapter, block, fit[0]), fit[0].kwargs_by_batch_size)
+                fit = (fit_current, BlockInputs(run_block(adapter, original, fit[1]), fit[1].kwargs_by_batch_size))
                 del original
             current = BlockInputs(outputs, current.kwargs_by_batch_size)
+            if fit is not None and fit_ids is None:
+                fit = (current, fit[1])
             if str(device) != "cpu":
                 block.to("cpu")
                 torch.cuda.empty_cache()

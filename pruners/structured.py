@@ -156,15 +156,16 @@ class StructuredPruner(Pruner):
         if ratios is not None:
             raise ValueError(f"pruner '{self.name}' allocates its own units: sparsity.allocation must be uniform")
         self.check(pattern)
-        if calib_ids is None:
+        if self.needs_calibration and calib_ids is None:
             raise ValueError(f"pruner '{self.name}' needs calibration data")
         scores, params, protected, kept_stats = {}, {}, {}, {}
-        blocks = walk_blocks(model, adapter, calib_ids, lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
+        blocks = walk_blocks(model, adapter, calib_ids if self.needs_calibration else None,
+                             lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
                              self.statistic, settings, "dense", desc=f"{self.name} scores")
         for index, block, stats in blocks:
             for group in self.groups(adapter, block):
                 key = (index, group.kind)
-                scores[key] = self.unit_scores(block, group, stats[group.kind], pattern).cpu()
+                scores[key] = self.unit_scores(block, group, stats.get(group.kind), pattern).cpu()
                 params[key] = group.params_per_unit(block)
                 protected[key] = top_units(scores[key], self.min_units)
                 if self.keeps_statistics:

@@ -45,7 +45,8 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
     calib_ids, calibration = None, None
     if plan.calibrates:
         windows = corpora.calibration_windows(
-            loaded.tokenizer, cfg.calib.source, int(cfg.calib.nsamples), plan.calib_seqlen, int(cfg.calib.seed),
+            loaded.tokenizer, cfg.calib.source, int(cfg.calib.nsamples) + plan.pruner.extra_windows(),
+            plan.calib_seqlen, int(cfg.calib.seed),
             path=cfg.calib.get("path"), dataset_root=cfg.calib.get("dataset_root"))
         calib_ids, calibration = windows.ids, windows.provenance
         t = _timed(timings, "calibration_data", t)

@@ -13,6 +13,7 @@ NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"]
          ("sparsity", "structured"): ["pruner=numerical"], ("pruner", "numerical"): ["sparsity=structured"],
          ("pruner", "flap"): ["sparsity=structured"],  # the structured pruners accept structured sparsity only
          ("pruner", "goa"): ["sparsity=structured", "model=tiny-llama"],
+         ("pruner", "unit_baseline"): ["sparsity=structured"],
          ("sparsity", "rowcol"): ["pruner=surgeon"],  # rows + columns: the Kronecker-factored methods only
          ("pruner", "surgeon_reference"): ["pruner.path={checkout}"]}  # a (stand-in) checkout of the reference code
 
@@ -87,6 +88,7 @@ def test_paper_defaults():
     (["pruner=goa", "sparsity=structured", "pruner.blocks=[3,1]"], r"pruner.blocks=\[3, 1\] must be \[start, stop\)"),
     (["pruner=goa", "sparsity=structured", "pruner.tau=0"], "pruner.tau=0 must be positive"),
     (["pruner=goa"], "pruner 'goa' does not support sparsity kind 'unstructured'"),
+    (["pruner=unit_baseline", "sparsity=structured", "pruner.score=l3"], "pruner.score='l3' is not one of"),
     (["speed.mode=sometimes"], "speed.mode=sometimes is not one of: auto, always, never"),
     (["speed.mode=off"], "speed.mode=off is not one of: auto, always, never"),
     (["speed.new_tokens=1"], "speed.new_tokens=1 must be >= 2"),

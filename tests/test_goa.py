@@ -112,13 +112,13 @@ def test_attention_probabilities_equal_the_eager_attention_weights(family):
 
 
 @pytest.mark.parametrize("family,unit", [("llama", "kv_group"), ("llama", "query_head"), ("opt", "kv_group")])
-@pytest.mark.parametrize("remedy", [False, True])
-def test_goa_removes_the_ratio_of_units_in_the_chosen_blocks_only(family, unit, remedy):
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_goa_removes_the_ratio_of_units_in_the_chosen_blocks_only(family, unit, reconstruct):
     model = random_model(family)
     adapter = models.adapter_for(model)
     before = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
     untouched = copy.deepcopy(adapter.blocks()[0].state_dict())
-    pruner = build_pruner({"name": "goa", "blocks": [1, 2], "attention_unit": unit, "remedy": remedy})
+    pruner = build_pruner({"name": "goa", "blocks": [1, 2], "attention_unit": unit, "reconstruct": reconstruct})
     results = pruner.prune(model, adapter, Pattern("structured", 0.5), random_ids(n=4, seqlen=10), QUIET)
     after = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
     assert after[0] == before[0]
@@ -132,14 +132,14 @@ def test_goa_removes_the_ratio_of_units_in_the_chosen_blocks_only(family, unit, 
     assert torch.isfinite(logits).all()
 
 
-def test_the_remedy_refit_of_an_unpruned_module_gives_its_weights_back():
+def test_the_refit_of_an_unpruned_module_gives_its_outputs_back():
     """With nothing removed upstream the current inputs are the dense ones, so the least-squares refit (tiny ridge)
     reproduces the dense outputs of the same linears: the same logits (not always the same weights: a layer norm's
     outputs are linearly dependent once the bias's ones column is appended, and the ridge picks the smallest)."""
     model = random_model("opt")
     adapter = models.adapter_for(model)
     reference = copy.deepcopy(model)
-    pruner = build_pruner({"name": "goa", "blocks": [0, 1], "remedy": True, "damp": 1e-10})
+    pruner = build_pruner({"name": "goa", "blocks": [0, 1], "damp": 1e-10})
     pruner.keep = lambda adapter_, block, group, inputs, ratio: torch.ones(group.count, dtype=torch.bool)
     ids = random_ids(n=8, seqlen=12)
     pruner.prune(model, adapter, Pattern("structured", 0.5), ids, QUIET)
@@ -147,3 +147,47 @@ def test_the_remedy_refit_of_an_unpruned_module_gives_its_weights_back():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     assert changed  # (the refit ran)
+
+
+def test_unit_baselines_rank_by_owned_weight_norms_and_random_follows_the_seed():
+    from pruners.unit_baseline import unit_norms
+
+    model = random_model("llama")
+    adapter = models.adapter_for(model)
+    block = adapter.blocks()[0]
+    group = adapter.unit_group(block, "mlp_neuron")
+    mlp = block.mlp
+    expected = (mlp.gate_proj.weight.pow(2).sum(1) + mlp.up_proj.weight.pow(2).sum(1)
+                + mlp.down_proj.weight.pow(2).sum(0)).sqrt()
+    torch.testing.assert_close(unit_norms(block, group, 2).float(), expected.detach())
+    l1 = mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1) + mlp.down_proj.weight.abs().sum(0)
+    torch.testing.assert_close(unit_norms(block, group, 1).float(), l1.detach())
+    kept = {}
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        m = random_model("llama")
+        torch.manual_seed(seed)
+        torch.rand(3)  # (the global generator used since: no effect)
+        results = build_pruner({"name": "unit_baseline", "score": "random"}).prune(
+            m, models.adapter_for(m), Pattern("structured", 0.5), None, QUIET)
+        kept.setdefault(seed, []).append(sorted((k, tuple(r.kept_units)) for k, r in results.items()))
+    assert kept[0][0] == kept[0][1] and kept[0][0] != kept[1][0]
+
+
+def test_the_remedy_refits_on_the_recovery_windows_after_the_calibration_ones():
+    """remedy: the last remedy_samples windows are the recovery set (the runner draws them after calib.nsamples);
+    the criteria see only the first ones, so the units kept differ from a refit on the calibration windows."""
+    ids = random_ids(n=10, seqlen=10)
+    kept = {}
+    for remedy in (False, True):
+        model = random_model("opt")
+        pruner = build_pruner({"name": "goa", "remedy": remedy, "remedy_samples": 6})
+        assert pruner.extra_windows() == (6 if remedy else 0)
+        results = pruner.prune(model, models.adapter_for(model), Pattern("structured", 0.5), ids, QUIET)
+        kept[remedy] = {k: r.kept_units for k, r in results.items()}
+    assert kept[False] != kept[True]
+    with pytest.raises(ValueError, match="remedy_samples=6"):
+        build_pruner({"name": "goa", "remedy": True, "remedy_samples": 6}).prune(
+            random_model("opt"), models.adapter_for(random_model("opt")), Pattern("structured", 0.5), ids[:6], QUIET)
+    with pytest.raises(ValueError, match="needs pruner.reconstruct=true"):
+        build_pruner({"name": "goa", "remedy": True, "reconstruct": False}).check(Pattern("structured", 0.5))

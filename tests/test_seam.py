@@ -131,14 +131,14 @@ def test_a_linear_declared_applied_by_weight_is_tapped_when_called_as_a_module_t
 def test_declared_needs_keep_every_existing_pruner_as_it_was():
     needs = {name: cls.needs_calibration for name, cls in PRUNERS.items()}
     assert needs == {"dense": False, "magnitude": False, "wanda": True, "sparsegpt": True, "apt": True,
-                     "numerical": True, "flap": True, "goa": True, "surgeon": True, "kobd": True, "lobd": True,
+                     "numerical": True, "flap": True, "goa": True, "unit_baseline": False, "surgeon": True, "kobd": True, "lobd": True,
                      "surgeon_reference": True}
     whole_model = {"surgeon", "kobd", "lobd", "surgeon_reference"}  # the Kronecker-factored methods: gradients through the whole model
     assert all(cls.scope == "block" and not cls.needs_gradients for n, cls in PRUNERS.items() if n not in whole_model)
     assert all(PRUNERS[n].scope == "model" and PRUNERS[n].needs_gradients for n in whole_model)
     assert {name: cls.propagate for name, cls in PRUNERS.items() if name not in whole_model} == {
         "dense": "pruned", "magnitude": "pruned", "wanda": "pruned", "sparsegpt": "pruned", "apt": "pruned",
-        "numerical": "dense", "flap": "dense", "goa": "pruned"}
+        "numerical": "dense", "flap": "dense", "goa": "pruned", "unit_baseline": "dense"}
 
 
 def test_scope_model_without_driver_and_block_gradients_are_refused():
