@@ -18,6 +18,10 @@ Structured pruning of depth-2 modules, block by block on the model as pruned so 
   calibration windows (:meth:`GOA.extra_windows`), the criteria staying on the calibration windows.
 
 ``sparsity.ratio`` is the fraction of each pruned module's units, in the blocks ``pruner.blocks``.
+
+``calibration=self-generated`` is the paper's data-free variant: no data is read; the model writes its own
+calibration windows (:func:`self_generated_windows`: sampled from its own distribution, each started from a random
+token) for the head similarity and the refits, and ``Σ`` comes from windows of random token ids.
 """
 
 from __future__ import annotations
@@ -111,6 +115,32 @@ def ridge_refit(gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.T
                               cross.double())
 
 
+# --- data-free calibration ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def self_generated_windows(model, count: int, seqlen: int, seed: int, device="cpu") -> torch.Tensor:
+    """``[count, seqlen]`` token windows the model writes itself: each starts from a token drawn uniformly from the
+    vocabulary, then ``seqlen - 1`` tokens sampled from the model's full softmax (temperature 1, no top-k; EOS does
+    not stop it) [INF: the paper gives neither the length nor the sampling]. Seeded; the global RNG is left as it
+    was."""
+    from models.blocks import on_device
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (count, 1), generator=generator)
+    with torch.random.fork_rng(devices=[]), on_device(model, device):
+        torch.manual_seed(seed)
+        for _ in range(seqlen - 1):  # (no KV cache: every family's forward, windows are short)
+            logits = model(input_ids=ids.to(device), use_cache=False).logits[:, -1].float()
+            probs = torch.softmax(logits, dim=-1).cpu()
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return ids
+
+
+def random_token_windows(vocab: int, count: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``[count, seqlen]`` token ids drawn uniformly (the data-free variant's input for ``Σ``, Appendix D)."""
+    return torch.randint(0, vocab, (count, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
 # --- the driver --------------------------------------------------------------------------------------------------
 def _augment(x: torch.Tensor, bias: bool) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1]).double()
@@ -142,8 +172,12 @@ class GOA(Pruner):
     """``pruner=goa``: Greedy Output Approximation (module docstring)."""
 
     name = "goa"
-    needs_calibration = True
+    needs_calibration = True  # (not with calibration=self-generated: __post_init__)
     patterns: ClassVar[tuple[str, ...]] = ("structured",)
+    calibration: str = "data"  # data (the calibration windows) | self-generated (data-free: the model's own text)
+    generated_samples: int = 16  # self-generated: windows the model writes (the paper's 16 calibration samples)
+    generated_seqlen: int = 128  # ... of this many tokens (the paper's calibration length for LLaMA)
+    generated_seed: int = 0  # ... and of the random token ids for the second moments
     blocks: list | None = None  # [start, stop) of the blocks pruned (the paper: [4, 30) on LLaMA-7B); null = all
     attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA; heads otherwise) | query_head
     similarity: bool = True  # heads: Algorithm 2's similar heads first (false: head scores only)
@@ -154,8 +188,19 @@ class GOA(Pruner):
     damp: float = 0.01  # ridge of the refits, relative to the mean diagonal of X^T X
     min_units: int = 1  # units every pruned module keeps
 
+    def __post_init__(self):
+        self.needs_calibration = self.calibration != "self-generated"
+
     def check(self, pattern: Pattern) -> None:
         super().check(pattern)
+        if self.calibration not in ("data", "self-generated"):
+            raise ValueError(f"pruner.calibration='{self.calibration}' is not one of: data, self-generated")
+        if self.calibration == "self-generated" and self.remedy:
+            raise ValueError("pruner.remedy=true reads a recovery set: not with pruner.calibration=self-generated")
+        for key in ("generated_samples", "generated_seqlen"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 2:
+                raise ValueError(f"pruner.{key}={value} must be an integer >= 2")
         if self.attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"pruner.attention_unit='{self.attention_unit}' is not one of: "
                              f"{', '.join(ATTENTION_UNITS)}")
@@ -214,6 +259,14 @@ class GOA(Pruner):
         if ratios is not None:
             raise ValueError("pruner 'goa' allocates its own units: sparsity.allocation must be uniform")
         self.check(pattern)
+        sigma = None  # the windows the second moments come from (None: the criteria's)
+        if self.calibration == "self-generated":
+            calib_ids = self_generated_windows(model, self.generated_samples, self.generated_seqlen,
+                                               self.generated_seed, settings.device)
+            vocab = model.get_input_embeddings().weight.shape[0]
+            sigma = capture_block_inputs(model, adapter, random_token_windows(
+                vocab, self.generated_samples, self.generated_seqlen, self.generated_seed + 1), settings.device,
+                settings.batch_size)
         if calib_ids is None:
             raise ValueError("pruner 'goa' needs calibration data")
         blocks = adapter.blocks()
@@ -242,7 +295,7 @@ class GOA(Pruner):
                     group = adapter.unit_group(block, group.kind)  # (as the block is now)
                     if fit is not None:
                         self.refit(adapter, block, original, group, *fit)
-                    keep = self.keep(adapter, block, group, current, pattern.ratio)
+                    keep = self.keep(adapter, block, group, current, pattern.ratio, sigma)
                     name, result = remove_kept(adapter, block, group, keep, prefix, index)
                     results[name] = result
             outputs = run_block(adapter, block, current)
@@ -252,6 +305,8 @@ class GOA(Pruner):
                 fit = (fit_current, BlockInputs(run_block(adapter, original, fit[1]), fit[1].kwargs_by_batch_size))
                 del original
             current = BlockInputs(outputs, current.kwargs_by_batch_size)
+            if sigma is not None:
+                sigma = BlockInputs(run_block(adapter, block, sigma), sigma.kwargs_by_batch_size)
             if fit is not None and fit_ids is None:
                 fit = (current, fit[1])
             if str(device) != "cpu":
@@ -260,8 +315,10 @@ class GOA(Pruner):
         return results
 
     # --- scoring and choosing ----------------------------------------------------------------------------------
-    def keep(self, adapter: Adapter, block, group: UnitGroup, inputs: BlockInputs, ratio: float) -> torch.Tensor:
-        """Keep mask over the module's units from one pass of the current inputs."""
+    def keep(self, adapter: Adapter, block, group: UnitGroup, inputs: BlockInputs, ratio: float,
+             sigma: BlockInputs | None = None) -> torch.Tensor:
+        """Keep mask over the module's units from the current inputs (the second moments from ``sigma`` where
+        given: the data-free variant's random token ids)."""
         count = min(round(ratio * group.count), group.count - self.min_units)
         level_one = self.level_one(adapter, block, group)
         attention = group.reader_columns().shape[1] > 1
@@ -273,25 +330,31 @@ class GOA(Pruner):
                 for h in inputs.batches:
                     kwargs = inputs.kwargs(h)
                     adapter.call_block(block, h, kwargs)
-                    z = cap.values[("in", group.reader)].reshape(-1, reader.in_features).double()
-                    moment = z.pow(2).sum(0) if moment is None else moment + z.pow(2).sum(0)
-                    tokens += z.shape[0]
+                    if sigma is None:
+                        z = cap.values[("in", group.reader)].reshape(-1, reader.in_features).double()
+                        moment = z.pow(2).sum(0) if moment is None else moment + z.pow(2).sum(0)
+                        tokens += z.shape[0]
                     if self.similarity:
                         probs = adapter.attention_probabilities(block, cap.values[("out", q_name)],
                                                                 cap.values[("out", k_name)], kwargs)
                         part = js_divergence_sum(probs)
                         D = part if D is None else D + part
                         rows += probs.shape[0] * probs.shape[2]
+                for h in (sigma.batches if sigma is not None else []):
+                    adapter.call_block(block, h, sigma.kwargs(h))
+                    z = cap.values[("in", group.reader)].reshape(-1, reader.in_features).double()
+                    moment = z.pow(2).sum(0) if moment is None else moment + z.pow(2).sum(0)
+                    tokens += z.shape[0]
             scores = head_scores(reader.weight.data, moment / max(tokens, 1), group.reader_columns())
             if D is not None:
                 D = self.unit_divergence(D / rows, group, adapter, block)
             removed = select_heads(D, scores, count, self.tau)
         else:
             bias = any(block.get_submodule(n).bias is not None for n in level_one)
-            sigma = self.second_moment(adapter, block, level_one[0], inputs, bias)
+            moment = self.second_moment(adapter, block, level_one[0], sigma if sigma is not None else inputs, bias)
             owners = [n for n in level_one if f"{n}.weight" in group.owned]
             weights = [_weight(block.get_submodule(n), bias) for n in owners]
-            scores = channel_scores(weights, reader.weight.data, sigma)
+            scores = channel_scores(weights, reader.weight.data, moment)
             removed = torch.argsort(scores.cpu(), stable=True)[:count]
         keep = torch.ones(group.count, dtype=torch.bool)
         keep[removed] = False

@@ -140,7 +140,7 @@ def test_the_refit_of_an_unpruned_module_gives_its_outputs_back():
     adapter = models.adapter_for(model)
     reference = copy.deepcopy(model)
     pruner = build_pruner({"name": "goa", "blocks": [0, 1], "damp": 1e-10})
-    pruner.keep = lambda adapter_, block, group, inputs, ratio: torch.ones(group.count, dtype=torch.bool)
+    pruner.keep = lambda adapter_, block, group, inputs, ratio, sigma=None: torch.ones(group.count, dtype=torch.bool)
     ids = random_ids(n=8, seqlen=12)
     pruner.prune(model, adapter, Pattern("structured", 0.5), ids, QUIET)
     changed = any(not torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
@@ -191,3 +191,23 @@ def test_the_remedy_refits_on_the_recovery_windows_after_the_calibration_ones():
             random_model("opt"), models.adapter_for(random_model("opt")), Pattern("structured", 0.5), ids[:6], QUIET)
     with pytest.raises(ValueError, match="needs pruner.reconstruct=true"):
         build_pruner({"name": "goa", "remedy": True, "reconstruct": False}).check(Pattern("structured", 0.5))
+
+
+def test_the_data_free_variant_reads_no_data_and_writes_its_own_windows():
+    from pruners.goa import random_token_windows, self_generated_windows
+
+    model = random_model("llama")
+    before = torch.random.get_rng_state()
+    windows = self_generated_windows(model, 3, 7, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)  # (the global generator untouched)
+    assert windows.shape == (3, 7) and windows.max() < model.config.vocab_size
+    assert torch.equal(windows, self_generated_windows(model, 3, 7, seed=5))
+    assert not torch.equal(windows, self_generated_windows(model, 3, 7, seed=6))
+    assert random_token_windows(64, 2, 5, 0).shape == (2, 5)
+    pruner = build_pruner({"name": "goa", "calibration": "self-generated", "generated_samples": 4,
+                           "generated_seqlen": 8})
+    assert not pruner.needs_calibration and build_pruner({"name": "goa"}).needs_calibration
+    results = pruner.prune(model, models.adapter_for(model), Pattern("structured", 0.5), None, QUIET)
+    assert {r.unit_kind for r in results.values()} == {"kv_group", "mlp_neuron"}
+    with pytest.raises(ValueError, match="not with pruner.calibration=self-generated"):
+        build_pruner({"name": "goa", "calibration": "self-generated", "remedy": True}).check(Pattern("structured", 0.5))
