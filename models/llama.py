@@ -105,7 +105,7 @@ class LlamaAdapter(Adapter):
         q = q.view(b, s, heads, head_dim).transpose(1, 2)
         k = k.view(b, s, kv_heads, head_dim).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
-        q, k = apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        q, k = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())  # (fp32: JS compares rows)
         k = k.repeat_interleave(heads // kv_heads, dim=1)  # (each query head reads its group's key)
         return causal_softmax(q @ k.transpose(-1, -2) * block.self_attn.scaling)
 

@@ -49,8 +49,8 @@ class OPTAdapter(Adapter):
         head_dim = attn.head_dim
         b, s, _ = q.shape
         heads = q.shape[-1] // head_dim
-        q = q.view(b, s, heads, head_dim).transpose(1, 2)
-        k = k.view(b, s, heads, head_dim).transpose(1, 2)
+        q = q.float().view(b, s, heads, head_dim).transpose(1, 2)
+        k = k.float().view(b, s, heads, head_dim).transpose(1, 2)
         return causal_softmax(q @ k.transpose(-1, -2) * attn.scaling)
 
     def unit_groups(self, block):

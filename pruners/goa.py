@@ -125,10 +125,9 @@ def self_generated_windows(model, count: int, seqlen: int, seed: int, device="cp
     from models.blocks import on_device
 
     vocab = model.get_input_embeddings().weight.shape[0]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # (its own generator: the global ones are not touched)
     ids = torch.randint(0, vocab, (count, 1), generator=generator)
-    with torch.random.fork_rng(devices=[]), on_device(model, device):
-        torch.manual_seed(seed)
+    with on_device(model, device):
         for _ in range(seqlen - 1):  # (no KV cache: every family's forward, windows are short)
             logits = model(input_ids=ids.to(device), use_cache=False).logits[:, -1].float()
             probs = torch.softmax(logits, dim=-1).cpu()
@@ -259,6 +258,7 @@ class GOA(Pruner):
         if ratios is not None:
             raise ValueError("pruner 'goa' allocates its own units: sparsity.allocation must be uniform")
         self.check(pattern)
+        self.modules(adapter, adapter.blocks()[0])  # (a family without depth-2 modules is refused before any work)
         sigma = None  # the windows the second moments come from (None: the criteria's)
         if self.calibration == "self-generated":
             calib_ids = self_generated_windows(model, self.generated_samples, self.generated_seqlen,
@@ -285,11 +285,11 @@ class GOA(Pruner):
             fit = (fit_current, BlockInputs(list(fit_current.batches), fit_current.kwargs_by_batch_size))
         results: dict[str, ModuleResult] = {}
         prefix = adapter.blocks_prefix()
-        for index in tqdm(range(len(blocks)), desc=f"goa {pattern.describe()}", unit="block",
-                          disable=not settings.progress):
+        for index in tqdm(range(chosen.stop), desc=f"goa {pattern.describe()}", unit="block",
+                          disable=not settings.progress):  # (nothing after the last pruned block changes)
             block = blocks[index]
             block.to(device)
-            original = copy.deepcopy(block) if fit is not None else None
+            original = (copy.deepcopy(block) if index in chosen else block) if fit is not None else None
             if index in chosen:
                 for group in self.modules(adapter, block):
                     group = adapter.unit_group(block, group.kind)  # (as the block is now)
@@ -303,7 +303,7 @@ class GOA(Pruner):
                 fit_current = BlockInputs(outputs, current.kwargs_by_batch_size) if fit[0] is current else \
                     BlockInputs(run_block(adapter, block, fit[0]), fit[0].kwargs_by_batch_size)
                 fit = (fit_current, BlockInputs(run_block(adapter, original, fit[1]), fit[1].kwargs_by_batch_size))
-                del original
+                original = None
             current = BlockInputs(outputs, current.kwargs_by_batch_size)
             if sigma is not None:
                 sigma = BlockInputs(run_block(adapter, block, sigma), sigma.kwargs_by_batch_size)
@@ -319,7 +319,7 @@ class GOA(Pruner):
              sigma: BlockInputs | None = None) -> torch.Tensor:
         """Keep mask over the module's units from the current inputs (the second moments from ``sigma`` where
         given: the data-free variant's random token ids)."""
-        count = min(round(ratio * group.count), group.count - self.min_units)
+        count = max(0, min(round(ratio * group.count), group.count - self.min_units))
         level_one = self.level_one(adapter, block, group)
         attention = group.reader_columns().shape[1] > 1
         reader = block.get_submodule(group.reader)
@@ -358,7 +358,10 @@ class GOA(Pruner):
             removed = torch.argsort(scores.cpu(), stable=True)[:count]
         keep = torch.ones(group.count, dtype=torch.bool)
         keep[removed] = False
-        return adapter.repair_keep(block, group, keep, scores.cpu())
+        # where the family must adjust the choice (query heads: equal counts per KV group), what GOA chose to keep
+        # ranks above what it removed, the scores only order within each
+        rank = torch.argsort(torch.argsort(scores.double().cpu(), stable=True)).double() / max(group.count, 1)
+        return adapter.repair_keep(block, group, keep, keep.double() * 2 + rank)
 
     def unit_divergence(self, D: torch.Tensor, group: UnitGroup, adapter: Adapter, block) -> torch.Tensor:
         """``D`` between query heads -> between the group's units: a KV group under GQA averages its query heads'

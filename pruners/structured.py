@@ -111,6 +111,10 @@ class StructuredPruner(Pruner):
         refined = ("query_head",) if self.attention_unit == "query_head" else ()
         return adapter.structure_groups(block, refined)
 
+    def prunes_block(self, index: int) -> bool:
+        """Whether block ``index`` is pruned (all, unless the method has a block range)."""
+        return True
+
     # --- the method ------------------------------------------------------------------------------
     def unit_scores(self, block, group: UnitGroup, stat, pattern: Pattern) -> torch.Tensor:
         """Score per unit of ``group`` (higher = keep) from its reader's statistic."""
@@ -144,6 +148,8 @@ class StructuredPruner(Pruner):
         the scoring pass (methods that need fresh statistics override this)."""
         results: dict[str, ModuleResult] = {}
         for index, block in enumerate(adapter.blocks()):
+            if not self.prunes_block(index):
+                continue
             block_stats = {kind: stat for (i, kind), stat in stats.items() if i == index}
             self.prune_block(adapter, block, index, keep, block_stats, results)
         return results
@@ -163,6 +169,8 @@ class StructuredPruner(Pruner):
                              lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
                              self.statistic, settings, "dense", desc=f"{self.name} scores")
         for index, block, stats in blocks:
+            if not self.prunes_block(index):
+                continue
             for group in self.groups(adapter, block):
                 key = (index, group.kind)
                 scores[key] = self.unit_scores(block, group, stats.get(group.kind), pattern).cpu()

@@ -41,9 +41,17 @@ class UnitBaseline(StructuredPruner):
     allocation: str = "uniform"  # uniform (each module: ratio of its units) | global (one ranking, parameter-weighted)
     attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA, plain heads otherwise) | query_head
     min_units: int = 1  # units of each kind every block keeps
+    blocks: list | None = None  # [start, stop) of the blocks pruned (as pruner=goa; the GOA tables: [4, 30)); null = all
+
+    def prunes_block(self, index: int) -> bool:
+        return self.blocks is None or self.blocks[0] <= index < self.blocks[1]
 
     def check(self, pattern):
         super().check(pattern)
+        if self.blocks is not None:
+            b = list(self.blocks)
+            if len(b) != 2 or not all(isinstance(x, int) for x in b) or not 0 <= b[0] < b[1]:
+                raise ValueError(f"pruner.blocks={self.blocks} must be [start, stop) with 0 <= start < stop")
         if self.score not in SCORES:
             raise ValueError(f"pruner.score='{self.score}' is not one of: {', '.join(SCORES)}")
 

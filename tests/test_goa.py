@@ -139,7 +139,7 @@ def test_the_refit_of_an_unpruned_module_gives_its_outputs_back():
     model = random_model("opt")
     adapter = models.adapter_for(model)
     reference = copy.deepcopy(model)
-    pruner = build_pruner({"name": "goa", "blocks": [0, 1], "damp": 1e-10})
+    pruner = build_pruner({"name": "goa", "blocks": [0, 2], "damp": 1e-10})  # (both blocks: the streams carry on)
     pruner.keep = lambda adapter_, block, group, inputs, ratio, sigma=None: torch.ones(group.count, dtype=torch.bool)
     ids = random_ids(n=8, seqlen=12)
     pruner.prune(model, adapter, Pattern("structured", 0.5), ids, QUIET)
@@ -211,3 +211,32 @@ def test_the_data_free_variant_reads_no_data_and_writes_its_own_windows():
     assert {r.unit_kind for r in results.values()} == {"kv_group", "mlp_neuron"}
     with pytest.raises(ValueError, match="not with pruner.calibration=self-generated"):
         build_pruner({"name": "goa", "calibration": "self-generated", "remedy": True}).check(Pattern("structured", 0.5))
+
+
+def test_unit_baseline_prunes_only_its_block_range():
+    model = random_model("llama")
+    adapter = models.adapter_for(model)
+    before = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
+    results = build_pruner({"name": "unit_baseline", "blocks": [1, 2]}).prune(
+        model, adapter, Pattern("structured", 0.5), None, QUIET)
+    after = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
+    assert after[0] == before[0] and after[1]["mlp_neuron"] == before[1]["mlp_neuron"] // 2
+    assert all(".1." in name for name in results)
+
+
+def test_query_heads_keep_goa_s_choice_where_the_family_evens_out_the_groups():
+    """GQA with query heads as units: the adapter keeps an equal count per KV group; what GOA chose to keep must
+    outrank what it chose to remove (not the head scores alone)."""
+    from pruners.goa import GOA
+
+    model = random_model("llama")  # 4 query heads in 2 KV groups
+    adapter = models.adapter_for(model)
+    block = adapter.blocks()[0]
+    group = adapter.unit_group(block, "query_head")
+    pruner = GOA(attention_unit="query_head", similarity=False)
+    # scores that alone would keep heads 0 and 1 (one group); GOA's choice: drop 1 and 3 (one per group)
+    keep = torch.tensor([True, False, True, False])
+    rank = torch.tensor([3.0, 2.0, 1.0, 0.0]) / 4
+    repaired = adapter.repair_keep(block, group, keep, keep.double() * 2 + rank)
+    assert repaired.tolist() == [True, False, True, False]
+    assert pruner.attention_unit == "query_head"
