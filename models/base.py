@@ -8,6 +8,7 @@ they own.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -133,6 +134,12 @@ class Adapter:
     def unit_groups(self, block: nn.Module) -> list[UnitGroup]:
         """Structural units of a block (heads / KV groups, MLP neurons, Mamba inner channels)."""
         raise NotImplementedError
+
+    def native_layout(self):
+        """A context in which the model's modules are as its family's checkpoints store them (entered while a
+        checkpoint is written or its weights are read back); default: they always are. GPT-2 works on ``nn.Linear``
+        copies of its ``Conv1D`` projections and turns them back here."""
+        return contextlib.nullcontext()
 
     # --- derived helpers (architecture-independent) ----------------------------------------------
     def prunable_linears(self, block: nn.Module) -> dict[str, nn.Linear]:

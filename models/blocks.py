@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,6 +60,26 @@ def _off_device(modules, device) -> None:
             module.to("cpu")
 
 
+def _named(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments after the hidden states (GPT-2 passes its cache and mask so) as the keyword arguments
+    they bind to in the block's forward, so that a block can be called again with ``block(hidden, **kwargs)``."""
+    signature = inspect.signature(block.forward)
+    try:
+        bound = signature.bind(hidden, *args, **kwargs)
+    except TypeError as error:
+        raise RuntimeError(f"block 0 received positional arguments its forward does not name: {error}") from None
+    named = {}
+    for index, (name, value) in enumerate(bound.arguments.items()):
+        kind = signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            raise RuntimeError(f"block 0 received positional arguments its forward does not name ({name})")
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif index:  # (the first is the hidden states)
+            named[name] = value
+    return named
+
+
 @torch.no_grad()
 def capture_block_inputs(model, adapter: Adapter, ids: torch.Tensor, device, batch_size: int) -> BlockInputs:
     """Run the embeddings on ``device`` and capture what block 0 receives, batch by batch."""
@@ -77,7 +98,7 @@ def capture_block_inputs(model, adapter: Adapter, ids: torch.Tensor, device, bat
             except _Caught as caught:
                 hidden, args, kwargs = caught.args
                 if args:
-                    raise RuntimeError("block 0 received unexpected positional arguments") from None
+                    kwargs = _named(original, hidden, args, kwargs)
                 captured.batches.append(hidden)
                 # windows are fixed-length and unpadded, so kwargs depend only on the batch size
                 captured.kwargs_by_batch_size.setdefault(hidden.shape[0], kwargs)

@@ -45,7 +45,7 @@ def save_pruned(model, tokenizer, directory: str | Path, adapter: Adapter | None
     directory = Path(directory)
     adapter = adapter or adapter_for(model)
     structure = structure_of(adapter)
-    with _dequantized(model):
+    with _dequantized(model), adapter.native_layout():
         model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -119,7 +119,8 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32, attn_
     for name in structure["added_biases"]:
         add_bias(model.get_submodule(name))
     state = _state_dict(directory)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with adapter.native_layout():  # the weights are stored as the family stores them
+        missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())  # a list (v4) or {tied: source} (v5)
     still_missing = [k for k in missing if k not in tied]
     if still_missing or unexpected:

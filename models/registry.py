@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from .base import Adapter
+from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .mamba import MambaAdapter
 from .opt import OPTAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (OPTAdapter, LlamaAdapter, MambaAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (OPTAdapter, LlamaAdapter, MambaAdapter, GPT2Adapter)
 
 
 class UnsupportedModelError(ValueError):

@@ -48,6 +48,13 @@ ARCHS = {
                     rms_norm_eps=1e-5),
         steps=700, batch=8, lr=3e-3,
     ),
+    "tiny-gpt2": dict(
+        family="gpt2",
+        # Conv1D projections, fused c_attn, GELU MLP, learned positions, tied LM head
+        config=dict(n_embd=128, n_layer=4, n_head=4, n_inner=512, n_positions=512, resid_pdrop=0.0,
+                    embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True),
+        steps=700, batch=8, lr=3e-3,
+    ),
     "tiny-mamba": dict(
         family="mamba",
         config=dict(hidden_size=128, num_hidden_layers=4, state_size=16, expand=2, conv_kernel=4,
@@ -92,6 +99,8 @@ def _tokens(tokenizer, split: str) -> torch.Tensor:
 
 def build_model(name: str, tokenizer):
     from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
         MambaConfig,
@@ -104,7 +113,7 @@ def build_model(name: str, tokenizer):
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     cls = {"opt": (OPTConfig, OPTForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-           "mamba": (MambaConfig, MambaForCausalLM)}[spec["family"]]
+           "mamba": (MambaConfig, MambaForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel)}[spec["family"]]
     return cls[1](cls[0](**spec["config"], **common))
 
 

@@ -40,7 +40,7 @@ from models.blocks import BlockInputs, capture_block_inputs, run_block
 from .base import ModuleResult, Pruner, register
 from .masks import Pattern
 from .settings import EngineSettings
-from .structured import ATTENTION_UNITS, remove_kept
+from .structured import ATTENTION_UNITS, check_block_range, remove_kept
 
 
 # --- criteria ----------------------------------------------------------------------------------------------------
@@ -213,10 +213,7 @@ class GOA(Pruner):
             raise ValueError(f"pruner.damp={self.damp} must be positive")
         if not isinstance(self.min_units, int) or self.min_units < 1:
             raise ValueError(f"pruner.min_units={self.min_units} must be an integer >= 1")
-        if self.blocks is not None:
-            b = list(self.blocks)
-            if len(b) != 2 or not all(isinstance(x, int) for x in b) or not 0 <= b[0] < b[1]:
-                raise ValueError(f"pruner.blocks={self.blocks} must be [start, stop) with 0 <= start < stop")
+        check_block_range(self.blocks)
 
     def extra_windows(self) -> int:
         """Calibration windows loaded after the ``calib.nsamples`` ones: the recovery set with ``remedy``."""

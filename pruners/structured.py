@@ -74,6 +74,19 @@ def uniform_keep(scores: dict, ratio: float, protected: dict | None = None) -> d
     return out
 
 
+def check_block_range(blocks) -> None:
+    """``pruner.blocks``: null (every block) or ``[start, stop)`` with ``0 <= start < stop`` (the GOA tables:
+    ``[4, 30)`` on LLaMA-7B)."""
+    if blocks is not None:
+        b = list(blocks)
+        if len(b) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in b) or not 0 <= b[0] < b[1]:
+            raise ValueError(f"pruner.blocks={blocks} must be [start, stop) with 0 <= start < stop")
+
+
+def in_block_range(blocks, index: int) -> bool:
+    return blocks is None or blocks[0] <= index < blocks[1]
+
+
 def top_units(score: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the ``count`` highest-scoring units (the ones ``min_units`` protects)."""
     mask = torch.zeros(score.numel(), dtype=torch.bool)
@@ -155,15 +168,19 @@ class StructuredPruner(Pruner):
         return results
 
     # --- the driver --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
-              ratios=None) -> dict[str, ModuleResult]:
-        settings = settings or EngineSettings()
+    def start(self, pattern: Pattern, calib_ids, settings: EngineSettings | None, ratios) -> EngineSettings:
+        """The checks every structured driver makes before any work; returns the settings to use."""
         if ratios is not None:
             raise ValueError(f"pruner '{self.name}' allocates its own units: sparsity.allocation must be uniform")
         self.check(pattern)
         if self.needs_calibration and calib_ids is None:
             raise ValueError(f"pruner '{self.name}' needs calibration data")
+        return settings or EngineSettings()
+
+    @torch.no_grad()
+    def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
+              ratios=None) -> dict[str, ModuleResult]:
+        settings = self.start(pattern, calib_ids, settings, ratios)
         scores, params, protected, kept_stats = {}, {}, {}, {}
         blocks = walk_blocks(model, adapter, calib_ids if self.needs_calibration else None,
                              lambda b: reader_taps(adapter, b, self.groups(adapter, b)),

@@ -14,7 +14,7 @@ import torch
 from models import UnitGroup
 
 from .base import register
-from .structured import StructuredPruner
+from .structured import StructuredPruner, check_block_range, in_block_range
 
 SCORES = ("random", "l1", "l2")
 
@@ -44,14 +44,11 @@ class UnitBaseline(StructuredPruner):
     blocks: list | None = None  # [start, stop) of the blocks pruned (as pruner=goa; the GOA tables: [4, 30)); null = all
 
     def prunes_block(self, index: int) -> bool:
-        return self.blocks is None or self.blocks[0] <= index < self.blocks[1]
+        return in_block_range(self.blocks, index)
 
     def check(self, pattern):
         super().check(pattern)
-        if self.blocks is not None:
-            b = list(self.blocks)
-            if len(b) != 2 or not all(isinstance(x, int) for x in b) or not 0 <= b[0] < b[1]:
-                raise ValueError(f"pruner.blocks={self.blocks} must be [start, stop) with 0 <= start < stop")
+        check_block_range(self.blocks)
         if self.score not in SCORES:
             raise ValueError(f"pruner.score='{self.score}' is not one of: {', '.join(SCORES)}")
 

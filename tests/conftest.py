@@ -26,7 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
-TINY = ("tiny-opt", "tiny-llama", "tiny-mamba")
+TINY = ("tiny-opt", "tiny-llama", "tiny-mamba", "tiny-gpt2")
 
 
 @pytest.fixture(scope="session", autouse=True)

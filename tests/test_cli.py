@@ -98,12 +98,12 @@ def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args,
 
 
 def test_unsupported_architecture_exits_2(tmp_path):
-    ckpt = tmp_path / "gpt2ish"
+    ckpt = tmp_path / "bertish"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "bert"}))
     proc = run_cli("model=local", f"model.path={ckpt}", f"output_root={tmp_path}")
     assert proc.returncode == 2
-    assert "model_type 'gpt2' is not supported" in proc.stderr
+    assert "model_type 'bert' is not supported" in proc.stderr
     assert not (Path(tmp_path) / "default").exists() or not list((Path(tmp_path) / "default").glob("*/result.json"))
 
 

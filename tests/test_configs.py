@@ -13,7 +13,8 @@ NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"]
          ("sparsity", "structured"): ["pruner=numerical"], ("pruner", "numerical"): ["sparsity=structured"],
          ("pruner", "flap"): ["sparsity=structured"],  # the structured pruners accept structured sparsity only
          ("pruner", "goa"): ["sparsity=structured", "model=tiny-llama"],
-         ("pruner", "unit_baseline"): ["sparsity=structured"],
+         ("pruner", "unit_baseline"): ["sparsity=structured"], ("pruner", "wanda_sp"): ["sparsity=structured"],
+         ("pruner", "llm_pruner"): ["sparsity=structured"],
          ("sparsity", "rowcol"): ["pruner=surgeon"],  # rows + columns: the Kronecker-factored methods only
          ("pruner", "surgeon_reference"): ["pruner.path={checkout}"]}  # a (stand-in) checkout of the reference code
 

@@ -89,7 +89,7 @@ def test_ridge_refit_is_least_squares():
     torch.testing.assert_close(ridge_refit(X.T @ X, X.T @ Y, 0.5), ridge)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
 def test_attention_probabilities_equal_the_eager_attention_weights(family):
     model = random_model(family)
     model.config._attn_implementation = "eager"
@@ -111,7 +111,8 @@ def test_attention_probabilities_equal_the_eager_attention_weights(family):
     torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family,unit", [("llama", "kv_group"), ("llama", "query_head"), ("opt", "kv_group")])
+@pytest.mark.parametrize("family,unit", [("llama", "kv_group"), ("llama", "query_head"), ("opt", "kv_group"),
+                                         ("gpt2", "kv_group")])
 @pytest.mark.parametrize("reconstruct", [False, True])
 def test_goa_removes_the_ratio_of_units_in_the_chosen_blocks_only(family, unit, reconstruct):
     model = random_model(family)
@@ -240,3 +241,76 @@ def test_query_heads_keep_goa_s_choice_where_the_family_evens_out_the_groups():
     repaired = adapter.repair_keep(block, group, keep, keep.double() * 2 + rank)
     assert repaired.tolist() == [True, False, True, False]
     assert pruner.attention_unit == "query_head"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_wanda_sp_removes_the_units_with_the_lowest_weight_times_activation_scores_on_the_pruned_model(family):
+    """Wanda-sp (FLAP's prune_wanda_sp): block 1's units are scored on the outputs of block 0 as pruned, by
+    Σ_{j in unit} mean_i |W_ij| · sqrt(E[x_j^2]) on the reader's input; the lowest round(ratio · count) go."""
+    from pruners.wanda_sp import wanda_sp_scores
+
+    ids = random_ids(n=4, seqlen=10)
+    model = random_model(family)
+    reference = copy.deepcopy(model)
+    results = build_pruner({"name": "wanda_sp"}).prune(model, models.adapter_for(model), Pattern("structured", 0.5),
+                                                       ids, QUIET)
+    adapter = models.adapter_for(reference)
+    prefix = adapter.blocks_prefix()
+    # block 0 exactly as the pruner left it (its kept units), then block 1's reader inputs by hooks
+    for group in adapter.structure_groups(adapter.blocks()[0]):
+        adapter.remove_units(adapter.blocks()[0], group.kind, results[f"{prefix}.0.{group.reader}"].kept_units)
+    block = adapter.blocks()[1]
+    for group in adapter.structure_groups(block):
+        reader = block.get_submodule(group.reader)
+        seen = []
+        handle = reader.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            reference(input_ids=ids)
+        handle.remove()
+        X = torch.cat(seen).double()
+        channel = (reader.weight.detach().double().abs() * X.pow(2).mean(0).sqrt()).mean(0)
+        expected = channel[group.reader_columns()].sum(1)
+        torch.testing.assert_close(wanda_sp_scores(reader.weight.detach(), X.pow(2).mean(0), group.reader_columns()),
+                                   expected)
+        removed = set(torch.argsort(expected)[: round(0.5 * group.count)].tolist())
+        result = results[f"{prefix}.1.{group.reader}"]
+        assert set(range(group.count)) - set(result.kept_units) == removed, group.kind
+        assert result.pruned == len(removed)
+
+
+@pytest.mark.parametrize("taylor", ["param_first", "param_second", "param_mix", "vectorize"])
+def test_llm_pruner_removes_the_units_of_lowest_taylor_importance_from_explicit_gradients(taylor):
+    """LLM-Pruner (block-wise, no recovery): W·g, W·F·W, W·g - ½W·F·W per weight (g: gradient of the mean loss
+    over the windows, F: mean of each window's squared gradient), Σ|s| (vectorize: |Σ s|) per channel, summed over
+    a unit's q / k / v rows and o_proj columns (a KV group), gate / up rows and down column (a neuron)."""
+    ids = random_ids(n=4, seqlen=10)
+    model = random_model("llama")  # 4 query heads in 2 KV groups, head_dim 8, 64 neurons
+    reference = copy.deepcopy(model)
+    results = build_pruner({"name": "llm_pruner", "taylor": taylor}).prune(
+        model, models.adapter_for(model), Pattern("structured", 0.5), ids, QUIET)
+
+    def loss_of(batch):
+        logits = reference(input_ids=batch).logits[:, :-1].double()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    params = dict(reference.named_parameters())
+    grad = dict(zip(params, torch.autograd.grad(loss_of(ids), list(params.values()), allow_unused=True), strict=True))
+    fisher = {k: 0 for k in params}
+    for w in range(ids.shape[0]):
+        per = torch.autograd.grad(loss_of(ids[w : w + 1]), list(params.values()), allow_unused=True)
+        fisher = {k: fisher[k] + (0 if g is None else g.double() ** 2 / ids.shape[0]) for k, g in zip(params, per, strict=True)}
+    for index in range(2):
+        def channels(linear, axis, index=index):
+            key = f"model.layers.{index}.{linear}.weight"
+            W, g, F = params[key].detach().double(), grad[key].double(), fisher[key]
+            s = {"param_first": W * g, "vectorize": W * g, "param_second": W * F * W, "param_mix": W * g - 0.5 * W * F * W}[taylor]
+            return s.sum(1 - axis).abs() if taylor == "vectorize" else s.abs().sum(1 - axis)
+
+        q, k, v = (channels(f"self_attn.{p}", 0) for p in ("q_proj", "k_proj", "v_proj"))
+        o = channels("self_attn.o_proj", 1)
+        groups = (q + o).view(2, 16).sum(1) + k.view(2, 8).sum(1) + v.view(2, 8).sum(1)
+        neurons = channels("mlp.gate_proj", 0) + channels("mlp.up_proj", 0) + channels("mlp.down_proj", 1)
+        for reader, expected in (("self_attn.o_proj", groups), ("mlp.down_proj", neurons)):
+            result = results[f"model.layers.{index}.{reader}"]
+            removed = set(range(expected.numel())) - set(result.kept_units)
+            assert removed == set(torch.argsort(expected)[: expected.numel() // 2].tolist()), (index, reader)

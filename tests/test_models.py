@@ -115,14 +115,90 @@ def test_resolve_path_forms(tmp_path):
 
 
 def test_unsupported_architecture_is_rejected_from_its_config_alone(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
-    with pytest.raises(models.UnsupportedModelError, match="model_type 'gpt2' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 1}))
+    with pytest.raises(models.UnsupportedModelError, match="model_type 'bert' is not supported"):
         models.inspect_model(compose("model=local", f"model.path={tmp_path}").model)
 
 
 def test_bundled_models_are_real_language_models():
     """Model cards: dense test perplexity far below the vocabulary and the untrained model."""
-    for name in ("tiny-opt", "tiny-llama", "tiny-mamba"):
+    for name in ("tiny-opt", "tiny-llama", "tiny-mamba", "tiny-gpt2"):
         card = json.loads((models.loading.TINY_DIR / name / "train_log.json").read_text())
         assert card["test_ppl_dense"] < card["vocab_size"] / 5
         assert card["test_ppl_dense"] < card["test_ppl_untrained"] / 5
+
+
+def test_gpt2_conv1d_projections_become_linears_computing_the_same_function():
+    """GPT-2's Conv1D ([in, out] weights) become nn.Linear ([out, in]) when the adapter meets the model: same
+    logits, every projection a linear of its group; native_layout gives back Conv1D weights bit for bit."""
+    from transformers.pytorch_utils import Conv1D
+
+    from .test_seam import random_ids, random_model
+
+    model = random_model("gpt2")
+    native = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = random_ids(n=2, seqlen=10)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        adapter = models.adapter_for(model)
+        assert not any(isinstance(m, Conv1D) for m in model.modules())
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+    block = adapter.blocks()[0]
+    assert block.attn.c_attn.weight.shape == (3 * 32, 32) and block.mlp.c_proj.weight.shape == (32, 64)
+    models.adapter_for(model)  # a second adapter over the same model changes nothing
+    with adapter.native_layout():
+        assert isinstance(block.attn.c_attn, Conv1D)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in native.items())
+    assert isinstance(block.attn.c_attn, nn.Linear)
+
+
+def test_gpt2_head_owns_its_query_key_and_value_rows_of_the_fused_projection():
+    """Zeroing head 1's slices of c_attn zeroes exactly its columns of c_proj's input (the heads' outputs)."""
+    from .test_seam import random_ids, random_model
+
+    model = random_model("gpt2")
+    adapter = models.adapter_for(model)
+    block = adapter.blocks()[0]
+    heads = adapter.unit_group(block, "attention_head")
+    rows = heads.owned["attn.c_attn.weight"][1][1]
+    assert rows.tolist() == [*range(8, 16), *range(40, 48), *range(72, 80)]  # q, k and v thirds, head_dim 8
+    seen = []
+    block.attn.c_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        block.attn.c_attn.weight[rows[16:]] = 0  # its value rows and biases: a silent head
+        block.attn.c_attn.bias[rows[16:]] = 0
+        model(input_ids=random_ids(n=1, seqlen=10))
+    assert seen[-1][..., 8:16].abs().max() == 0 and seen[-1][..., :8].abs().max() > 0
+    assert adapter.zero_output_units(block, heads).tolist() == [False, True, False, False]
+
+
+def test_gpt2_pruned_checkpoint_is_an_ordinary_gpt2_checkpoint(tmp_path):
+    """Units removed, saved, reloaded: identical logits; the file holds Conv1D-layout weights; without a head
+    removed, plain from_pretrained reads it back (n_inner in config.json)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from .test_seam import random_ids, random_model
+
+    ids = random_ids(n=2, seqlen=10)
+    for heads_kept, plain in ((torch.tensor([0, 2, 3]), False), (torch.arange(4), True)):
+        model = random_model("gpt2")
+        adapter = models.adapter_for(model)
+        for block in adapter.blocks():
+            adapter.remove_units(block, "attention_head", heads_kept)
+            adapter.remove_units(block, "mlp_neuron", torch.arange(0, 64, 2))
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+        folder = tmp_path / f"heads{len(heads_kept)}"
+        structure = models.save_pruned(model, None, folder, adapter)
+        assert structure["plain_from_pretrained"] is plain
+        weights = load_file(str(folder / "model.safetensors"))
+        assert weights["transformer.h.0.attn.c_attn.weight"].shape == (32, 3 * 8 * len(heads_kept))  # [in, out]
+        assert weights["transformer.h.0.mlp.c_fc.weight"].shape == (32, 32)
+        again = models.load(compose("model=local", f"model.path={folder}", "model.tokenizer=bundled:tiny-opt").model)
+        with torch.no_grad():
+            torch.testing.assert_close(again.model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        if plain:
+            hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(hf(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

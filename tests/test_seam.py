@@ -41,6 +41,12 @@ def random_model(family: str):
         config = MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
                              time_step_rank=4)
         model = MambaForCausalLM(config)
+    elif family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=64, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+        model = GPT2LMHeadModel(config)
     else:
         config = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=64, word_embed_proj_dim=32)
@@ -83,7 +89,7 @@ class GradientProbe(Pruner):
         return results
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "mamba"])
+@pytest.mark.parametrize("family", ["llama", "opt", "mamba", "gpt2"])
 def test_gradient_taps_equal_explicit_autograd(family):
     model = random_model(family)
     reference = copy.deepcopy(model)
@@ -92,11 +98,13 @@ def test_gradient_taps_equal_explicit_autograd(family):
     with torch.no_grad():  # the drivers run under no_grad: the taps must enable gradients themselves
         results = probe.prune(model, models.adapter_for(model), Pattern("unstructured", 0.5), ids,
                               EngineSettings(batch_size=2, stats_dtype=torch.float64, progress=False))
-    # explicit: the mean next-token loss over all windows, one batch, autograd w.r.t. the weights
+    # explicit: the mean next-token loss over all windows, one batch, autograd w.r.t. the weights (of the
+    # modules the adapter prunes: GPT-2's Conv1D become linears when the adapter meets the model)
+    linears = prunable_modules(models.adapter_for(reference))
     logits = reference(input_ids=ids, use_cache=False).logits[:, :-1].float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     loss.backward()
-    expected = {name: linear.weight.grad for name, linear in prunable_modules(models.adapter_for(reference)).items()}
+    expected = {name: linear.weight.grad for name, linear in linears.items()}
     assert set(probe.grads) == set(expected) == set(results)
     for name, grad in expected.items():
         torch.testing.assert_close(probe.grads[name].float(), grad, rtol=1e-4, atol=1e-7, msg=name)
@@ -131,14 +139,15 @@ def test_a_linear_declared_applied_by_weight_is_tapped_when_called_as_a_module_t
 def test_declared_needs_keep_every_existing_pruner_as_it_was():
     needs = {name: cls.needs_calibration for name, cls in PRUNERS.items()}
     assert needs == {"dense": False, "magnitude": False, "wanda": True, "sparsegpt": True, "apt": True,
-                     "numerical": True, "flap": True, "goa": True, "unit_baseline": False, "surgeon": True, "kobd": True, "lobd": True,
+                     "numerical": True, "flap": True, "goa": True, "unit_baseline": False, "wanda_sp": True, "llm_pruner": True, "surgeon": True, "kobd": True, "lobd": True,
                      "surgeon_reference": True}
-    whole_model = {"surgeon", "kobd", "lobd", "surgeon_reference"}  # the Kronecker-factored methods: gradients through the whole model
+    # gradients through the whole model: the Kronecker-factored methods and LLM-Pruner's Taylor importance
+    whole_model = {"surgeon", "kobd", "lobd", "surgeon_reference", "llm_pruner"}
     assert all(cls.scope == "block" and not cls.needs_gradients for n, cls in PRUNERS.items() if n not in whole_model)
     assert all(PRUNERS[n].scope == "model" and PRUNERS[n].needs_gradients for n in whole_model)
     assert {name: cls.propagate for name, cls in PRUNERS.items() if name not in whole_model} == {
         "dense": "pruned", "magnitude": "pruned", "wanda": "pruned", "sparsegpt": "pruned", "apt": "pruned",
-        "numerical": "dense", "flap": "dense", "goa": "pruned", "unit_baseline": "dense"}
+        "numerical": "dense", "flap": "dense", "goa": "pruned", "unit_baseline": "dense", "wanda_sp": "pruned"}
 
 
 def test_scope_model_without_driver_and_block_gradients_are_refused():

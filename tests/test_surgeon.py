@@ -44,7 +44,7 @@ def spd(n: int, seed: int) -> torch.Tensor:
     return X @ X.T / (3 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("family", ["opt", "llama", "mamba"])
+@pytest.mark.parametrize("family", ["opt", "llama", "mamba", "gpt2"])
 @pytest.mark.parametrize("grad_windows", [0, 3])
 def test_kfac_factors_equal_an_explicit_per_sequence_computation(family, grad_windows, tmp_path):
     """A = Σ a a^T / T (a ones entry for a bias), G = Σ g g^T / T with g the gradient of each sequence's own mean
@@ -444,7 +444,7 @@ def _zero(linear, rows=None, cols=None):
             linear.weight[:, cols] = 0
 
 
-@pytest.mark.parametrize("family", ["opt", "llama", "mamba"])
+@pytest.mark.parametrize("family", ["opt", "llama", "mamba", "gpt2"])
 def test_zeroed_rows_and_columns_that_line_up_with_units_shrink_with_identical_logits(family):
     """Silent units (nothing reads them, or they put out zero) are removed through the adapter: the logits do
     not move, and exactly those units go (models/shrink.py)."""
@@ -478,6 +478,12 @@ def test_zeroed_rows_and_columns_that_line_up_with_units_shrink_with_identical_l
         _zero(block.mlp.up_proj, rows=[4])
         _zero(block.mlp.gate_proj, rows=[6])  # silu(0) = 0
         expected = {"kv_group": 1, "query_head": 2, "mlp_neuron": 61}
+    elif family == "gpt2":  # fused c_attn [q | k | v], head_dim 8, 4 heads, 64 neurons
+        _zero(block.attn.c_attn, rows=slice(64 + 8, 64 + 16))  # head 1's value rows: it puts out zero
+        _zero(block.attn.c_proj, cols=slice(16, 24))  # nobody reads head 2
+        _zero(block.mlp.c_proj, cols=[3])
+        _zero(block.mlp.c_fc, rows=[5])  # gelu(0) = 0
+        expected = {"attention_head": 2, "mlp_neuron": 62}
     else:
         mixer = block.mixer
         _zero(mixer.x_proj, cols=[2])
