@@ -411,8 +411,10 @@ def ppl_by_sparsity(frame: pd.DataFrame, spreads: dict | None = None) -> dict[tu
     return out
 
 
-def zeroshot_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy (acc, %) per task and the average; rows (model, method, pattern), dense first per model."""
+def zeroshot_table(frame: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Accuracy (acc, %) per task and the average; rows (model, method, pattern), dense first per model. Where
+    ``published`` has ``acc`` cells (in % as printed) for a row's model, method and pattern, a ``<method> [paper]``
+    row follows it with those cells (tasks the records do not have are left out)."""
     acc = frame[frame.metric == "acc"]
     if acc.empty:
         return pd.DataFrame()
@@ -429,7 +431,18 @@ def zeroshot_table(frame: pd.DataFrame) -> pd.DataFrame:
         if base is not None and (model, base, DENSE) in pivot.index:
             dense_avg[(model, method, pattern)] = pivot.loc[(model, base, DENSE), "average"]
     pivot["delta avg"] = [pivot.loc[i, "average"] - dense_avg[i] if i in dense_avg else None for i in pivot.index]
-    return pivot.reset_index()
+    paper = published[published.metric == "acc"] if published is not None and not published.empty else None
+    if paper is None or paper.empty:
+        return pivot.reset_index()
+    rows = []
+    for (model, method, pattern), row in pivot.iterrows():
+        rows.append({"model": model, "method": method, "pattern": pattern, **row.to_dict()})
+        cells = paper[(paper.model == model) & (paper.method == method) & (paper.pattern == pattern)]
+        if not cells.empty:
+            values = dict(zip(cells.dataset, cells.value.astype(float), strict=True))
+            rows.append({"model": model, "method": f"{method} [paper]", "pattern": pattern,
+                         **{task: values.get(task) for task in tasks}, "delta avg": None})
+    return pd.DataFrame(rows, columns=["model", "method", "pattern", *tasks, "delta avg"])
 
 
 def allocation_table(records: list[dict]) -> pd.DataFrame:
@@ -932,7 +945,7 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
         if plot_vs_sparsity(frame, "ppl", None, "perplexity", out / "ppl_vs_sparsity.png"):
             written["plots"].append(out / "ppl_vs_sparsity.png")
 
-    zs = zeroshot_table(frame)
+    zs = zeroshot_table(frame, paper)
     if not zs.empty:
         caption = _captions(frame, lambda f: f.metric == "acc") + "; average over the tasks shown." + note
         (out / "zeroshot.md").write_text(markdown_zeroshot(zs, caption))

@@ -203,9 +203,12 @@ def test_published_numbers_are_well_formed_and_belong_to_a_preset(name):
     # a method label is the pruner, with its allocation in brackets where it is not uniform (runners.report.method_label)
     assert {m.split(" (")[0] for m in table.method} <= set(PRUNERS) | EXTERNAL_METHODS
     assert table.duplicated(["model", "method", "pattern", "dataset", "metric"]).sum() == 0
-    for cfg in preset_jobs(name):  # the paper's protocol keys are the ones our runs produce
+    assert set(table.metric) <= {"ppl", "acc"}
+    for cfg in preset_jobs(name):  # the paper's protocol keys and zero-shot tasks are the ones our runs produce
         keys = {f"{p}@{cfg.eval.ppl.seqlen or cfg.model.seqlen}" for p in cfg.eval.ppl.datasets}
-        assert set(table[table.model == cfg.model.name].dataset) <= keys
+        rows = table[table.model == cfg.model.name]
+        assert set(rows[rows.metric == "ppl"].dataset) <= keys
+        assert set(rows[rows.metric == "acc"].dataset) <= set(cfg.eval.zeroshot.tasks) | {"average"}
 
 
 def test_prevalidate_checks_every_job_of_a_preset():

@@ -202,3 +202,39 @@ def test_gpt2_pruned_checkpoint_is_an_ordinary_gpt2_checkpoint(tmp_path):
             hf = AutoModelForCausalLM.from_pretrained(folder).eval()
             with torch.no_grad():
                 torch.testing.assert_close(hf(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_3_1_rope_scaling_from_a_hub_style_config_loads(tmp_path):
+    """Llama-3.1's config.json (``rope_scaling`` of type llama3, ``rope_theta`` 500000) loads with the scaled
+    rotary frequencies of Meta's formula, not the plain ones (the llama-3.1-8b model config)."""
+    import math
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+               "rope_type": "llama3"}
+    LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+                     ).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update(rope_scaling=scaling, rope_theta=500000.0)  # as meta-llama/Llama-3.1-8B writes it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = models.load(compose("model=local", f"model.path={tmp_path}", "model.tokenizer=bundled:tiny-llama",
+                                 "model.seqlen=256").model)
+    rotary = loaded.model.model.rotary_emb
+    assert rotary.rope_type == "llama3"
+    base = 1.0 / 500000.0 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    low, high = 64 / scaling["low_freq_factor"], 64 / scaling["high_freq_factor"]  # wavelength bounds
+    expected = []
+    for f in base.tolist():
+        wavelength = 2 * math.pi / f
+        if wavelength < high:
+            expected.append(f)
+        elif wavelength > low:
+            expected.append(f / 8.0)
+        else:
+            smooth = (64 / wavelength - 1.0) / (4.0 - 1.0)
+            expected.append((1 - smooth) * f / 8.0 + smooth * f)
+    torch.testing.assert_close(rotary.inv_freq.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert not torch.allclose(rotary.inv_freq.double(), base)

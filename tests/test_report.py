@@ -304,3 +304,25 @@ def test_a_method_baseline_with_several_settings_is_matched_on_the_keys_both_hav
     ratio = [c for c in table.columns if c.endswith("/ surgeon_reference")][0]
     by_method = {(m, s): r for m, s, r in zip(table.method, table["pruner.shots"], table[ratio], strict=True)}
     assert by_method[("surgeon", "5")] == pytest.approx(100 / 110) and by_method[("kobd", "1")] == pytest.approx(120 / 130)
+
+
+def test_zeroshot_table_puts_the_paper_s_accuracies_under_the_matching_row(report):
+    """Published acc cells (in % as printed) for a row's model, method and pattern follow it as a '[paper]' row;
+    rows without published cells get none."""
+    from runners.report import tidy, zeroshot_table
+
+    folder, _, _ = report
+    frame = tidy(load(folder))
+    published = pd.DataFrame([
+        {"model": "tiny-opt", "method": "magnitude", "pattern": "2:4", "dataset": "austen_next", "metric": "acc",
+         "value": 41.5, "tag": "PAPER", "source": "test"},
+        {"model": "tiny-opt", "method": "magnitude", "pattern": "2:4", "dataset": "average", "metric": "acc",
+         "value": 40.0, "tag": "PAPER", "source": "test"},
+        {"model": "tiny-opt", "method": "magnitude", "pattern": "2:4", "dataset": "bundled@256", "metric": "ppl",
+         "value": 150.0, "tag": "PAPER", "source": "test"}])
+    table = zeroshot_table(frame, published)
+    assert len(table) == len(zeroshot_table(frame)) + 1
+    ours = table.index[(table.model == "tiny-opt") & (table.method == "magnitude") & (table.pattern == "2:4")][0]
+    paper = table.loc[ours + 1]
+    assert paper.method == "magnitude [paper]" and paper.pattern == "2:4"
+    assert paper.austen_next == 41.5 and paper.average == 40.0 and pd.isna(paper.austen_cloze)
