@@ -64,6 +64,8 @@ def method_label(rec: dict, variant: bool = True) -> str:
     ``dense (eval.ppl.max_windows=16)``)."""
     allocation = rec["pattern"].get("allocation")
     label = f"{rec['pruner']} ({allocation})" if allocation else rec["pruner"]
+    if rec.get("shown"):  # report.label_keys that differ from the pruner's default (label_variants)
+        label += f" ({rec['shown']})"
     return f"{label} ({rec['variant']})" if variant and rec.get("variant") else label
 
 
@@ -90,12 +92,38 @@ def _differing(contents: list[dict]) -> list[str]:
     return [k for k in keys if len({columns.text(c.get(k, "\0absent")) for c in contents}) > 1]
 
 
-def label_variants(records: list[dict]) -> None:
+def shown_keys(rec: dict, label_keys) -> str:
+    """``pruner.<key>=<value>`` for each of ``label_keys`` the record's pruner has and sets to something other than
+    its default (``report.label_keys``: the variants a paper's table names, e.g. ``pruner.remedy=true``)."""
+    import dataclasses
+
+    from pruners import PRUNERS
+
+    cls = PRUNERS.get(rec["pruner"])
+    if cls is None or not label_keys:
+        return ""
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    values = (rec.get("config") or {}).get("pruner") or {}
+    shown = []
+    for key in label_keys:
+        name = str(key).removeprefix("pruner.")
+        if name in defaults and name in values and columns.text(values[name]) != columns.text(defaults[name]):
+            shown.append(f"pruner.{name}={_value_text(values[name])}")
+    return ", ".join(shown)
+
+
+def label_variants(records: list[dict], label_keys=()) -> None:
     """Records of different cells that would share a table position (model, method, pattern) get ``variant``: the
     keys whose values tell the cells apart (``eval.ppl.max_windows=16``), so that no table ever averages two
-    configurations; records that are alone at their position get none. Each record also gets ``baseline``: the
-    method label of the dense record with the same model, evaluation and identity (None: no such record)."""
+    configurations; records that are alone at their position get none. ``label_keys`` (``report.label_keys``) are
+    named in the method label itself wherever a record's value is not its pruner's default (``shown``), so that the
+    label does not depend on which other runs share the folder. Each record also gets ``baseline``: the method
+    label of the dense record with the same model, evaluation and identity (None: no such record)."""
     groups: dict = {}
+    for rec in records:
+        rec["shown"] = shown_keys(rec, label_keys)
     for rec in records:
         rec.pop("variant", None)
         rec["cell"] = rec.get("cell") or record_cell(rec)
@@ -894,7 +922,8 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
     out = Path(out) if out else folder / "report"
     out.mkdir(parents=True, exist_ok=True)
     records, stale, duplicates = select_records(records, include_stale)
-    label_variants(records)  # cells that share a table position are told apart, never averaged
+    report_cfg = records[0]["config"].get("report") or {}
+    label_variants(records, report_cfg.get("label_keys") or ())  # cells sharing a position told apart, never averaged
     note = ""
     if stale:
         note += (f" {len(stale)} stale record(s) (older code fingerprint than the newest of their cell) "
@@ -908,7 +937,6 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
     seeds = frame.groupby(["cell", "dataset", "metric"])["seed"].nunique() if not frame.empty else pd.Series(dtype=int)
     if len(seeds) and seeds.max() > 1:
         note += " Several seeds: mean ± sd (n = seeds)."
-    report_cfg = records[0]["config"].get("report") or {}
     published = published or report_cfg.get("published")
     paper = load_published(published, report_cfg.get("model_map"), report_cfg.get("dataset_map"))
     written: dict = {"tables": {}, "plots": [], "records": len(records), "published": published,

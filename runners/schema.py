@@ -140,6 +140,7 @@ class ReportConfig:
     dataset_map: dict[str, str] = req()  # open: {our protocol key: paper protocol key}
     columns: list[str] = req()  # the runs table: runners/columns.py aliases or dotted record paths (checked in validate)
     baseline: str | None = req()  # the runs table's ratios: a pruner name or <config key>=<value> (checked in validate)
+    label_keys: list[str] = req()  # pruner.<key>s named in every method label where a run differs from the default
 
 
 @dataclass

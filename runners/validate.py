@@ -223,6 +223,12 @@ def _check_report(section) -> None:
             columns.check_column(str(spec))
         except ValueError as err:
             raise ConfigError(f"report.columns: {err}") from None
+    from pruners import PRUNERS
+
+    known = {f"pruner.{k}" for cls in PRUNERS.values() for k in cls.config_keys()}
+    for key in section.get("label_keys") or []:
+        if str(key) not in known:
+            raise ConfigError(f"report.label_keys: {key} is not a key of any pruner (pruner.<key>, e.g. pruner.remedy)")
     baseline = section.get("baseline")
     if baseline is None:
         return
@@ -230,8 +236,6 @@ def _check_report(section) -> None:
         key, value = columns.parse_baseline(str(baseline))
     except ValueError as err:
         raise ConfigError(f"report.baseline={baseline}: {err}") from None
-    from pruners import PRUNERS
-
     if key == "method" and value not in PRUNERS:
         raise ConfigError(f"report.baseline={baseline} is not a pruner (choose from: {', '.join(sorted(PRUNERS))}) "
                           f"nor <config key>=<value>")

@@ -106,6 +106,7 @@ def test_paper_defaults():
     (["speed.batch_size=1.5"], "speed.batch_size=1.5 must be an integer or a list"),
     (["report.columns=[prune_s,prune_time]"], "report.columns: prune_time: not a column"),
     (["report.baseline=magnitud"], "report.baseline=magnitud is not a pruner"),
+    (["report.label_keys=[pruner.remedyy]"], "report.label_keys: pruner.remedyy is not a key of any pruner"),
     (["report.baseline='nosuch.key=1'"], "report.baseline=nosuch.key=1: nosuch.key is not a config key"),
     (["sparsity.allocation=list"], "sparsity.allocation=list needs sparsity.block_ratios"),
     (["model=tiny-llama", "sparsity.allocation=list", "sparsity.block_ratios=[0.5,0.5]"],

@@ -326,3 +326,24 @@ def test_zeroshot_table_puts_the_paper_s_accuracies_under_the_matching_row(repor
     paper = table.loc[ours + 1]
     assert paper.method == "magnitude [paper]" and paper.pattern == "2:4"
     assert paper.austen_next == 41.5 and paper.average == 40.0 and pd.isna(paper.austen_cloze)
+
+
+def test_label_keys_name_a_variant_in_the_label_whatever_else_shares_the_folder():
+    """report.label_keys: a run's value of a listed pruner key enters its method label when it is not the pruner's
+    default (so 'goa (pruner.remedy=true)' matches the published row), and never when it is."""
+    from runners.report import method_label, shown_keys
+
+    keys = ["pruner.calibration", "pruner.remedy", "pruner.allocation", "pruner.bias_compensation"]
+
+    def rec(pruner, **values):
+        return {"pruner": pruner, "pattern": {"kind": "structured"}, "config": {"pruner": {"name": pruner, **values}}}
+
+    default = rec("goa", calibration="data", remedy=False)
+    remedy = rec("goa", calibration="data", remedy=True)
+    flap = rec("flap", allocation="uniform", bias_compensation=False)
+    for r in (default, remedy, flap):
+        r["shown"] = shown_keys(r, keys)
+    assert method_label(default) == "goa"
+    assert method_label(remedy) == "goa (pruner.remedy=true)"
+    assert method_label(flap) == "flap (pruner.allocation=uniform, pruner.bias_compensation=false)"
+    assert shown_keys(remedy, []) == "" and shown_keys(rec("wanda_sp", allocation="uniform"), keys) == ""
