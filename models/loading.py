@@ -36,10 +36,11 @@ class LoadedModel:
     source: dict  # what was loaded: resolved path, revision, gguf file, dtype, model_type
 
 
-def resolve_path(path: str) -> str:
-    """Turn a config ``path`` into something ``from_pretrained`` accepts; raise if a local one is missing."""
+def resolve_path(path: str, key: str = "model.path") -> str:
+    """Turn a config ``path`` into something ``from_pretrained`` accepts; raise if a local one is missing (the
+    message names ``key``: ``model.path`` or ``model.tokenizer``)."""
     if not path:
-        raise FileNotFoundError("model.path is empty: set model.path=<hub id or local directory>")
+        raise FileNotFoundError(f"{key} is empty: set {key}=<hub id or local directory>")
     if path.startswith("bundled:"):
         local = TINY_DIR / path.split(":", 1)[1]
         if not (local / "config.json").exists():
@@ -49,14 +50,14 @@ def resolve_path(path: str) -> str:
         package = path.split(":", 1)[1]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model.path={path}: PyPI package '{package}' is not installed")
+            raise FileNotFoundError(f"{key}={path}: PyPI package '{package}' is not installed")
         return list(spec.submodule_search_locations)[0]
     if path.startswith(("/", "./", "../", "~")) or Path(path).exists():
         local = Path(path).expanduser()
         if not local.is_dir():
-            raise FileNotFoundError(f"model.path={path}: no such directory")
-        if not any(local.glob("config.json")) and not any(local.glob("*.gguf")):
-            raise FileNotFoundError(f"model.path={path}: no config.json (or .gguf) in that directory")
+            raise FileNotFoundError(f"{key}={path}: no such directory")
+        if key == "model.path" and not any(local.glob("config.json")) and not any(local.glob("*.gguf")):
+            raise FileNotFoundError(f"{key}={path}: no config.json (or .gguf) in that directory")
         return str(local)
     return path  # hub id
 
@@ -113,9 +114,21 @@ def check_loading_info(info: dict, path: str) -> None:
         raise ValueError(f"model.path={path}: the weights do not fit the architecture of its config.json: {summary}")
 
 
+def load_tokenizer(cfg, path: str | None = None):
+    """The tokenizer of the ``model`` config: ``model.tokenizer`` where set, else the model's own (``path``: the
+    resolved model path, when known)."""
+    from transformers import AutoTokenizer
+
+    if cfg.get("tokenizer"):
+        tok_path = resolve_path(cfg.tokenizer, "model.tokenizer")
+    else:
+        tok_path = path or resolve_path(cfg.path)
+    return AutoTokenizer.from_pretrained(tok_path, **_hf_kwargs(cfg))
+
+
 def load(cfg, device: str = "cpu") -> LoadedModel:
     """Load model (on CPU; the engine moves blocks to ``device``), tokenizer and adapter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path, hf_config, adapter_cls = inspect_model(cfg)
     dtype = torch_dtype(cfg.get("dtype", "auto"), device)
@@ -139,8 +152,7 @@ def load(cfg, device: str = "cpu") -> LoadedModel:
         check_loading_info(info, cfg.path)
     model.eval()
     model.config.use_cache = False
-    tok_path = resolve_path(cfg.tokenizer) if cfg.get("tokenizer") else path
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, **kwargs)
+    tokenizer = load_tokenizer(cfg, path)
     source = {
         "path": cfg.path,
         "resolved_path": path,

@@ -150,7 +150,7 @@ def checkpoint_identity(model_cfg) -> dict:
         out["hub"] = path
         out["revision"] = getattr(hf_config, "_commit_hash", None) or model_cfg.get("revision") or "unresolved"
     if model_cfg.get("tokenizer"):
-        tok = resolve_path(model_cfg.tokenizer)
+        tok = resolve_path(model_cfg.tokenizer, "model.tokenizer")
         out["tokenizer"] = tree_sha256(tok) if Path(tok).is_dir() else tok
     return out
 

@@ -43,7 +43,7 @@ from .record import (
     run_id,
     write_atomic,
 )
-from .validate import CONF_DIR, ConfigError, Plan, validate
+from .validate import CONF_DIR, ConfigError, Plan, check_local_data, validate
 
 log = logging.getLogger("prunelab")
 
@@ -290,6 +290,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     rid = run_id(config, prunes=prunes, calibrates=plan.calibrates, identity=ident)
+    check_local_data(cfg, plan)  # texts that cannot serve: one line, before any record or model
     pid = prune_id(config, calibrates=plan.calibrates, identity=ident) if prunes else None
     root, sweep = Path(cfg.output_root), str(cfg.sweep)
     out_path = root / sweep / rid / "result.json"

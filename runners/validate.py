@@ -243,6 +243,58 @@ def _check_report(section) -> None:
         raise ConfigError(f"report.baseline={baseline}: {key} is not a config key")
 
 
+def _local_tokens(tokenizer, source: str, split: str, path: str | None, where: str) -> int:
+    """Token count of a local text (bundled split or file), or a ConfigError starting with ``where`` (the key and
+    its value) when it cannot be read as UTF-8 text."""
+    import corpora
+
+    try:
+        text, _ = corpora.read_text(source, split, path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at position {err.start})"
+                          ) from None
+    return int(corpora.tokenize_text(tokenizer, text).numel())
+
+
+def check_local_data(cfg, plan: Plan, tokenizer=None) -> None:
+    """Local calibration and evaluation texts (the bundled corpus, ``calib=text``, file entries of
+    ``eval.ppl.datasets``) read and tokenized before any model is loaded or evaluated: a text that is not UTF-8,
+    shorter than one window, or too short for ``calib.nsamples`` windows (at most one token in ``seqlen`` windows'
+    worth: ``nsamples · seqlen`` may not exceed the text's tokens) is a ConfigError naming the key. Hub datasets
+    are checked where they load. ``tokenizer``: the model's, loaded here when None and needed."""
+    calib = plan.calibrates and cfg.calib.source in ("bundled", "text")
+    local_eval = [p for p in plan.protocols if p.source in ("bundled", "text")]
+    if not calib and not local_eval:
+        return
+    if tokenizer is None:
+        from models.loading import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(cfg.model)
+        except (OSError, ValueError) as err:
+            raise ConfigError(str(err).splitlines()[0]) from None
+    if calib:
+        where = (f"calib.path={cfg.calib.get('path')}" if cfg.calib.source == "text"
+                 else "calib=tiny (the bundled train split)")
+        tokens = _local_tokens(tokenizer, cfg.calib.source, "train", cfg.calib.get("path"), where)
+        seqlen, windows = plan.calib_seqlen, int(cfg.calib.nsamples) + plan.pruner.extra_windows()
+        if tokens <= seqlen + 1:
+            raise ConfigError(f"{where}: {tokens} tokens, fewer than one calibration window of {seqlen} (calib.seqlen)")
+        if windows * seqlen > tokens:
+            extra = f" (+{plan.pruner.extra_windows()} of pruner.remedy_samples)" if plan.pruner.extra_windows() else ""
+            raise ConfigError(f"calib.nsamples={cfg.calib.nsamples}{extra}: {windows} windows of {seqlen} tokens need "
+                              f"{windows * seqlen} tokens, the calibration text ({where}) has {tokens}: at most "
+                              f"{tokens // seqlen} windows")
+    for protocol in local_eval:
+        name = protocol.path if protocol.source == "text" else protocol.name
+        tokens = _local_tokens(tokenizer, protocol.source, protocol.split, protocol.path, f"eval.ppl.datasets: {name}")
+        if tokens < plan.eval_seqlen:
+            raise ConfigError(f"eval.ppl.datasets: {name}: {tokens} tokens, fewer than one window of "
+                              f"{plan.eval_seqlen} (eval.ppl.seqlen)")
+
+
 def published_path(name: str) -> Path:
     """The published numbers a preset is reported against: ``conf/experiment/<name>.published.csv``."""
     return CONF_DIR / "experiment" / f"{name}.published.csv"

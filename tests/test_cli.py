@@ -97,6 +97,33 @@ def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args,
     assert sorted(p.read_bytes() for p in (out / "cli").glob("*/result.json")) == before
 
 
+@pytest.mark.parametrize("args,message", [
+    (["calib=text", "calib.path={empty}"], "calib.path={empty}: 0 tokens, fewer than one calibration window of 256"),
+    (["calib=text", "calib.path={short}"], "calib.path={short}: 2 tokens, fewer than one calibration window"),
+    (["calib=text", "calib.path={binary}"], "calib.path={binary}: not UTF-8 text (byte 0xff at position 3)"),
+    (["calib.nsamples=1000000"], "calib.nsamples=1000000: 1000000 windows of 256 tokens need 256000000 tokens"),
+    (["eval.ppl.datasets=[{empty}]"], "eval.ppl.datasets: {empty}: 0 tokens, fewer than one window of 256"),
+    (["pruner=magnitude", "eval.ppl.datasets=[{binary}]"], "eval.ppl.datasets: {binary}: not UTF-8 text"),
+    (["model.tokenizer=/no/such/tokenizer"], "model.tokenizer=/no/such/tokenizer: no such directory"),
+])
+def test_unusable_data_exits_2_before_any_record_or_model(tmp_path, args, message):
+    """Calibration and evaluation texts are read and tokenized before the dense baseline or the model: an empty,
+    too short or binary text, or more windows than the text holds, is one line naming the key, and nothing is
+    written under output_root."""
+    files = {"empty": tmp_path / "empty.txt", "short": tmp_path / "short.txt", "binary": tmp_path / "binary.txt"}
+    files["empty"].write_text("")
+    files["short"].write_text("Emma Woodhouse")
+    files["binary"].write_bytes(b"abc\xff\xfe\x00\x01" * 50)
+    names = {k: str(v) for k, v in files.items()}
+    out = tmp_path / "outputs"
+    proc = run_cli(*[a.format(**names) for a in args], f"output_root={out}", "sweep=data", "dense_baseline=true")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("prunelab: error:") and message.format(**names) in lines[0], \
+        proc.stderr
+    assert not list(out.rglob("result.json")) and not list(out.rglob("*.safetensors"))
+
+
 def test_unsupported_architecture_exits_2(tmp_path):
     ckpt = tmp_path / "bertish"
     ckpt.mkdir()
