@@ -91,7 +91,7 @@ class LLMPruner(StructuredPruner):
     def prune(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
               ratios=None) -> dict[str, ModuleResult]:
         settings = self.start(pattern, calib_ids, settings, ratios)
-        n = calib_ids.shape[0]
+        n, seqlen = calib_ids.shape
         second = self.taylor in ("param_second", "param_mix")
         prefix, blocks = adapter.blocks_prefix(), adapter.blocks()
         grads: dict = {}
@@ -101,9 +101,10 @@ class LLMPruner(StructuredPruner):
         def on_batch(index, names, activation, out_grads):
             if not self.prunes_block(index):
                 return
-            a = activation.to(settings.stats_dtype)
+            # [windows, seqlen, features]: some families flatten the tokens before a linear (OPT's fc1 / fc2)
+            a = activation.to(settings.stats_dtype).reshape(-1, seqlen, activation.shape[-1])
             for name, g in zip(names, out_grads, strict=True):
-                g = g.to(settings.stats_dtype)
+                g = g.to(settings.stats_dtype).reshape(-1, seqlen, g.shape[-1])
                 key = name[len(f"{prefix}.{index}.") :]
                 # the taps' gradients are those of the windows' summed mean losses: dL/dW of the mean loss over the n
                 # windows is Σ_t g_t a_t^T / n; a window's own gradient is its share (for the squared terms)

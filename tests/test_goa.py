@@ -278,14 +278,23 @@ def test_wanda_sp_removes_the_units_with_the_lowest_weight_times_activation_scor
         assert result.pruned == len(removed)
 
 
-@pytest.mark.parametrize("taylor", ["param_first", "param_second", "param_mix", "vectorize"])
-def test_llm_pruner_removes_the_units_of_lowest_taylor_importance_from_explicit_gradients(taylor):
+LAYOUT = {  # family: attention rows, attention reader, heads x rows per head, MLP rows, MLP reader
+    "llama": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.o_proj", "mlp.down_proj",
+              ("mlp.gate_proj", "mlp.up_proj")),
+    "opt": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.out_proj", "fc2", ("fc1",)),
+}
+
+
+@pytest.mark.parametrize("family,taylor", [("llama", "param_first"), ("llama", "param_second"), ("llama", "param_mix"),
+                                           ("llama", "vectorize"), ("opt", "param_mix"), ("opt", "vectorize")])
+def test_llm_pruner_removes_the_units_of_lowest_taylor_importance_from_explicit_gradients(family, taylor):
     """LLM-Pruner (block-wise, no recovery): W·g, W·F·W, W·g - ½W·F·W per weight (g: gradient of the mean loss
     over the windows, F: mean of each window's squared gradient), Σ|s| (vectorize: |Σ s|) per channel, summed over
     a unit's q / k / v rows and o_proj columns (a KV group), gate / up rows and down column (a neuron)."""
     ids = random_ids(n=4, seqlen=10)
-    model = random_model("llama")  # 4 query heads in 2 KV groups, head_dim 8, 64 neurons
+    model = random_model(family)  # llama: 4 query heads in 2 KV groups; opt: 4 heads; head_dim 8, 64 neurons
     reference = copy.deepcopy(model)
+    prefix = models.adapter_for(reference).blocks_prefix()
     results = build_pruner({"name": "llm_pruner", "taylor": taylor}).prune(
         model, models.adapter_for(model), Pattern("structured", 0.5), ids, QUIET)
 
@@ -301,16 +310,18 @@ def test_llm_pruner_removes_the_units_of_lowest_taylor_importance_from_explicit_
         fisher = {k: fisher[k] + (0 if g is None else g.double() ** 2 / ids.shape[0]) for k, g in zip(params, per, strict=True)}
     for index in range(2):
         def channels(linear, axis, index=index):
-            key = f"model.layers.{index}.{linear}.weight"
+            key = f"{prefix}.{index}.{linear}.weight"
             W, g, F = params[key].detach().double(), grad[key].double(), fisher[key]
             s = {"param_first": W * g, "vectorize": W * g, "param_second": W * F * W, "param_mix": W * g - 0.5 * W * F * W}[taylor]
             return s.sum(1 - axis).abs() if taylor == "vectorize" else s.abs().sum(1 - axis)
 
-        q, k, v = (channels(f"self_attn.{p}", 0) for p in ("q_proj", "k_proj", "v_proj"))
-        o = channels("self_attn.o_proj", 1)
-        groups = (q + o).view(2, 16).sum(1) + k.view(2, 8).sum(1) + v.view(2, 8).sum(1)
-        neurons = channels("mlp.gate_proj", 0) + channels("mlp.up_proj", 0) + channels("mlp.down_proj", 1)
-        for reader, expected in (("self_attn.o_proj", groups), ("mlp.down_proj", neurons)):
-            result = results[f"model.layers.{index}.{reader}"]
+        qkv, attention_reader, mlp_reader, mlp_rows = LAYOUT[family]
+        q, k, v = (channels(name, 0) for name in qkv)
+        o = channels(attention_reader, 1)
+        units = 2 if family == "llama" else 4  # KV groups own their query heads' rows
+        groups = (q + o).view(units, -1).sum(1) + k.view(units, -1).sum(1) + v.view(units, -1).sum(1)
+        neurons = sum(channels(name, 0) for name in mlp_rows) + channels(mlp_reader, 1)
+        for reader, expected in ((attention_reader, groups), (mlp_reader, neurons)):
+            result = results[f"{prefix}.{index}.{reader}"]
             removed = set(range(expected.numel())) - set(result.kept_units)
             assert removed == set(torch.argsort(expected)[: expected.numel() // 2].tolist()), (index, reader)
