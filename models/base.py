@@ -8,7 +8,6 @@ they own.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -135,11 +134,15 @@ class Adapter:
         """Structural units of a block (heads / KV groups, MLP neurons, Mamba inner channels)."""
         raise NotImplementedError
 
-    def native_layout(self):
-        """A context in which the model's modules are as its family's checkpoints store them (entered while a
-        checkpoint is written or its weights are read back); default: they always are. GPT-2 works on ``nn.Linear``
-        copies of its ``Conv1D`` projections and turns them back here."""
-        return contextlib.nullcontext()
+    def native_state(self, state: dict) -> dict:
+        """``state`` (a model state dict) with every tensor as the family's checkpoints store it (written by
+        ``save_pruned`` and the lm-eval command-line path); default: as it is. GPT-2 transposes its projections, which
+        PruneLab holds as ``nn.Linear`` and its checkpoints as ``Conv1D``."""
+        return state
+
+    def from_native_state(self, state: dict) -> dict:
+        """The inverse of :meth:`native_state` (a checkpoint's tensors as this model's modules hold them)."""
+        return state
 
     # --- derived helpers (architecture-independent) ----------------------------------------------
     def prunable_linears(self, block: nn.Module) -> dict[str, nn.Linear]:

@@ -45,8 +45,8 @@ def save_pruned(model, tokenizer, directory: str | Path, adapter: Adapter | None
     directory = Path(directory)
     adapter = adapter or adapter_for(model)
     structure = structure_of(adapter)
-    with _dequantized(model), adapter.native_layout():
-        model.save_pretrained(directory)
+    with _dequantized(model):  # the tensors as the family's checkpoints store them (GPT-2: Conv1D layout)
+        model.save_pretrained(directory, state_dict=adapter.native_state(model.state_dict()))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if structure["config_update"]:
@@ -119,8 +119,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32, attn_
     for name in structure["added_biases"]:
         add_bias(model.get_submodule(name))
     state = _state_dict(directory)
-    with adapter.native_layout():  # the weights are stored as the family stores them
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(adapter.from_native_state(state), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())  # a list (v4) or {tied: source} (v5)
     still_missing = [k for k in missing if k not in tied]
     if still_missing or unexpected:

@@ -6,13 +6,12 @@ Its linears are transformers' ``Conv1D``: ``y = x W + b`` with ``W`` stored ``[i
 
 The adapter turns every block's ``Conv1D`` into the ``nn.Linear`` that computes the same function (weight
 transposed) as soon as it meets the model, so that every method, mask and statistic reads ``[out, in]`` weights
-as it does for the other families; :meth:`GPT2Adapter.native_layout` turns them back while a checkpoint is
-written or read, so a saved model is an ordinary GPT-2 checkpoint (docs/architecture.md §2.1).
+as it does for the other families; :meth:`GPT2Adapter.native_state` transposes them back in the state dict a
+checkpoint is written from (and :meth:`GPT2Adapter.from_native_state` when one is read), so a saved model is an
+ordinary GPT-2 checkpoint and no module is swapped after the first meeting (docs/architecture.md §2.1).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import nn
@@ -33,24 +32,13 @@ _PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 def conv1d_as_linear(conv: nn.Module) -> nn.Linear:
     """The ``nn.Linear`` computing what a transformers ``Conv1D`` computes: weight ``[in, out]`` -> ``[out, in]``
-    (same dtype and device; parameters are new tensors, the ``Conv1D`` is left as it was)."""
+    (same dtype and device; a new weight tensor, the bias's storage shared: the ``Conv1D`` is dropped after)."""
     in_features, out_features = conv.weight.shape
     linear = nn.Linear(in_features, out_features, bias=conv.bias is not None, device="meta")
     linear.weight = nn.Parameter(conv.weight.data.t().contiguous(), requires_grad=conv.weight.requires_grad)
     if conv.bias is not None:
         linear.bias = nn.Parameter(conv.bias.data, requires_grad=conv.bias.requires_grad)
     return linear
-
-
-def linear_as_conv1d(linear: nn.Linear) -> nn.Module:
-    """The inverse of :func:`conv1d_as_linear` (a ``Conv1D`` of the linear's current sizes)."""
-    from transformers.pytorch_utils import Conv1D
-
-    with torch.device("meta"):
-        conv = Conv1D(linear.out_features, linear.in_features)
-    conv.weight = nn.Parameter(linear.weight.data.t().contiguous(), requires_grad=linear.weight.requires_grad)
-    conv.bias = nn.Parameter(linear.bias.data, requires_grad=linear.bias.requires_grad)
-    return conv
 
 
 def _replace(block: nn.Module, path: str, module: nn.Module) -> None:
@@ -75,15 +63,17 @@ class GPT2Adapter(Adapter):
                 if not isinstance(module, nn.Linear):
                     _replace(block, path, conv1d_as_linear(module))
 
-    @contextlib.contextmanager
-    def native_layout(self):
-        for block in self.blocks():
-            for path in _PROJECTIONS:
-                _replace(block, path, linear_as_conv1d(block.get_submodule(path)))
-        try:
-            yield
-        finally:
-            self._to_linear()
+    def _projection_weights(self) -> set[str]:
+        prefix = self.blocks_prefix()
+        return {f"{prefix}.{i}.{path}.weight" for i in range(len(self.blocks())) for path in _PROJECTIONS}
+
+    def native_state(self, state):
+        """GPT-2 checkpoints store the projections as ``Conv1D`` weights ``[in, out]``: transposed here."""
+        names = self._projection_weights()
+        return {k: (v.t().contiguous() if k in names else v) for k, v in state.items()}
+
+    def from_native_state(self, state):
+        return self.native_state(state)  # (a transpose is its own inverse)
 
     @property
     def _transformer(self):

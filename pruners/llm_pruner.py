@@ -116,19 +116,29 @@ class LLMPruner(StructuredPruner):
                 else:
                     grads[key] = grads.get(key, 0) + g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1]) / n
 
+        per_pass = settings.grad_windows or n
+        passes, seen, pending = -(-n // per_pass), {}, {}
+
         def on_block(index):
+            # a block's gradients of one pass (engine.grad_windows windows) leave the device; its units are scored
+            # once the last pass has added its share (|W g| is not additive over passes)
             if not self.prunes_block(index):
                 return
+            store = pending.setdefault(index, ({}, {}))
+            for source, target in ((grads, store[0]), (fishers, store[1])):
+                for key, value in source.items():
+                    target[key] = target.get(key, 0) + value.double().cpu()
+                source.clear()
+            seen[index] = seen.get(index, 0) + 1
+            if seen[index] < passes:
+                return
+            block_grads, block_fishers = pending.pop(index)
             block = blocks[index]
-            for store in (grads, fishers):  # one block's worth on the device at a time
-                store.update({key: value.double().cpu() for key, value in store.items()})
             for group in self.groups(adapter, block):
                 key = (index, group.kind)
-                scores[key] = self.unit_importance(block, group, grads, fishers)
+                scores[key] = self.unit_importance(block, group, block_grads, block_fishers)
                 params[key] = group.params_per_unit(block)
                 protected[key] = top_units(scores[key], self.min_units)
-            grads.clear()
-            fishers.clear()
 
         accumulate_gradient_stats(model, adapter, calib_ids, settings, on_batch, on_block)
         keep = self.allocate(scores, params, pattern, protected)

@@ -442,7 +442,8 @@ def ppl_by_sparsity(frame: pd.DataFrame, spreads: dict | None = None) -> dict[tu
 def zeroshot_table(frame: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
     """Accuracy (acc, %) per task and the average; rows (model, method, pattern), dense first per model. Where
     ``published`` has ``acc`` cells (in % as printed) for a row's model, method and pattern, a ``<method> [paper]``
-    row follows it with those cells (tasks the records do not have are left out)."""
+    row follows it with those cells (tasks the records do not have are left out; its ``average`` is the paper's,
+    over the paper's tasks, which equals ours only when the same tasks ran)."""
     acc = frame[frame.metric == "acc"]
     if acc.empty:
         return pd.DataFrame()

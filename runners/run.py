@@ -166,7 +166,8 @@ def _evaluate(cfg: DictConfig, plan: Plan, loaded, task_dict, timings: dict, tag
                    "max_length": plan.eval_seqlen}
         if zs.get("backend", "memory") == "cli":  # lm-eval's own command on the model saved to a temporary folder
             metrics["zeroshot"] = zeroshot.evaluate_zeroshot_cli(model, tokenizer, plan.zeroshot_tasks, plan.device,
-                                                                 include_path=zs.get("include_path"), **options)
+                                                                 include_path=zs.get("include_path"),
+                                                                 native_state=loaded.adapter.native_state, **options)
         else:
             metrics["zeroshot"] = zeroshot.evaluate_zeroshot(model, tokenizer, task_dict, plan.device, **options)
         _timed(timings, f"{tag}eval/zeroshot", t)
@@ -290,7 +291,6 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     rid = run_id(config, prunes=prunes, calibrates=plan.calibrates, identity=ident)
-    check_local_data(cfg, plan)  # texts that cannot serve: one line, before any record or model
     pid = prune_id(config, calibrates=plan.calibrates, identity=ident) if prunes else None
     root, sweep = Path(cfg.output_root), str(cfg.sweep)
     out_path = root / sweep / rid / "result.json"
@@ -307,6 +307,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
                 plan.pattern.kind == "rowcol" or _speed_wanted(cfg, plan))):
             return _reuse(found, out_path, cfg, write)
 
+    check_local_data(cfg, plan)  # texts that cannot serve: one line, before any record, dataset or model
     timings: dict = {}
     t_start = t = time.perf_counter()
     task_dict = None

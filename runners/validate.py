@@ -250,8 +250,8 @@ def _local_tokens(tokenizer, source: str, split: str, path: str | None, where: s
 
     try:
         text, _ = corpora.read_text(source, split, path)
-    except FileNotFoundError as err:
-        raise ConfigError(f"{where}: {err}") from None
+    except OSError as err:  # missing, unreadable
+        raise ConfigError(f"{where}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{where}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at position {err.start})"
                           ) from None

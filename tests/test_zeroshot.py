@@ -275,3 +275,15 @@ def test_cuda_matches_cpu(name):
     assert results["cuda"]["device"].startswith("cuda")
     assert results["cuda"]["tasks"]["austen_cloze"]["acc"] == pytest.approx(
         results["cpu"]["tasks"]["austen_cloze"]["acc"], abs=0.03)
+
+
+def test_lm_eval_command_line_reads_a_gpt2_saved_in_its_own_conv1d_layout():
+    """eval.zeroshot.backend=cli saves the model for `lm_eval --model hf`: GPT-2's projections (nn.Linear inside
+    PruneLab) are written back in Conv1D layout, so lm-eval's own loading reproduces the in-memory accuracies."""
+    loaded = load_tiny("tiny-gpt2")
+    td = _task_dict()
+    subset = {"tasks": {"austen_next": td["tasks"]["austen_next"]}, "groups": {}, "group_map": {}}
+    memory = zeroshot.evaluate_zeroshot(loaded.model, loaded.tokenizer, subset, "cpu", limit=24, batch_size=8)
+    cli = zeroshot.evaluate_zeroshot_cli(loaded.model, loaded.tokenizer, ["austen_next"], "cpu", limit=24,
+                                         batch_size=8, native_state=loaded.adapter.native_state)
+    assert cli["tasks"]["austen_next"]["acc"] == pytest.approx(memory["tasks"]["austen_next"]["acc"])
