@@ -126,6 +126,8 @@ def test_wandb_failure_never_fails_the_run(tmp_path, monkeypatch):
     record = execute(cfg)
     assert record["status"] == "computed"
     assert json.loads((tmp_path / "wbfail" / record["run_id"] / "result.json").read_text())["run_id"] == record["run_id"]
-    # the unreachable server: the run was logged offline instead (wandb sync uploads it later)
+    # the unreachable server: the run was logged offline instead (wandb sync uploads it later); its contents are
+    # written by W&B's background service, so they are not read here (no race with a background writer: the
+    # offline test above reads a run W&B was started offline for)
     (run,) = tracking.offline_runs(tmp_path / "wbfail")
-    assert tracking.read_offline_run(run)["name"] == record["run_id"]
+    assert next(run.glob("run-*.wandb"), None) is not None
