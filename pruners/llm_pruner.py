@@ -27,7 +27,7 @@ import torch
 from .base import ModuleResult, register
 from .masks import Pattern
 from .settings import EngineSettings
-from .structured import StructuredPruner, check_block_range, in_block_range, remove_kept, top_units
+from .structured import StructuredPruner, check_block_range, in_block_range, top_units
 from .taps import accumulate_gradient_stats
 
 TAYLOR = ("param_first", "param_second", "param_mix", "vectorize")
@@ -142,11 +142,6 @@ class LLMPruner(StructuredPruner):
 
         accumulate_gradient_stats(model, adapter, calib_ids, settings, on_batch, on_block)
         keep = self.allocate(scores, params, pattern, protected)
-        results: dict[str, ModuleResult] = {}
-        for (index, kind), mask in sorted(keep.items()):
-            block = blocks[index]
-            group = adapter.unit_group(block, kind)
-            mask = adapter.repair_keep(block, group, mask, scores[(index, kind)])
-            name, result = remove_kept(adapter, block, group, mask, prefix, index)
-            results[name] = result
-        return results
+        keep = {key: adapter.repair_keep(blocks[key[0]], adapter.unit_group(blocks[key[0]], key[1]), mask, scores[key])
+                for key, mask in keep.items()}
+        return self.apply(model, adapter, keep, {}, calib_ids, settings)  # (no compensation: removal only)
