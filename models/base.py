@@ -57,7 +57,8 @@ class UnitGroup:
     ``reader`` is the linear whose input columns carry the units' outputs (o_proj / out_proj, down_proj
     / fc2, Mamba's out_proj): where structured methods score units and compensate their removal
     (docs/methods.md §4.1, §3.7). ``refines`` names the group this one is a finer alternative of (query
-    heads inside KV groups): a structured method uses one or the other, never both.
+    heads inside KV groups): a structured method uses one or the other, never both. ``attention``: the units are
+    attention heads (or KV groups): what ``sparsity=heads`` removes.
     """
 
     kind: str
@@ -65,6 +66,7 @@ class UnitGroup:
     owned: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     reader: str = ""
     refines: str | None = None
+    attention: bool = False
 
     def reader_columns(self) -> torch.Tensor:
         """``[count, width]`` input columns of ``reader`` owned by each unit."""
@@ -177,16 +179,25 @@ class Adapter:
         raise ValueError(f"{self.family} blocks have no '{kind}' units "
                          f"(they have: {', '.join(g.kind for g in self.unit_groups(block))})")
 
-    def structure_groups(self, block: nn.Module, refined: tuple[str, ...] = ()) -> list[UnitGroup]:
+    def structure_groups(self, block: nn.Module, refined: tuple[str, ...] = (), attention_only: bool = False
+                         ) -> list[UnitGroup]:
         """Unit groups that together partition a block's structures: the coarse groups, except where a
-        finer alternative is named in ``refined`` (e.g. ``("query_head",)`` instead of whole KV groups)."""
+        finer alternative is named in ``refined`` (e.g. ``("query_head",)`` instead of whole KV groups);
+        ``attention_only``: the attention groups alone (``sparsity=heads``; ValueError for a family without)."""
         groups = self.unit_groups(block)
         chosen = {g.refines for g in groups if g.kind in refined and g.refines}
-        return [g for g in groups if (g.refines is None and g.kind not in chosen) or g.kind in refined]
+        groups = [g for g in groups if (g.refines is None and g.kind not in chosen) or g.kind in refined]
+        if attention_only:
+            groups = [g for g in groups if g.attention]
+            if not groups:
+                raise ValueError(f"sparsity=heads: model family '{self.family}' has no attention heads")
+        return groups
 
-    def unit_parameters(self) -> int:
-        """Parameters owned by removable units, what a structured ``ratio`` counts (:attr:`unit_scope`)."""
-        return sum(g.count * g.params_per_unit(block) for block in self.blocks() for g in self.structure_groups(block))
+    def unit_parameters(self, attention_only: bool = False) -> int:
+        """Parameters owned by removable units, what a structured ``ratio`` counts (:attr:`unit_scope`; the attention
+        units' alone with ``attention_only``, what a ``heads`` ratio counts)."""
+        return sum(g.count * g.params_per_unit(block) for block in self.blocks()
+                   for g in self.structure_groups(block, attention_only=attention_only))
 
     def block_counts(self, block: nn.Module) -> dict[str, int]:
         """Units of every kind this block has now (after any removal)."""

@@ -124,7 +124,7 @@ class GPT2Adapter(Adapter):
         inner = block.mlp.c_fc.out_features
         neurons = _contiguous(inner, 1)
         neuron_owned = {"mlp.c_fc.weight": (0, neurons), "mlp.c_fc.bias": (0, neurons), "mlp.c_proj.weight": (1, neurons)}
-        return [UnitGroup("attention_head", heads, head_owned, reader="attn.c_proj"),
+        return [UnitGroup("attention_head", heads, head_owned, reader="attn.c_proj", attention=True),
                 UnitGroup("mlp_neuron", inner, neuron_owned, reader="mlp.c_proj")]
 
     def zero_output_units(self, block, group):

@@ -77,13 +77,14 @@ class LlamaAdapter(Adapter):
         with_bias(kv_owned, "k_proj", kv_rows)
         with_bias(kv_owned, "v_proj", kv_rows)
         kv_owned["self_attn.o_proj.weight"] = (1, group_q_rows)
-        groups = [UnitGroup("kv_group", kv_heads, kv_owned, reader="self_attn.o_proj")]
+        groups = [UnitGroup("kv_group", kv_heads, kv_owned, reader="self_attn.o_proj", attention=True)]
         if rep > 1 or self.head_layout()[0] > self.head_layout()[1]:  # GQA (also once pruned to one per group)
             # query heads inside their groups: every group must keep the same number (check_removal)
             q_owned: dict = {}
             with_bias(q_owned, "q_proj", q_rows)
             q_owned["self_attn.o_proj.weight"] = (1, q_rows)
-            groups.append(UnitGroup("query_head", heads, q_owned, reader="self_attn.o_proj", refines="kv_group"))
+            groups.append(UnitGroup("query_head", heads, q_owned, reader="self_attn.o_proj", refines="kv_group",
+                                    attention=True))
         inter = block.mlp.gate_proj.out_features
         neurons = _contiguous(inter, 1)
         owned = {"mlp.gate_proj.weight": (0, neurons), "mlp.up_proj.weight": (0, neurons),

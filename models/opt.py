@@ -69,7 +69,7 @@ class OPTAdapter(Adapter):
         neuron_owned = {"fc1.weight": (0, neurons), "fc2.weight": (1, neurons)}
         if block.fc1.bias is not None:
             neuron_owned["fc1.bias"] = (0, neurons)
-        return [UnitGroup("attention_head", heads, head_owned, reader="self_attn.out_proj"),
+        return [UnitGroup("attention_head", heads, head_owned, reader="self_attn.out_proj", attention=True),
                 UnitGroup("mlp_neuron", ffn, neuron_owned, reader="fc2")]
 
     def zero_output_units(self, block, group):

@@ -13,7 +13,7 @@ class Dense(Pruner):
     name = "dense"
     needs_calibration = False
     removes_weights = False
-    patterns = ("unstructured", "nm", "structured")  # any: the pattern is ignored
+    patterns = ("unstructured", "nm", "structured", "heads")  # any: the pattern is ignored
 
     def prune_group(self, modules, stat, pattern):
         return {}

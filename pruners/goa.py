@@ -17,7 +17,8 @@ Structured pruning of depth-2 modules, block by block on the model as pruned so 
   ``remedy`` ("w/ remedy") refits on a separate recovery set of ``remedy_samples`` windows drawn after the
   calibration windows (:meth:`GOA.extra_windows`), the criteria staying on the calibration windows.
 
-``sparsity.ratio`` is the fraction of each pruned module's units, in the blocks ``pruner.blocks``.
+``sparsity.ratio`` is the fraction of each pruned module's units, in the blocks ``pruner.blocks`` (``sparsity=heads``:
+the attention modules alone, Table 3); ``head_count=tau`` removes as many heads as Algorithm 2 finds instead.
 
 ``calibration=self-generated`` is the paper's data-free variant: no data is read; the model writes its own
 calibration windows (:func:`self_generated_windows`: sampled from its own distribution, each started from a random
@@ -38,9 +39,11 @@ from models import Adapter, UnitGroup
 from models.blocks import BlockInputs, capture_block_inputs, run_block
 
 from .base import ModuleResult, Pruner, register
-from .masks import Pattern
+from .masks import UNIT_KINDS, Pattern
 from .settings import EngineSettings
 from .structured import ATTENTION_UNITS, check_block_range, remove_kept
+
+HEAD_COUNTS = ("ratio", "tau")
 
 
 # --- criteria ----------------------------------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class GOA(Pruner):
 
     name = "goa"
     needs_calibration = True  # (not with calibration=self-generated: __post_init__)
-    patterns: ClassVar[tuple[str, ...]] = ("structured",)
+    patterns: ClassVar[tuple[str, ...]] = UNIT_KINDS
     calibration: str = "data"  # data (the calibration windows) | self-generated (data-free: the model's own text)
     generated_samples: int = 16  # self-generated: windows the model writes (the paper's 16 calibration samples)
     generated_seqlen: int = 128  # ... of this many tokens (the paper's calibration length for LLaMA)
@@ -181,11 +184,14 @@ class GOA(Pruner):
     attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA; heads otherwise) | query_head
     similarity: bool = True  # heads: Algorithm 2's similar heads first (false: head scores only)
     tau: float = 0.16  # Algorithm 2's threshold on the mean JS divergence (the paper: 0.16 - 0.20)
+    head_count: str = "ratio"  # ratio (sparsity.ratio of each module's heads) | tau (Algorithm 2's similar heads,
+    #   as many as tau finds: Table 3's "GOA similarity" rows; the ratio then applies to the MLPs only)
     reconstruct: bool = True  # refit level 1, then level 2, to the dense model's outputs before scoring
     remedy: bool = False  # "w/ remedy": the refits use a recovery set of remedy_samples more windows
     remedy_samples: int = 1024  # windows of the recovery set (the paper: 1024 examples of the downstream data)
     damp: float = 0.01  # ridge of the refits, relative to the mean diagonal of X^T X
     min_units: int = 1  # units every pruned module keeps
+    attention_only: ClassVar[bool] = False  # sparsity=heads: only attention units (set by prune())
 
     def __post_init__(self):
         self.needs_calibration = self.calibration != "self-generated"
@@ -205,6 +211,10 @@ class GOA(Pruner):
                              f"{', '.join(ATTENTION_UNITS)}")
         if not self.tau > 0:
             raise ValueError(f"pruner.tau={self.tau} must be positive")
+        if self.head_count not in HEAD_COUNTS:
+            raise ValueError(f"pruner.head_count='{self.head_count}' is not one of: {', '.join(HEAD_COUNTS)}")
+        if self.head_count == "tau" and not self.similarity:
+            raise ValueError("pruner.head_count=tau counts Algorithm 2's similar heads: it needs pruner.similarity=true")
         if self.remedy and not self.reconstruct:
             raise ValueError("pruner.remedy=true refits on a recovery set: it needs pruner.reconstruct=true")
         if not isinstance(self.remedy_samples, int) or self.remedy_samples < 1:
@@ -231,7 +241,7 @@ class GOA(Pruner):
         """The depth-2 modules of a block, in forward order: its unit groups (query heads instead of KV groups
         with ``attention_unit=query_head`` where the family has them)."""
         refined = ("query_head",) if self.attention_unit == "query_head" else ()
-        groups = adapter.structure_groups(block, refined)
+        groups = adapter.structure_groups(block, refined, self.attention_only)
         if any(not g.reader or g.kind.startswith("mamba") for g in groups):
             raise ValueError(f"pruner 'goa' prunes attention + MLP depth-2 modules; model family '{adapter.family}' "
                              "has none")
@@ -255,6 +265,7 @@ class GOA(Pruner):
         if ratios is not None:
             raise ValueError("pruner 'goa' allocates its own units: sparsity.allocation must be uniform")
         self.check(pattern)
+        self.attention_only = pattern.attention_only
         self.modules(adapter, adapter.blocks()[0])  # (a family without depth-2 modules is refused before any work)
         sigma = None  # the windows the second moments come from (None: the criteria's)
         if self.calibration == "self-generated":
@@ -345,6 +356,8 @@ class GOA(Pruner):
             scores = head_scores(reader.weight.data, moment / max(tokens, 1), group.reader_columns())
             if D is not None:
                 D = self.unit_divergence(D / rows, group, adapter, block)
+            if self.head_count == "tau":  # as many as Algorithm 2 finds (the modules keep min_units)
+                count = min(len(similar_heads(D, self.tau)), group.count - self.min_units)
             removed = select_heads(D, scores, count, self.tau)
         else:
             bias = any(block.get_submodule(n).bias is not None for n in level_one)

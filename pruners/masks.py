@@ -12,19 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
-RATIO_KINDS = ("unstructured", "structured", "rowcol")  # the kinds set by sparsity.ratio
-PATTERN_KINDS = ("unstructured", "nm", "structured", "rowcol")
-_LABEL_SUFFIX = {"structured": " struct", "rowcol": " rowcol"}  # after the percentage
+RATIO_KINDS = ("unstructured", "structured", "heads", "rowcol")  # the kinds set by sparsity.ratio
+PATTERN_KINDS = ("unstructured", "nm", "structured", "heads", "rowcol")
+UNIT_KINDS = ("structured", "heads")  # the kinds that remove whole units (structured pruners)
+_LABEL_SUFFIX = {"structured": " struct", "heads": " heads", "rowcol": " rowcol"}  # after the percentage
 
 
 @dataclass(frozen=True)
 class Pattern:
     """Unstructured at ``ratio``, N:M (``n`` kept of every ``m``), structured: ``ratio`` of the
-    attention + MLP parameters removed as whole heads / channels (structured pruners only), or rowcol: ``ratio`` of
+    attention + MLP parameters removed as whole heads / channels (structured pruners only), heads: ``ratio`` of the
+    attention heads (KV groups under GQA) removed, the MLPs untouched (structured pruners), or rowcol: ``ratio`` of
     the targeted weights removed as whole rows and columns of the linears, zeroed (the LLM Surgeon's structured
     mode)."""
 
-    kind: str  # "unstructured" | "nm" | "structured" | "rowcol"
+    kind: str  # "unstructured" | "nm" | "structured" | "heads" | "rowcol"
     ratio: float = 0.0
     n: int | None = None
     m: int | None = None
@@ -32,6 +34,16 @@ class Pattern:
     @property
     def target_sparsity(self) -> float:
         return 1.0 - self.n / self.m if self.kind == "nm" else self.ratio
+
+    @property
+    def removes_units(self) -> bool:
+        """Whether whole units go (the matrices shrink): structured and heads."""
+        return self.kind in UNIT_KINDS
+
+    @property
+    def attention_only(self) -> bool:
+        """Whether only attention units go (``heads``)."""
+        return self.kind == "heads"
 
     @property
     def pruned_per_group(self) -> int:
@@ -62,7 +74,7 @@ class Pattern:
 
 def pattern_label(kind: str, ratio: float | None = None, n: int | None = None, m: int | None = None) -> str:
     """The one label of a pattern: ``dense``, ``50%`` (unstructured), ``2:4`` (N:M), ``30% struct`` (structured),
-    ``30% rowcol`` (rows and columns).
+    ``20% heads`` (attention heads only), ``30% rowcol`` (rows and columns).
     A ratio prints with as many digits as it has (``69.5%``), so two ratios never share a label."""
     if kind == "dense":
         return "dense"
@@ -99,7 +111,7 @@ def parse_pattern_label(label: str) -> dict:
             raise ValueError
     except ValueError:
         raise ValueError(f"pattern label '{label}' is not one of the forms: dense, 50%, 2:4, 30% struct, "
-                         f"30% rowcol") from None
+                         f"20% heads, 30% rowcol") from None
     out = {"kind": kind, "ratio": ratio, "n": None, "m": None}
     if pattern_label(**out) != text:  # e.g. '050%', '50.0%': not the canonical spelling
         raise ValueError(f"pattern label '{label}': write it as '{pattern_label(**out)}'")
@@ -107,7 +119,8 @@ def parse_pattern_label(label: str) -> dict:
 
 
 def pattern_slug(label: str) -> str:
-    """A label in file and run-id form: ``50pct``, ``2of4``, ``30pct-struct``, ``30pct-rowcol``, ``dense``."""
+    """A label in file and run-id form: ``50pct``, ``2of4``, ``30pct-struct``, ``20pct-heads``, ``30pct-rowcol``,
+    ``dense``."""
     return label.replace("%", "pct").replace(":", "of").replace(" ", "-")
 
 

@@ -24,7 +24,7 @@ from models import Adapter, UnitGroup
 
 from .base import ModuleResult, Pruner
 from .engine import walk_blocks
-from .masks import Pattern
+from .masks import UNIT_KINDS, Pattern
 from .settings import EngineSettings
 
 ALLOCATIONS = ("global", "uniform")
@@ -101,7 +101,7 @@ class StructuredPruner(Pruner):
     and implement :meth:`unit_scores` and :meth:`apply`.
     """
 
-    patterns: ClassVar[tuple[str, ...]] = ("structured",)
+    patterns: ClassVar[tuple[str, ...]] = UNIT_KINDS
     needs_calibration: ClassVar[bool] = True
     propagate: ClassVar[str] = "dense"  # the scoring pass sees the dense model (allocation needs all blocks)
     keeps_statistics: ClassVar[bool] = True  # apply() gets the scoring pass's statistics
@@ -109,6 +109,7 @@ class StructuredPruner(Pruner):
     allocation: str
     attention_unit: str
     min_units: int
+    attention_only: ClassVar[bool] = False  # sparsity=heads: only attention units (set by start())
 
     def check(self, pattern: Pattern) -> None:
         super().check(pattern)
@@ -122,7 +123,7 @@ class StructuredPruner(Pruner):
     def groups(self, adapter: Adapter, block) -> list[UnitGroup]:
         """The unit groups this run removes from ``block`` (query heads only where the family has them)."""
         refined = ("query_head",) if self.attention_unit == "query_head" else ()
-        return adapter.structure_groups(block, refined)
+        return adapter.structure_groups(block, refined, self.attention_only)
 
     def prunes_block(self, index: int) -> bool:
         """Whether block ``index`` is pruned (all, unless the method has a block range)."""
@@ -173,6 +174,7 @@ class StructuredPruner(Pruner):
         if ratios is not None:
             raise ValueError(f"pruner '{self.name}' allocates its own units: sparsity.allocation must be uniform")
         self.check(pattern)
+        self.attention_only = pattern.attention_only
         if self.needs_calibration and calib_ids is None:
             raise ValueError(f"pruner '{self.name}' needs calibration data")
         return settings or EngineSettings()

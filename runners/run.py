@@ -91,15 +91,18 @@ def _sparsity_section(adapter, plan: Plan, prunes: bool) -> dict:
             "prunable_parameters": total, "per_block": per_block, "per_module": per_module}
 
 
-def _structure_before(model, adapter) -> dict:
-    return {"parameters": sum(p.numel() for p in model.parameters()), "unit_parameters": adapter.unit_parameters(),
+def _structure_before(model, adapter, attention_only: bool = False) -> dict:
+    """Parameter and unit counts; ``unit_parameters``: those a structured ratio counts (``attention_only``: the
+    attention units' alone, what a ``heads`` ratio counts)."""
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "unit_parameters": adapter.unit_parameters(attention_only),
             "blocks": [adapter.block_counts(block) for block in adapter.blocks()]}
 
 
 def _structure_section(model, adapter, plan: Plan, before: dict, module_results: dict) -> tuple[dict, dict]:
     """Structured runs: parameter counts before / after, per-block kept units (and which), and the
     sparsity section in the same terms (removed fraction of the unit-owned parameters)."""
-    after = _structure_before(model, adapter)
+    after = _structure_before(model, adapter, plan.pattern.attention_only)
     removed = 1 - after["unit_parameters"] / before["unit_parameters"]
     prefix = adapter.blocks_prefix()
     blocks = []
@@ -111,7 +114,8 @@ def _structure_section(model, adapter, plan: Plan, before: dict, module_results:
         blocks.append(entry)
     structure = {"parameters_before": before["parameters"], "parameters_after": after["parameters"],
                  "unit_parameters_before": before["unit_parameters"], "unit_parameters_after": after["unit_parameters"],
-                 "unit_scope": adapter.unit_scope, "removed_fraction": round(removed, 6), "blocks": blocks}
+                 "unit_scope": "attention" if plan.pattern.attention_only else adapter.unit_scope,
+                 "removed_fraction": round(removed, 6), "blocks": blocks}
     sparsity = {"target": plan.pattern.ratio, "overall": round(removed, 6),
                 "prunable_parameters": before["unit_parameters"],
                 "per_module": {name: round(r.pruned / r.total, 6) for name, r in module_results.items()}}
@@ -120,7 +124,7 @@ def _structure_section(model, adapter, plan: Plan, before: dict, module_results:
 
 def _speed_wanted(cfg: DictConfig, plan: Plan) -> bool:
     mode = str(cfg.speed.mode)
-    return mode == "always" or (mode == "auto" and plan.pattern.kind in ("structured", "rowcol")
+    return mode == "always" or (mode == "auto" and (plan.pattern.removes_units or plan.pattern.kind == "rowcol")
                                 and plan.pruner.removes_weights)
 
 
@@ -353,7 +357,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
         tracking.log_run(dense, cfg)
         t = time.perf_counter()
 
-    structured = prunes and plan.pattern.kind == "structured"
+    structured = prunes and plan.pattern.removes_units
     dense_speed = None
     if speed_wanted:  # the dense model's speed, in this process, for a like-for-like ratio
         dense_speed = _speed(cfg, loaded.model, plan.device)
@@ -361,7 +365,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     structure, saved, info = None, None, None
     if kept is None:
         model, adapter = loaded.model, loaded.adapter
-        before = _structure_before(model, adapter) if structured else None
+        before = _structure_before(model, adapter, plan.pattern.attention_only) if structured else None
         on_shot = _shot_recorder(cfg, plan, config, loaded, ident, out_path, task_dict, timings) if write else None
         pruned = pruning.prune(cfg, plan, loaded, timings, on_shot)  # calibration, allocation, the method
         if on_shot is not None and on_shot.eval_s:

@@ -100,7 +100,7 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if not allocation.is_default and pruner.removes_weights:
-        if pruner.scope != "block" or pattern.kind == "structured":
+        if pruner.scope != "block" or pattern.removes_units:
             raise ConfigError(f"sparsity.allocation={allocation.kind} (targets / ignore): pruner '{pruner.name}' "
                               f"allocates its own sparsity; use the defaults (uniform, targets [*], ignore [])")
         if allocation.kind == "global" and not isinstance(pruner, ScoreMaskPruner):
@@ -144,7 +144,7 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
         if pattern.kind not in ("unstructured", "rowcol"):
             raise ConfigError(f"eval.shots_every={every}: the intermediate shots of a {pattern.kind} run are not "
                               f"{pattern.kind} patterns (unstructured and rowcol only)")
-    if zeroshot_tasks and cfg.eval.zeroshot.get("backend") == "cli" and pattern.kind == "structured" \
+    if zeroshot_tasks and cfg.eval.zeroshot.get("backend") == "cli" and pattern.removes_units \
             and pruner.removes_weights:
         raise ConfigError("eval.zeroshot.backend=cli: lm_eval loads the saved model with from_pretrained, which cannot "
                           "rebuild a structurally pruned one; use eval.zeroshot.backend=memory")
@@ -174,6 +174,12 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
         if pruner.removes_weights and not allocation.is_default:  # the globs against the architecture's linears
             try:
                 check_against(models.loading.meta_adapter(cfg.model), allocation, pattern)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        if pruner.removes_weights and pattern.attention_only:  # sparsity=heads: the family must have heads
+            try:
+                meta = models.loading.meta_adapter(cfg.model)
+                meta.structure_groups(meta.blocks()[0], attention_only=True)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         limit = getattr(hf_config, "max_position_embeddings", None)

@@ -239,3 +239,46 @@ def test_compensation_lowers_the_pruned_models_perplexity():
         ids, _ = protocol_windows(loaded.tokenizer, PROTOCOLS["bundled-val"], 256, max_windows=QUALITY_WINDOWS)
         values[compensate] = perplexity(loaded.model, loaded.adapter, ids, batch_size=8, progress=False)
     assert values[True] < values[False]
+
+
+@pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("pruner", ["goa", "flap", "wanda_sp", "llm_pruner", "unit_baseline", "numerical"])
+def test_heads_pattern_removes_attention_units_only(family, pruner):
+    """sparsity=heads (the GOA paper's Table 3): the ratio of the attention units goes, every MLP neuron stays."""
+    loaded = load_tiny(family)
+    adapter = loaded.adapter
+    before = [adapter.block_counts(b) for b in adapter.blocks()]
+    attention_before = adapter.unit_parameters(attention_only=True)
+    calib = corpora.calibration_windows(loaded.tokenizer, "bundled", 4, 64, seed=0).ids
+    keys = {"allocation": "uniform"} if pruner in ("flap", "numerical") else {}  # (per block, to count)
+    build_pruner({"name": pruner, **keys}).prune(loaded.model, adapter, Pattern("heads", 0.5), calib,
+                                                 EngineSettings(progress=False))
+    after = [adapter.block_counts(b) for b in adapter.blocks()]
+    for was, now in zip(before, after, strict=True):
+        assert now["mlp_neuron"] == was["mlp_neuron"]
+        attention = "kv_group" if "kv_group" in was else "attention_head"
+        assert now[attention] == was[attention] // 2
+    assert adapter.unit_parameters(attention_only=True) == attention_before // 2
+    assert torch.isfinite(logits(loaded.model)).all()
+
+
+def test_goa_head_count_tau_removes_the_similar_heads_whatever_the_ratio():
+    """pruner.head_count=tau: as many heads as Algorithm 2 finds (Table 3's GOA rows): a larger tau, more heads."""
+    removed = {}
+    for tau in (1e-9, 10.0):
+        loaded = load_tiny("tiny-opt")
+        calib = corpora.calibration_windows(loaded.tokenizer, "bundled", 4, 64, seed=0).ids
+        build_pruner({"name": "goa", "head_count": "tau", "tau": tau}).prune(
+            loaded.model, loaded.adapter, Pattern("heads", 0.25), calib, EngineSettings(progress=False))
+        removed[tau] = [4 - loaded.adapter.block_counts(b)["attention_head"] for b in loaded.adapter.blocks()]
+    assert removed[1e-9] == [0, 0, 0, 0]  # no two heads that close
+    assert removed[10.0] == [3, 3, 3, 3]  # every pair close: all but min_units
+    with pytest.raises(ValueError, match="head_count=tau"):
+        build_pruner({"name": "goa", "head_count": "tau", "similarity": False}).check(Pattern("heads", 0.25))
+
+
+def test_heads_pattern_on_a_family_without_heads_is_a_config_error(tmp_path):
+    from runners.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="sparsity=heads: model family 'mamba' has no attention heads"):
+        validate(compose("model=tiny-mamba", "pruner=flap", "sparsity=heads"))
