@@ -696,7 +696,7 @@ def prevalidate(argv: list[str]) -> str | None:
                 return explain(err, searchpath + job) + where
             key = OmegaConf.to_yaml(cfg.model)
             try:
-                validate(cfg, check_model=key not in seen_models)
+                validate(cfg, check_model=key not in seen_models, check_hub=True)  # (each job's data)
                 check_writable(cfg)  # before Hydra creates its run folder there
             except ConfigError as err:
                 return f"{err}{where}"

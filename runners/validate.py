@@ -78,8 +78,9 @@ def _check_missing(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} is required for this config (e.g. {key}=/path/to/...)") from None
 
 
-def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
-    """Raise ConfigError on the first problem; otherwise return the Plan. Reads at most the model's config.json."""
+def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None = None) -> Plan:
+    """Raise ConfigError on the first problem; otherwise return the Plan. Reads at most the model's config.json.
+    ``check_hub`` (default: ``check_model``): what the run reads from the Hugging Face hub is reachable or cached."""
     try:
         schema.check(cfg)  # unknown keys, types, ranges (runners/schema.py)
     except schema.SchemaError as err:
@@ -162,6 +163,8 @@ def validate(cfg: DictConfig, check_model: bool = True) -> Plan:
         raise ConfigError(f"model.dtype={cfg.model.dtype} is not one of: auto, {', '.join(models.loading.DTYPES)}")
 
     model_path, model_type = str(cfg.model.path), "unchecked"
+    if check_model if check_hub is None else check_hub:  # (first: offline, one quick line, not a minute of retries)
+        _check_hub(cfg, pruner.needs_calibration or allocation.needs_calibration, protocols, zeroshot_tasks)
     if check_model:
         try:
             model_path, hf_config, _ = models.inspect_model(cfg.model)
@@ -338,3 +341,38 @@ def _include_paths(section) -> list[str] | None:
         if not Path(path).is_dir():
             raise ConfigError(f"eval.zeroshot.include_path={path}: no such directory")
     return paths
+
+
+def _check_hub(cfg, calibrates: bool, protocols, zeroshot_tasks) -> None:
+    """What the run reads from the Hugging Face hub, checked against its reachability and the local cache
+    (:func:`runners.hub.check_hub`)."""
+    import corpora
+    from evaluators.zeroshot import BUNDLED_TASKS
+
+    from .hub import check_hub
+
+    path = str(cfg.model.path)
+    try:
+        model_id = path if models.loading.resolve_path(path) == path and not Path(path).expanduser().exists() else None
+    except FileNotFoundError:
+        model_id = None  # (a missing local folder: the model check below says so)
+    needed = {}
+    sources = [(f"calib={cfg.calib.source}", cfg.calib.source, "calib.dataset_root", cfg.calib.get("dataset_root"))
+               ] if calibrates else []
+    sources += [(f"eval.ppl.datasets ({p.name})", p.source, "eval.ppl.dataset_root", cfg.eval.ppl.get("dataset_root"))
+                for p in protocols]
+    for key, source, root_key, root in sources:
+        if source not in corpora.HUB:
+            continue
+        hub_path = corpora.HUB[source]["path"]
+        if not root:
+            needed[key] = (hub_path, root_key)
+        elif not (Path(root).expanduser() / hub_path).exists():
+            raise ConfigError(f"{root_key}={root}: no {Path(root).expanduser() / hub_path} ({key} reads "
+                              f"<{root_key}>/{hub_path})")
+    hub_tasks = any(task not in BUNDLED_TASKS for task in zeroshot_tasks)
+    try:
+        check_hub(model_id, cfg.model.get("revision"), needed, hub_tasks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+

@@ -105,6 +105,12 @@ def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args,
     (["eval.ppl.datasets=[{empty}]"], "eval.ppl.datasets: {empty}: 0 tokens, fewer than one window of 256"),
     (["pruner=magnitude", "eval.ppl.datasets=[{binary}]"], "eval.ppl.datasets: {binary}: not UTF-8 text"),
     (["model.tokenizer=/no/such/tokenizer"], "model.tokenizer=/no/such/tokenizer: no such directory"),
+    # offline (run_cli sets HF_HUB_OFFLINE; the test's HF_HOME is empty): one line at once, no minute of retries
+    (["model=opt-125m"], "model.path=facebook/opt-125m: not in the local Hugging Face cache and offline mode is set"),
+    (["calib=c4"], "calib=c4: dataset allenai/c4 is not in the local Hugging Face cache"),
+    (["eval=ppl"], "eval.ppl.datasets (wikitext2): dataset wikitext is not in the local Hugging Face cache"),
+    (["calib=c4", "calib.dataset_root={mirror}"], "calib.dataset_root={mirror}: no {mirror}/allenai/c4"),
+    (["eval.zeroshot.tasks=[boolq]"], "lm-eval task 'boolq' cannot be loaded offline"),
 ])
 def test_unusable_data_exits_2_before_any_record_or_model(tmp_path, args, message):
     """Calibration and evaluation texts are read and tokenized before the dense baseline or the model: an empty,
@@ -114,7 +120,8 @@ def test_unusable_data_exits_2_before_any_record_or_model(tmp_path, args, messag
     files["empty"].write_text("")
     files["short"].write_text("Emma Woodhouse")
     files["binary"].write_bytes(b"abc\xff\xfe\x00\x01" * 50)
-    names = {k: str(v) for k, v in files.items()}
+    names = {k: str(v) for k, v in files.items()} | {"mirror": str(tmp_path / "mirror")}
+    (tmp_path / "mirror").mkdir()
     out = tmp_path / "outputs"
     proc = run_cli(*[a.format(**names) for a in args], f"output_root={out}", "sweep=data", "dense_baseline=true")
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -236,3 +243,25 @@ def test_an_output_root_that_is_a_file_is_one_line_before_any_work(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [f"prunelab: error: output_root={occupied} is a file, not a folder"]
     assert occupied.read_text() == "not a folder"
+
+
+def test_the_hub_probe_is_one_connect_to_the_endpoint(monkeypatch):
+    """runners.hub.hub_reachable: a listening endpoint is reachable, a closed one is not (at once, no retries), and an
+    offline flag wins without any probe."""
+    import socket
+
+    from runners.hub import hub_reachable
+
+    probe = hub_reachable.__wrapped__  # (the runner caches it once per process)
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert probe(timeout=3.0)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert not probe(timeout=3.0)
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not probe(timeout=3.0)  # closed: refused

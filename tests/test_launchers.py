@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -151,16 +150,17 @@ def test_assign_jobs_gives_the_next_jobs_in_order_to_the_free_workers():
 @pytest.fixture(scope="module")
 def cpu_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("launch")
-    start = time.perf_counter()
+    mirror = tmp_path_factory.mktemp("mirror")
+    (mirror / "wikitext").mkdir()  # an empty copy: it passes validation, the job fails where the data loads
     result = run([sys.executable, "-m", "runners.run", "-m", "hydra/launcher=gpus", "hydra.launcher.cpu_workers=2",
                   *FAST, "sparsity.ratio=0.5", "eval.ppl.datasets=[bundled],[wikitext2],[bundled-val]",
-                  "sweep=launch", f"output_root={out}", *_optional_overrides()],
+                  f"eval.ppl.dataset_root={mirror}", "sweep=launch", f"output_root={out}", *_optional_overrides()],
                  cwd=ROOT, env=_env(CUDA_VISIBLE_DEVICES=""))
-    return out, result, time.perf_counter() - start
+    return out, result
 
 
 def test_cli_sweep_runs_jobs_in_parallel_cpu_workers(cpu_sweep):
-    out, (_, output, _, pid), _ = cpu_sweep
+    out, (_, output, _, pid) = cpu_sweep
     assert "Launching 3 jobs on 2 workers (cpu 0, cpu 1" in output, output[-3000:]
     records = [r for r in _records(out) if r["pruner"] == "magnitude"]
     assert sorted(k for r in records for k in r["metrics"]["ppl"]) == ["bundled-val@256", "bundled@256"]
@@ -179,15 +179,14 @@ def test_cli_sweep_runs_jobs_in_parallel_cpu_workers(cpu_sweep):
 
 
 def test_cli_sweep_reports_the_failed_job_and_keeps_the_others(cpu_sweep):
-    out, (returncode, output, stderr, _), seconds = cpu_sweep
-    # job #1 needs WikiText-2 from the hub: it passes validation and fails inside the job (offline);
+    out, (returncode, output, stderr, _) = cpu_sweep
+    # job #1 reads WikiText-2 from an empty local copy: it passes validation and fails inside the job;
     # its worker then takes job #2
     assert returncode == 1, output[-3000:]
     assert "Error executing job with overrides" in stderr and "eval.ppl.datasets=[wikitext2]" in stderr
     assert "#1 failed (cpu " in output and "#0 done (cpu " in output and "#2 done (cpu " in output
     assert "RemoteTraceback" in stderr  # the worker's traceback comes with the error
     assert len([r for r in _records(out) if r["pruner"] == "magnitude"]) == 2
-    assert seconds < 120
 
 
 # ---------------------------------------------------------------------------------------------

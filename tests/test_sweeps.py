@@ -100,6 +100,9 @@ def test_wandb_offline_logs_config_summary_and_per_layer_sparsity(tmp_path):
     cfg = compose("pruner=wanda", "sparsity=2of4", f"output_root={tmp_path}", "sweep=wb", "wandb.mode=offline",
                   "dense_baseline=false", *FAST)
     record = execute(cfg)
+    import wandb
+
+    wandb.teardown()  # W&B's background service writes the offline run: wait for it to exit before reading
     runs = tracking.offline_runs(tmp_path / "wb")
     assert len(runs) == 1
     logged = tracking.read_offline_run(runs[0])
