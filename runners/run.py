@@ -87,8 +87,29 @@ def _sparsity_section(adapter, plan: Plan, prunes: bool) -> dict:
             if plan.allocation.selects(name):
                 block_zeros, block_total = block_zeros + count, block_total + linear.weight.numel()
         per_block.append(round(block_zeros / block_total, 6) if block_total else None)
-    return {"target": plan.pattern.target_sparsity if prunes else 0.0, "overall": round(zeros / max(total, 1), 6),
-            "prunable_parameters": total, "per_block": per_block, "per_module": per_module}
+    section = {"target": plan.pattern.target_sparsity if prunes else 0.0, "overall": round(zeros / max(total, 1), 6),
+               "prunable_parameters": total, "per_block": per_block, "per_module": per_module}
+    if prunes and plan.pattern.kind in ("unstructured", "nm"):
+        widths = [linear.in_features for block in adapter.blocks() for linear in adapter.prunable_linears(block).values()]
+        section.update(sparsity_deviation(section["overall"], section["target"], plan.pattern.kind,
+                                          plan.allocation.is_default, min(widths, default=1)))
+    return section
+
+
+def sparsity_deviation(overall: float, target: float, kind: str, uniform: bool, narrowest: int) -> dict:
+    """``{"deviation": overall - target}``, plus ``"warning"`` where the measured sparsity misses the target by more
+    than rounding: above it by more than 0.1 point (a method's int() rounding never adds zeros: extra ones are e.g.
+    dead input columns zeroed on top of the target, docs/architecture.md §5), or below it by more than one weight per
+    row of the narrowest linear (``1 / narrowest``; N:M: exact; a non-uniform allocation: 1 point)."""
+    deviation = overall - target
+    under = 1e-6 if kind == "nm" and uniform else (1.0 / narrowest if uniform else 0.01)
+    out = {"deviation": round(deviation, 6)}
+    if deviation > 1e-3 or -deviation > under + 1e-6:
+        side = "above" if deviation > 0 else "below"
+        why = " (zeros beyond the method's choice: e.g. dead input columns zeroed on top of it)" if deviation > 0 else ""
+        out["warning"] = (f"measured sparsity {overall:.2%} is {abs(deviation) * 100:.2f} points {side} the target "
+                          f"{target:.2%}{why}; per module: sparsity.per_module in the record")
+    return out
 
 
 def _structure_before(model, adapter, attention_only: bool = False) -> dict:
@@ -377,6 +398,8 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
             structure, sparsity = _structure_section(model, adapter, plan, before, module_results)
         else:
             sparsity = _sparsity_section(adapter, plan, prunes)
+            if sparsity.get("warning"):
+                log.warning("%s", sparsity["warning"])
             if prunes:
                 sparsity["allocation"] = ratios.to_record(plan.allocation) if ratios is not None else {"kind": "uniform"}
             if prunes and plan.pattern.kind == "rowcol":  # zeroed rows / columns that free whole units: cut out
@@ -491,8 +514,10 @@ def summary(record: dict) -> str:
     else:
         head_line = (f"{head} | sparsity {record['sparsity']['overall']:.2%} of "
                      f"{record['sparsity']['prunable_parameters']:,} prunable weights")
+    warning = (record.get("sparsity") or {}).get("warning")
     lines = [
         head_line,
+        *([f"  warning: {warning}"] if warning else []),
         *([f"  perplexity: {ppl}"] if ppl else []),  # (eval=none: no line)
         *(["  zero-shot: " + ", ".join(f"{k} {v['acc']:.4f}" for k, v in zeroshot["tasks"].items())
            + f" | average acc {zeroshot['average']['acc']:.4f}"] if zeroshot else []),

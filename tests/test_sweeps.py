@@ -134,3 +134,26 @@ def test_wandb_failure_never_fails_the_run(tmp_path, monkeypatch):
     # offline test above reads a run W&B was started offline for)
     (run,) = tracking.offline_runs(tmp_path / "wbfail")
     assert next(run.glob("run-*.wandb"), None) is not None
+
+
+def test_sparsity_above_the_target_is_a_warning_and_a_record_field(tmp_path):
+    """A calibration text that leaves ReLU inputs dead: SparseGPT zeroes the dead columns on top of its 50% (as the
+    reference does); the record says by how much and warns. Magnitude on the same model meets the target."""
+    text = tmp_path / "dead.txt"
+    text.write_text("the the the the . " * 4000)
+    common = ["model=tiny-opt", "calib=text", f"calib.path={text}", f"output_root={tmp_path}", "sweep=dev",
+              "wandb.mode=disabled", "dense_baseline=false", *FAST]
+    over = execute(compose("pruner=sparsegpt", *common))["sparsity"]
+    assert over["deviation"] > 0.01 and over["overall"] == pytest.approx(0.5 + over["deviation"], abs=1e-5)
+    assert "points above the target 50.00%" in over["warning"]
+    exact = execute(compose("pruner=magnitude", *common))["sparsity"]
+    assert abs(exact["deviation"]) < 1e-3 and "warning" not in exact
+
+
+def test_sparsity_deviation_allows_rounding_only():
+    from runners.run import sparsity_deviation
+
+    assert "warning" not in sparsity_deviation(0.28125, 0.3, "unstructured", True, 32)  # int(0.3 * 32) = 9 of 32
+    assert "below the target" in sparsity_deviation(0.25, 0.3, "unstructured", True, 32)["warning"]
+    assert "below the target" in sparsity_deviation(0.49, 0.5, "nm", True, 64)["warning"]  # N:M is exact
+    assert "above the target" in sparsity_deviation(0.502, 0.5, "unstructured", True, 64)["warning"]
