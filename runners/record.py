@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -12,6 +13,7 @@ import platform
 import resource
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -338,6 +340,71 @@ def write_atomic(path: Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class RunLocked(RuntimeError):
+    """The run is being computed by a process this host cannot check (another host)."""
+
+
+def _holder(lock: Path) -> tuple[str, int] | None:
+    try:
+        host, pid = lock.read_text().split()
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path, poll_s: float = 2.0, on_wait=None):
+    """Hold ``<folder>/.lock`` (``<host> <pid>``) while a run computes, so that two processes of one run id never
+    both compute it: a second one waits until the lock goes (then re-checks for the record). A lock whose process
+    is gone (kill -9; same host) is stale and taken over; one held on another host raises :class:`RunLocked`.
+    ``on_wait(holder)`` is called once when waiting starts. The folder, if it stays empty, is removed on release."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, host = folder / ".lock", platform.node()
+    waiting = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            holder = _holder(lock)
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if holder is None and age < 30:  # being written this instant
+                time.sleep(0.1)
+                continue
+            if holder is None or (holder[0] == host and not _alive(holder[1])):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            if holder[0] != host:
+                raise RunLocked(f"{folder.name} is being computed on host {holder[0]} (pid {holder[1]}): lock file "
+                                f"{lock}; delete it if that run is dead") from None
+            if not waiting and on_wait is not None:
+                on_wait(holder)
+            waiting = True
+            time.sleep(poll_s)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{host} {os.getpid()}\n")
+        break
+    try:
+        yield waiting
+    finally:
+        lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # (only if empty: a run that failed leaves nothing behind)
 
 
 def read_record(path: Path) -> dict | None:

@@ -31,6 +31,7 @@ from pruners.masks import sparsity as measured_sparsity
 from . import prune_cache, pruning, tracking
 from .identity import run_identity, scoped
 from .record import (
+    RunLocked,
     code_version,
     device_info,
     find_record,
@@ -41,6 +42,7 @@ from .record import (
     prune_id,
     read_record,
     run_id,
+    run_lock,
     write_atomic,
 )
 from .validate import CONF_DIR, ConfigError, Plan, check_local_data, validate
@@ -296,7 +298,7 @@ def _shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dic
     return on_shot
 
 
-def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> dict:
+def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _locked: bool = False) -> dict:
     """Run one experiment in-process and return its record (also written unless ``write=False``).
 
     A run whose id is already recorded (this sweep, or another sweep under ``output_root``) is not
@@ -307,6 +309,9 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
     ``cache_pruned`` cache, runners/prune_cache.py), and a run with the same prune id (the same weights,
     another evaluation) loads it instead of calibrating and pruning, and records ``pruned_from`` with the
     pruning-side facts of the run that pruned them. ``force=true`` prunes again.
+
+    A run computes holding ``<run folder>/.lock`` (:func:`runners.record.run_lock`): a second process of the same
+    run id (two identical sweeps into one folder) waits for the first, then reuses its record.
     """
     plan = plan or validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -331,6 +336,15 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True) -> di
         if found is not None and not (read_record(found).get("shot_of") and (
                 plan.pattern.kind == "rowcol" or _speed_wanted(cfg, plan))):
             return _reuse(found, out_path, cfg, write)
+    if write and not _locked:  # one process computes a run id; another waits, then finds its record above
+        def waiting(holder):
+            log.info("%s is being computed by pid %s: waiting for its record", rid, holder[1])
+
+        try:
+            with run_lock(out_path.parent, on_wait=waiting):
+                return execute(cfg, plan, write, _locked=True)
+        except RunLocked as err:
+            raise ConfigError(str(err)) from None
 
     check_local_data(cfg, plan)  # texts that cannot serve: one line, before any record, dataset or model
     timings: dict = {}

@@ -157,3 +157,37 @@ def test_sparsity_deviation_allows_rounding_only():
     assert "below the target" in sparsity_deviation(0.25, 0.3, "unstructured", True, 32)["warning"]
     assert "below the target" in sparsity_deviation(0.49, 0.5, "nm", True, 64)["warning"]  # N:M is exact
     assert "above the target" in sparsity_deviation(0.502, 0.5, "unstructured", True, 64)["warning"]
+
+
+def test_two_processes_of_one_run_compute_it_once(tmp_path):
+    """Two identical runs into one folder: the first holds the run's lock, the second waits for it and then reuses
+    the record (it never computes the run a second time); no lock is left behind."""
+    args = ["model=tiny-llama", "pruner=magnitude", f"output_root={tmp_path}", "sweep=twice", "wandb.mode=disabled",
+            "dense_baseline=false", *FAST]
+    first = _cli(*args)
+    deadline = time.time() + 300  # (waiting for a condition, not timing anything)
+    while time.time() < deadline and not list(tmp_path.glob("twice/*/.lock")) and first.poll() is None:
+        time.sleep(0.05)
+    second = _cli(*args)
+    outs = [p.communicate(timeout=600)[0] for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outs
+    assert "skipped: already recorded" in outs[1] and "skipped: already recorded" not in outs[0]
+    assert len(list(tmp_path.glob("twice/*/result.json"))) == 1 and not list(tmp_path.glob("twice/*/.lock"))
+
+
+def test_a_stale_run_lock_is_taken_over_and_another_hosts_lock_is_named(tmp_path):
+    import platform
+
+    from runners.record import RunLocked, run_lock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text(f"{platform.node()} {int(dead.stdout)}\n")  # killed -9: its process is gone
+    with run_lock(folder) as waited:
+        assert not waited and (folder / ".lock").read_text().split()[1] == str(os.getpid())
+    assert not folder.exists()  # released, and the empty folder removed
+    folder.mkdir()
+    (folder / ".lock").write_text("some-other-node 12345\n")
+    with pytest.raises(RunLocked, match="being computed on host some-other-node"), run_lock(folder):
+        pass
