@@ -612,6 +612,26 @@ def _group_options(group: str) -> list[str] | None:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else None
 
 
+def _syntax_error(err: Exception, overrides: list[str]) -> str:
+    """Hydra's override syntax error as one line; a value Hydra's lexer cannot read (spaces, non-ASCII characters,
+    ``=,[]{}()`` in a path) gets how to quote it."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        if not eq or value[:1] in ("'", '"'):
+            continue
+        try:
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            OverridesParser.create().parse_override(override)
+        except Exception:
+            if any(c.isspace() or not c.isascii() or c in "=,[]{}()'\"" for c in value):
+                return (f"{override}: Hydra cannot read this value unquoted (spaces, non-ASCII characters or "
+                        f"=,[]{{}}() in it): quote it for Hydra inside the shell's quotes, e.g. \"{key}='{value}'\"")
+            return f"{override}: {text}"
+    return text
+
+
 def prevalidate(argv: list[str]) -> str | None:
     """Compose and validate every job; return an error message, or None if all are valid.
 
@@ -686,7 +706,7 @@ def prevalidate(argv: list[str]) -> str | None:
     try:
         parsed = parser.parse_overrides(overrides)
     except Exception as err:  # Hydra's own syntax errors
-        return str(err).strip().splitlines()[0]
+        return _syntax_error(err, overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
             base = compose(config_name, overrides=searchpath + [o.input_line for o in parsed if not o.is_sweep_override()],

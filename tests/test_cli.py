@@ -86,6 +86,7 @@ def test_rerunning_a_sweep_recomputes_nothing(finished_sweep):
     (["model=local", "model.path=models/tiny/tiny-mamba", "model.seqlen=256", "model.attn_implementation=sdpa"],
      "model.attn_implementation=sdpa: MambaForCausalLM does not support"),
     (["engine.batch_size=true"], "engine.batch_size=True is not an integer"),
+    (["calib=text", "calib.path=/tmp/dé x.txt"], "calib.path=/tmp/dé x.txt: Hydra cannot read this value unquoted"),
 ])
 def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args, message):
     out, _ = finished_sweep
@@ -111,13 +112,16 @@ def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args,
     (["eval=ppl"], "eval.ppl.datasets (wikitext2): dataset wikitext is not in the local Hugging Face cache"),
     (["calib=c4", "calib.dataset_root={mirror}"], "calib.dataset_root={mirror}: no {mirror}/allenai/c4"),
     (["eval.zeroshot.tasks=[boolq]"], "lm-eval task 'boolq' cannot be loaded offline"),
+    (["calib=text", "calib.path='{unicode}'"], "calib.path={unicode}: 0 tokens"),  # quoted: the path reaches us
 ])
 def test_unusable_data_exits_2_before_any_record_or_model(tmp_path, args, message):
     """Calibration and evaluation texts are read and tokenized before the dense baseline or the model: an empty,
     too short or binary text, or more windows than the text holds, is one line naming the key, and nothing is
     written under output_root."""
-    files = {"empty": tmp_path / "empty.txt", "short": tmp_path / "short.txt", "binary": tmp_path / "binary.txt"}
+    files = {"empty": tmp_path / "empty.txt", "short": tmp_path / "short.txt", "binary": tmp_path / "binary.txt",
+             "unicode": tmp_path / "Persuasion é x.txt"}
     files["empty"].write_text("")
+    files["unicode"].write_text("")
     files["short"].write_text("Emma Woodhouse")
     files["binary"].write_bytes(b"abc\xff\xfe\x00\x01" * 50)
     names = {k: str(v) for k, v in files.items()} | {"mirror": str(tmp_path / "mirror")}
