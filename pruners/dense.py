@@ -17,3 +17,6 @@ class Dense(Pruner):
 
     def prune_group(self, modules, stat, pattern):
         return {}
+
+    def prune(self, model, adapter, pattern, calib_ids, settings=None, ratios=None):
+        return {}  # (no walk over the blocks, no progress bar naming a pattern it does not apply)
