@@ -62,6 +62,7 @@ class FLAP(StructuredPruner):
     bias_compensation: bool = True  # add the removed channels' mean contribution to the reader's bias
     attention_unit: str = "kv_group"  # kv_group (whole GQA groups; = heads without GQA) | query_head
     min_units: int = 1  # units of each kind every block keeps
+    rounding: str = "floor"  # uniform: int(ratio * count) units per module, as the reference (nearest: round())
 
     def check(self, pattern):
         super().check(pattern)

@@ -61,13 +61,22 @@ def global_keep(scores: dict, weights: dict, ratio: float, protected: dict | Non
     return dict(zip(keys, keep.split([scores[k].numel() for k in keys]), strict=True))
 
 
-def uniform_keep(scores: dict, ratio: float, protected: dict | None = None) -> dict:
-    """Keep masks that remove ``round(ratio * count)`` lowest-scoring units of every group (FLAP's UL-UM)."""
+ROUNDINGS = ("floor", "nearest")
+
+
+def units_to_remove(ratio: float, count: int, rounding: str = "nearest") -> int:
+    """Units of a ``count``-unit module a uniform ``ratio`` removes: ``int(ratio * count)`` (``floor``: the FLAP
+    reference's UL-UM and Wanda-sp, Python float arithmetic as theirs) or ``round(ratio * count)`` (``nearest``)."""
+    return int(ratio * count) if rounding == "floor" else round(ratio * count)
+
+
+def uniform_keep(scores: dict, ratio: float, protected: dict | None = None, rounding: str = "nearest") -> dict:
+    """Keep masks that remove :func:`units_to_remove` lowest-scoring units of every group (FLAP's UL-UM)."""
     out = {}
     for key, score in scores.items():
         guard = (protected or {}).get(key, torch.zeros(score.numel(), dtype=torch.bool))
         order = torch.argsort(score.double().cpu().masked_fill(guard, float("inf")), stable=True)
-        n_remove = min(round(ratio * score.numel()), int((~guard).sum()))
+        n_remove = min(units_to_remove(ratio, score.numel(), rounding), int((~guard).sum()))
         keep = torch.ones(score.numel(), dtype=torch.bool)
         keep[order[:n_remove]] = False
         out[key] = keep
@@ -119,6 +128,8 @@ class StructuredPruner(Pruner):
             raise ValueError(f"pruner.attention_unit='{self.attention_unit}' is not one of: {', '.join(ATTENTION_UNITS)}")
         if not isinstance(self.min_units, int) or self.min_units < 1:
             raise ValueError(f"pruner.min_units={self.min_units} must be an integer >= 1")
+        if getattr(self, "rounding", "nearest") not in ROUNDINGS:
+            raise ValueError(f"pruner.rounding='{self.rounding}' is not one of: {', '.join(ROUNDINGS)}")
 
     def groups(self, adapter: Adapter, block) -> list[UnitGroup]:
         """The unit groups this run removes from ``block`` (query heads only where the family has them)."""
@@ -136,7 +147,7 @@ class StructuredPruner(Pruner):
 
     def allocate(self, scores: dict, params: dict, pattern: Pattern, protected: dict) -> dict:
         if self.allocation == "uniform":
-            return uniform_keep(scores, pattern.ratio, protected)
+            return uniform_keep(scores, pattern.ratio, protected, getattr(self, "rounding", "nearest"))
         return global_keep(scores, params, pattern.ratio, protected)
 
     def compensate_reader(self, reader, removed_cols: torch.Tensor, stat) -> float | None:

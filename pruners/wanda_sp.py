@@ -7,8 +7,9 @@ element score::
 
     s_j = mean_i |W_ij| · ||X_j||        (||X_j||: the root mean square of input j over the calibration tokens)
 
-A head's (KV group's) score is the sum of its channels' scores, an MLP neuron's is its channel's; ``ratio`` of
-each module's units with the lowest scores are removed (UL-UM), with no compensation.
+A head's (KV group's) score is the sum of its channels' scores, an MLP neuron's is its channel's; the
+``int(ratio · count)`` lowest-scoring units of each module are removed (UL-UM, the reference's rounding), with no
+compensation.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class WandaSP(StructuredPruner):
     propagate = "pruned"  # each block scored on the outputs of the blocks pruned before it (as FLAP's code)
     keeps_statistics = False
     allocations = ("uniform",)
+    rounding = "floor"  # int(ratio * count) units per module, as the reference (a class setting, not a key)
     allocation: str = "uniform"  # uniform (each module: ratio of its units; the reference's only mode)
     attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA, plain heads otherwise) | query_head
     min_units: int = 1  # units of each kind every block keeps
@@ -77,7 +79,7 @@ class WandaSP(StructuredPruner):
                 continue
             for group in self.groups(adapter, block):
                 score = self.unit_scores(block, group, stats[group.kind], pattern).cpu()
-                keep = uniform_keep({0: score}, pattern.ratio, {0: top_units(score, self.min_units)})[0]
+                keep = uniform_keep({0: score}, pattern.ratio, {0: top_units(score, self.min_units)}, self.rounding)[0]
                 keep = adapter.repair_keep(block, group, keep, score)
                 name, result = remove_kept(adapter, block, group, keep, prefix, index)
                 results[name] = result

@@ -282,3 +282,24 @@ def test_heads_pattern_on_a_family_without_heads_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="sparsity=heads: model family 'mamba' has no attention heads"):
         validate(compose("model=tiny-mamba", "pruner=flap", "sparsity=heads"))
+
+
+def test_flap_uniform_removes_int_ratio_times_count_as_the_reference():
+    """FLAP UL-UM (allocation=uniform) and Wanda-sp remove int(ratio · count) units per module, as FLAP's code
+    (1 of 8 heads and 137 of 688 channels at 0.2); pruner.rounding=nearest is the closest-count rule."""
+    from pruners.structured import units_to_remove
+
+    assert (units_to_remove(0.2, 8, "floor"), units_to_remove(0.2, 688, "floor")) == (1, 137)
+    assert (units_to_remove(0.2, 8, "nearest"), units_to_remove(0.2, 688, "nearest")) == (2, 138)
+    kept = {}
+    for rounding in ("floor", "nearest"):
+        loaded = load_tiny("tiny-opt")  # 4 heads: int(0.2 * 4) = 0, round(0.8) = 1
+        calib = corpora.calibration_windows(loaded.tokenizer, "bundled", 4, 64, seed=0).ids
+        build_pruner({"name": "flap", "allocation": "uniform", "rounding": rounding}).prune(
+            loaded.model, loaded.adapter, Pattern("structured", 0.2), calib, EngineSettings(progress=False))
+        kept[rounding] = loaded.adapter.block_counts(loaded.adapter.blocks()[0])
+    ffn = load_tiny("tiny-opt").adapter.block_counts(load_tiny("tiny-opt").adapter.blocks()[0])["mlp_neuron"]
+    assert kept["floor"] == {"attention_head": 4, "mlp_neuron": ffn - int(0.2 * ffn)}
+    assert kept["nearest"] == {"attention_head": 3, "mlp_neuron": ffn - round(0.2 * ffn)}
+    with pytest.raises(ValueError, match="pruner.rounding='up' is not one of: floor, nearest"):
+        build_pruner({"name": "flap", "rounding": "up"}).check(Pattern("structured", 0.2))
