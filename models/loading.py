@@ -87,10 +87,40 @@ def _read_config(path: str, kwargs_items: tuple):
 
 
 def inspect_model(cfg) -> tuple[str, object, type[Adapter]]:
-    """Resolve the path and read the checkpoint's config only; raises before any weights are read."""
+    """Resolve the path and read the checkpoint's config only (and a local folder's safetensors headers,
+    :func:`check_safetensors`); raises before any weights are read."""
     path = resolve_path(cfg.path)
     hf_config = _read_config(path, tuple(sorted(_hf_kwargs(cfg).items())))
+    if Path(path).is_dir():
+        check_safetensors(path)
     return path, hf_config, adapter_class(hf_config.model_type)
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that cannot be what its header says."""
+
+
+def check_safetensors(folder: str | Path) -> None:
+    """DamagedCheckpoint naming the file when a ``*.safetensors`` file in ``folder`` is shorter or longer than its header
+    says (a truncated download or copy) or its header is unreadable: 8 bytes of header length, the JSON header,
+    then the tensors up to the largest ``data_offsets`` end. Reads the headers only."""
+    import json
+    import struct
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with file.open("rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > size:
+                    raise ValueError
+                header = json.loads(handle.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, struct.error, KeyError, TypeError, IndexError):
+            raise DamagedCheckpoint(f"{file}: not a readable safetensors file (its header is damaged)") from None
+        if 8 + length + end != size:
+            raise DamagedCheckpoint(f"{file}: {size} bytes, its header describes {8 + length + end} (truncated or damaged: "
+                             f"download or copy it again)")
 
 
 def meta_adapter(cfg) -> Adapter:

@@ -170,6 +170,8 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
             model_path, hf_config, _ = models.inspect_model(cfg.model)
         except models.UnsupportedModelError as err:
             raise ConfigError(f"model.path={cfg.model.path}: {err}") from None
+        except models.loading.DamagedCheckpoint as err:
+            raise ConfigError(f"model.path={cfg.model.path}: {err}") from None
         except (OSError, ValueError) as err:  # missing directory, unreachable hub, bad config.json
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"model.path={cfg.model.path}: cannot load the model config ({first})") from None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,8 @@ def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args,
     (["calib=c4", "calib.dataset_root={mirror}"], "calib.dataset_root={mirror}: no {mirror}/allenai/c4"),
     (["eval.zeroshot.tasks=[boolq]"], "lm-eval task 'boolq' cannot be loaded offline"),
     (["calib=text", "calib.path='{unicode}'"], "calib.path={unicode}: 0 tokens"),  # quoted: the path reaches us
+    (["model=local", "model.path={truncated}", "model.seqlen=256"],
+     "model.path={truncated}: {truncated}/model.safetensors: 1387168 bytes, its header describes 2774336"),
 ])
 def test_unusable_data_exits_2_before_any_record_or_model(tmp_path, args, message):
     """Calibration and evaluation texts are read and tokenized before the dense baseline or the model: an empty,
@@ -124,8 +127,12 @@ def test_unusable_data_exits_2_before_any_record_or_model(tmp_path, args, messag
     files["unicode"].write_text("")
     files["short"].write_text("Emma Woodhouse")
     files["binary"].write_bytes(b"abc\xff\xfe\x00\x01" * 50)
-    names = {k: str(v) for k, v in files.items()} | {"mirror": str(tmp_path / "mirror")}
+    names = {k: str(v) for k, v in files.items()} | {"mirror": str(tmp_path / "mirror"),
+                                                      "truncated": str(tmp_path / "truncated")}
     (tmp_path / "mirror").mkdir()
+    shutil.copytree(ROOT / "models" / "tiny" / "tiny-opt", tmp_path / "truncated")  # half its weights file
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = tmp_path / "outputs"
     proc = run_cli(*[a.format(**names) for a in args], f"output_root={out}", "sweep=data", "dense_baseline=true")
     assert proc.returncode == 2, proc.stderr[-2000:]
