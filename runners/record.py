@@ -342,69 +342,52 @@ def write_atomic(path: Path, data: dict) -> None:
         raise
 
 
-class RunLocked(RuntimeError):
-    """The run is being computed by a process this host cannot check (another host)."""
-
-
-def _holder(lock: Path) -> tuple[str, int] | None:
+def _holder(lock: Path) -> str:
     try:
-        host, pid = lock.read_text().split()
-        return host, int(pid)
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+        return lock.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
 
 
 @contextlib.contextmanager
 def run_lock(folder: Path, poll_s: float = 2.0, on_wait=None):
-    """Hold ``<folder>/.lock`` (``<host> <pid>``) while a run computes, so that two processes of one run id never
-    both compute it: a second one waits until the lock goes (then re-checks for the record). A lock whose process
-    is gone (kill -9; same host) is stale and taken over; one held on another host raises :class:`RunLocked`.
-    ``on_wait(holder)`` is called once when waiting starts. The folder, if it stays empty, is removed on release."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lock, host = folder / ".lock", platform.node()
+    """Hold ``<folder>/.lock`` while a run computes, so that two processes of one run id never both compute it: a
+    kernel lock (``flock``; released when its process dies, kill -9 included, and across hosts on a shared file
+    system that supports it) on a file naming ``<host> <pid>``; a second process waits until it is free, then
+    re-checks for the record. ``on_wait(holder)`` is called once when waiting starts. On release the lock file goes,
+    and the folder too if it stayed empty (a failed run leaves nothing behind)."""
+    import fcntl
+
+    lock = folder / ".lock"
     waiting = False
     while True:
+        folder.mkdir(parents=True, exist_ok=True)  # (again after a failed holder removed it)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            holder = _holder(lock)
-            try:
-                age = time.time() - lock.stat().st_mtime
-            except FileNotFoundError:
-                continue  # released meanwhile
-            if holder is None and age < 30:  # being written this instant
-                time.sleep(0.1)
-                continue
-            if holder is None or (holder[0] == host and not _alive(holder[1])):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            if holder[0] != host:
-                raise RunLocked(f"{folder.name} is being computed on host {holder[0]} (pid {holder[1]}): lock file "
-                                f"{lock}; delete it if that run is dead") from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             if not waiting and on_wait is not None:
-                on_wait(holder)
+                on_wait(_holder(lock))
             waiting = True
             time.sleep(poll_s)
             continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{host} {os.getpid()}\n")
-        break
+        try:  # the file we locked must still be the lock (its holder may have removed it after we opened it)
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{platform.node()} {os.getpid()}\n".encode())
         yield waiting
     finally:
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # (while holding it: a waiter that opened it sees another inode and retries)
+        os.close(fd)
         with contextlib.suppress(OSError):
-            folder.rmdir()  # (only if empty: a run that failed leaves nothing behind)
+            folder.rmdir()  # (only if empty)
 
 
 def read_record(path: Path) -> dict | None:

@@ -31,7 +31,6 @@ from pruners.masks import sparsity as measured_sparsity
 from . import prune_cache, pruning, tracking
 from .identity import run_identity, scoped
 from .record import (
-    RunLocked,
     code_version,
     device_info,
     find_record,
@@ -338,13 +337,10 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
             return _reuse(found, out_path, cfg, write)
     if write and not _locked:  # one process computes a run id; another waits, then finds its record above
         def waiting(holder):
-            log.info("%s is being computed by pid %s: waiting for its record", rid, holder[1])
+            log.warning("%s is being computed by %s: waiting for its record", rid, holder)
 
-        try:
-            with run_lock(out_path.parent, on_wait=waiting):
-                return execute(cfg, plan, write, _locked=True)
-        except RunLocked as err:
-            raise ConfigError(str(err)) from None
+        with run_lock(out_path.parent, on_wait=waiting):
+            return execute(cfg, plan, write, _locked=True)
 
     check_local_data(cfg, plan)  # texts that cannot serve: one line, before any record, dataset or model
     timings: dict = {}

@@ -143,7 +143,7 @@ def test_every_experiment_preset_expands_to_valid_jobs(name, tmp_path, monkeypat
         (tmp_path / stand_in).touch()
     monkeypatch.setenv("PRUNELAB_SURGEON_REFERENCE", str(tmp_path))
     jobs = preset_jobs(name)
-    assert len(jobs) >= 1  # (goa-heads: one job, its other rows in pairs of keys)
+    assert len(jobs) >= 2
     for cfg in jobs:
         # (the hub datasets without checking the cache: test_cli covers what an offline run says)
         plan = validate(cfg, check_model=str(cfg.model.path).startswith("bundled:"), check_hub=False)
@@ -349,3 +349,59 @@ def test_schema_accepts_ints_for_floats_and_null_where_optional():
 def test_seqlen_null_means_the_model_seqlen():
     plan = validate(compose("model=tiny-llama"))
     assert plan.calib_seqlen == plan.eval_seqlen == 256
+
+
+def _documented_commands(name: str) -> list[list[str]]:
+    """The ``python -m runners.run ...`` command lines a preset's header comment documents (continuations joined)."""
+    lines, commands, current = (CONF_DIR / "experiment" / f"{name}.yaml").read_text().splitlines(), [], None
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if current is not None:
+            current += " " + text.split("#")[0].rstrip(" \\")
+            if not text.split("#")[0].rstrip().endswith("\\"):
+                commands.append(current)
+                current = None
+        elif text.startswith("python -m runners.run "):
+            body = text.split("  #")[0].rstrip()
+            if body.endswith("\\"):
+                current = body.rstrip(" \\")
+            else:
+                commands.append(body)
+    out = []
+    for command in commands:
+        args = []
+        for token in command.split()[3:]:
+            if token in ("&&", ";", "|") or token.startswith(("(", "#")):  # (the rest is prose or another command)
+                break
+            args.append(token)
+        out.append(args)
+    return out
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_command_a_preset_documents_composes_and_validates(name, tmp_path, monkeypatch):
+    """Each ``python -m runners.run +experiment=<name> ...`` line of a preset's comment, every job of its sweeps
+    (the preset's own sweep params beneath the command line's), composes and passes validation (device=cuda read as
+    cpu here; hub models and data not read)."""
+    import itertools
+
+    for stand_in in ("sparsify.py", "curvature.py"):
+        (tmp_path / stand_in).touch()
+    monkeypatch.setenv("PRUNELAB_SURGEON_REFERENCE", str(tmp_path))
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = hydra_compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+    for args in _documented_commands(name):
+        overrides = [a for a in args if a not in ("-m", "--multirun") and not a.startswith("device=")]
+        if f"+experiment={name}" not in overrides:
+            continue
+        given = {o.split("=", 1)[0] for o in overrides}
+        overrides += [f"{k}={v}" for k, v in (base.hydra.sweeper.params or {}).items() if k not in given]
+        axes = [[f"{o.split('=', 1)[0]}={v}" for v in o.split("=", 1)[1].split(",")]
+                if "=" in o and "," in o and "[" not in o else [o] for o in overrides]
+        for combo in itertools.product(*axes):
+            validate(compose(*combo), check_model=False, check_hub=False)
