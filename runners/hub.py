@@ -15,24 +15,30 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 3.0
-OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+MODEL_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # what makes models (and the hub) offline
+DATASET_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")  # what makes datasets offline
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def _truthy(value: str | None) -> bool:
     return str(value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def offline_by_choice() -> bool:
-    """``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` is set."""
-    return any(_truthy(os.environ.get(flag)) for flag in OFFLINE_FLAGS)
+def flag_set(flags: tuple[str, ...]) -> str | None:
+    """The first of ``flags`` set in the environment, or None."""
+    return next((flag for flag in flags if _truthy(os.environ.get(flag))), None)
 
 
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """One TCP connect to the hub endpoint (``HF_ENDPOINT`` or huggingface.co), once per process; False when an
-    offline flag is set."""
-    if offline_by_choice():
+    """One TCP connect to the hub endpoint (``HF_ENDPOINT`` or huggingface.co), once per process; False when
+    ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` is set. Not probed (taken as reachable) behind a proxy
+    (``HTTPS_PROXY`` / ``ALL_PROXY``: the libraries go through it, a direct connect says nothing) or with
+    ``PRUNELAB_HUB_PROBE=0``."""
+    if flag_set(MODEL_FLAGS):
         return False
+    if any(os.environ.get(var) for var in PROXY_VARS) or os.environ.get("PRUNELAB_HUB_PROBE", "1").strip() == "0":
+        return True
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -42,28 +48,34 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
         return False
 
 
-def go_offline() -> None:
-    """Every library reads its cache only, without retries (the environment flags, and the module constants that
-    huggingface_hub and datasets read them into at import)."""
-    for flag in OFFLINE_FLAGS:
+def go_offline(datasets_only: bool = False) -> None:
+    """The libraries read their caches only, without retries: datasets (``HF_DATASETS_OFFLINE``), and unless
+    ``datasets_only`` the hub and transformers too (``HF_HUB_OFFLINE``); the environment flags and the module
+    constants huggingface_hub and datasets read them into at import."""
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        import datasets.config as datasets_config
+
+        datasets_config.HF_DATASETS_OFFLINE = True
+        if not datasets_only:
+            datasets_config.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover (a dependency)
+        pass
+    if datasets_only:
+        return
+    for flag in MODEL_FLAGS:
         os.environ[flag] = "1"
     import huggingface_hub.constants as hub_constants
 
     hub_constants.HF_HUB_OFFLINE = True
-    try:
-        import datasets.config as datasets_config
-    except ImportError:  # pragma: no cover (a dependency)
-        return
-    datasets_config.HF_HUB_OFFLINE = True
-    datasets_config.HF_DATASETS_OFFLINE = True
 
 
-def model_cached(repo_id: str, revision: str | None = None) -> bool:
-    """The hub model's config.json is in the local cache."""
+def file_cached(repo_id: str, filename: str, revision: str | None = None) -> bool:
+    """``filename`` of the hub model ``repo_id`` is in the local cache."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+        return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
     except ValueError:  # not a valid repo id
         return False
 
@@ -80,21 +92,30 @@ def dataset_cached(hub_path: str) -> bool:
     return any(hub_cache.glob(f"datasets--*{name}")) or any(datasets_cache.glob(f"*{name}"))
 
 
-def check_hub(model_id: str | None, revision: str | None, datasets_needed: dict[str, tuple[str, str]],
+def check_hub(models: dict[str, tuple[str, tuple[str, ...]]], revision: str | None, datasets_needed: dict[str, tuple[str, str]],
               tasks: bool = False) -> None:
-    """Raise ValueError (one line naming the key) when the hub is unreachable and something the run needs from it is
-    not cached; switch to offline mode when it is unreachable. ``model_id``: a hub model id (None: local);
-    ``datasets_needed``: ``{config key: (hub dataset id, the dataset_root key that would replace it)}``; ``tasks``:
-    lm-eval tasks that read hub datasets (offline mode makes them fail fast where they load, naming the task)."""
-    if model_id is None and not datasets_needed and not tasks:
+    """Raise ValueError (one line naming the key) when the hub is unreachable (or an offline flag is set) and
+    something the run needs from it is not cached, after switching the libraries to their caches. ``models``:
+    ``{config key: (hub repo id, files of which one must be cached)}`` (the model's config.json or GGUF file, a
+    hub tokenizer's tokenizer_config.json or tokenizer.json); ``datasets_needed``: ``{config key: (hub dataset id, the dataset_root key that
+    would replace it)}``; ``tasks``: lm-eval tasks read hub datasets (offline, they fail fast where they load, naming
+    the task)."""
+    if not models and not datasets_needed and not tasks:
         return
-    if hub_reachable():
+    reachable = hub_reachable()
+    datasets_flag = flag_set(DATASET_FLAGS)
+    if reachable and not datasets_flag:
         return
-    why = "offline mode is set (HF_HUB_OFFLINE)" if offline_by_choice() else "the hub is unreachable"
-    go_offline()
-    if model_id is not None and not model_cached(model_id, revision):
-        raise ValueError(f"model.path={model_id}: not in the local Hugging Face cache and {why}: give a local folder "
-                         f"(model.path=/path/to/checkpoint) or download it once where the hub is reachable")
+    if not reachable:
+        why = f"offline mode is set ({flag_set(MODEL_FLAGS)})" if flag_set(MODEL_FLAGS) else "the hub is unreachable"
+        go_offline()
+        for key, (repo_id, filenames) in models.items():
+            if not any(file_cached(repo_id, name, revision if key == "model.path" else None) for name in filenames):
+                raise ValueError(f"{key}={repo_id}: not in the local Hugging Face cache and {why}: give a "
+                                 f"local folder ({key}=/path/to/it) or download it once where the hub is reachable")
+    else:
+        why = f"offline mode is set ({datasets_flag})"
+        go_offline(datasets_only=True)
     for key, (hub_path, root_key) in datasets_needed.items():
         if not dataset_cached(hub_path):
             raise ValueError(f"{key}: dataset {hub_path} is not in the local Hugging Face cache and {why}: set "

@@ -353,11 +353,18 @@ def _check_hub(cfg, calibrates: bool, protocols, zeroshot_tasks) -> None:
 
     from .hub import check_hub
 
-    path = str(cfg.model.path)
-    try:
-        model_id = path if models.loading.resolve_path(path) == path and not Path(path).expanduser().exists() else None
-    except FileNotFoundError:
-        model_id = None  # (a missing local folder: the model check below says so)
+    def hub_id(path, key):
+        try:
+            is_hub = models.loading.resolve_path(path, key) == path and not Path(path).expanduser().exists()
+        except FileNotFoundError:
+            return None  # (a missing local folder: the model check below says so)
+        return path if is_hub else None
+
+    hub_models = {}
+    if hub_id(str(cfg.model.path), "model.path"):
+        hub_models["model.path"] = (str(cfg.model.path), (cfg.model.get("gguf_file") or "config.json",))
+    if cfg.model.get("tokenizer") and hub_id(str(cfg.model.tokenizer), "model.tokenizer"):
+        hub_models["model.tokenizer"] = (str(cfg.model.tokenizer), ("tokenizer_config.json", "tokenizer.json"))
     needed = {}
     sources = [(f"calib={cfg.calib.source}", cfg.calib.source, "calib.dataset_root", cfg.calib.get("dataset_root"))
                ] if calibrates else []
@@ -374,7 +381,7 @@ def _check_hub(cfg, calibrates: bool, protocols, zeroshot_tasks) -> None:
                               f"<{root_key}>/{hub_path})")
     hub_tasks = any(task not in BUNDLED_TASKS for task in zeroshot_tasks)
     try:
-        check_hub(model_id, cfg.model.get("revision"), needed, hub_tasks)
+        check_hub(hub_models, cfg.model.get("revision"), needed, hub_tasks)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

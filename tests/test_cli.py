@@ -264,8 +264,9 @@ def test_the_hub_probe_is_one_connect_to_the_endpoint(monkeypatch):
     from runners.hub import hub_reachable
 
     probe = hub_reachable.__wrapped__  # (the runner caches it once per process)
-    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(flag, raising=False)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "PRUNELAB_HUB_PROBE", "HTTPS_PROXY",
+                "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -276,3 +277,22 @@ def test_the_hub_probe_is_one_connect_to_the_endpoint(monkeypatch):
         assert not probe(timeout=3.0)
         monkeypatch.delenv("HF_HUB_OFFLINE")
     assert not probe(timeout=3.0)  # closed: refused
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # behind a proxy a direct connect says nothing: not probed
+    assert probe(timeout=3.0)
+
+
+def test_a_cached_hub_model_runs_offline_from_the_cache(tmp_path):
+    """Offline, a hub model id whose files are in the Hugging Face cache passes the hub check and runs (the cache
+    laid out as huggingface_hub writes it, holding the bundled tiny OPT under facebook/opt-125m)."""
+    home = tmp_path / "hf"
+    repo = home / "hub" / "models--facebook--opt-125m"
+    shutil.copytree(ROOT / "models" / "tiny" / "tiny-opt", repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "runners.run", "model=opt-125m", "model.seqlen=256", "pruner=magnitude",
+                           f"output_root={tmp_path / 'out'}", "dense_baseline=false", *FAST], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (record,) = (tmp_path / "out").rglob("result.json")
+    assert json.loads(record.read_text())["model"]["name"] == "opt-125m"
