@@ -91,7 +91,7 @@ class Allocation:
     def check(self, pattern: Pattern) -> None:
         if self.kind != "uniform" and pattern.kind != "unstructured":
             raise ValueError(f"sparsity.allocation={self.kind} needs an unstructured pattern (got {pattern.describe()})")
-        if not self.is_default and pattern.kind == "structured":
+        if not self.is_default and pattern.removes_units:
             raise ValueError("sparsity.targets / sparsity.ignore do not apply to structured pruning "
                              "(structured pruners choose their own units)")
 

@@ -609,8 +609,8 @@ def _group_options(group: str) -> list[str] | None:
 
 
 def _syntax_error(err: Exception, overrides: list[str]) -> str:
-    """Hydra's override syntax error as one line; a value Hydra's lexer cannot read (spaces, non-ASCII characters,
-    ``=,[]{}()`` in a path) gets how to quote it."""
+    """Hydra's override syntax error as one line naming the override; a value Hydra's lexer cannot read because of
+    spaces or non-ASCII characters (a path) gets how to quote it."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     for override in overrides:
         key, eq, value = override.partition("=")
@@ -621,9 +621,9 @@ def _syntax_error(err: Exception, overrides: list[str]) -> str:
 
             OverridesParser.create().parse_override(override)
         except Exception:
-            if any(c.isspace() or not c.isascii() or c in "=,[]{}()'\"" for c in value):
-                return (f"{override}: Hydra cannot read this value unquoted (spaces, non-ASCII characters or "
-                        f"=,[]{{}}() in it): quote it for Hydra inside the shell's quotes, e.g. \"{key}='{value}'\"")
+            if any(c.isspace() or not c.isascii() for c in value) and "'" not in value:
+                return (f"{override}: Hydra cannot read this value unquoted (spaces or non-ASCII characters in it): "
+                        f"quote it for Hydra inside the shell's quotes, e.g. \"{key}='{value}'\"")
             return f"{override}: {text}"
     return text
 
