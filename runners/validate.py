@@ -385,3 +385,19 @@ def _check_hub(cfg, calibrates: bool, protocols, zeroshot_tasks) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
+
+def check_writable(cfg: DictConfig) -> None:
+    """``output_root`` (and the sweep folder in it) can be created and written, before any work: a read-only or
+    file-occupied location is one line naming the key, not a traceback after the run."""
+    import tempfile
+
+    root = Path(str(cfg.output_root)).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output_root={cfg.output_root} is a file, not a folder")
+    try:
+        folder = root / str(cfg.sweep)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output_root={cfg.output_root}: cannot write there ({err.strerror or err})") from None

@@ -215,7 +215,7 @@ def test_published_numbers_are_well_formed_and_belong_to_a_preset(name):
 
 
 def test_prevalidate_checks_every_job_of_a_preset():
-    from runners.run import prevalidate
+    from runners.cli import prevalidate
 
     assert prevalidate(["+experiment=tiny-mamba-apt"]) is None
     error = prevalidate(["+experiment=tiny-mamba-apt", "pruner=sparsegpt,apt", "pruner.blocksize=12"])
@@ -226,7 +226,7 @@ def test_prevalidate_checks_every_job_of_a_preset():
 def test_a_key_of_the_pruners_a_preset_sweeps_is_checked_per_job(tmp_path, monkeypatch):
     """``pruner.shots=8`` with a preset sweeping ``pruner: surgeon,surgeon_reference``: the default pruner has no
     such key, the swept ones have; a key none of them has is still refused."""
-    from runners.run import prevalidate
+    from runners.cli import prevalidate
 
     for stand_in in ("sparsify.py", "curvature.py"):
         (tmp_path / stand_in).touch()

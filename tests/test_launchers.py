@@ -28,7 +28,7 @@ from hydra_plugins.prunelab_launchers._workers import (
     resolve_devices,
     split_threads,
 )
-from runners.run import prevalidate
+from runners.cli import prevalidate
 
 from .conftest import CONF_DIR, ROOT, compose
 
