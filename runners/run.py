@@ -25,8 +25,8 @@ import models
 from evaluators.ppl import perplexity, protocol_windows
 from evaluators.speed import measure_speed, speedup
 from models.shrink import shrink_silent_units
+from pruners.accounting import sparsity_section, structure_section, unit_counts
 from pruners.masks import Pattern
-from pruners.masks import sparsity as measured_sparsity
 
 from . import prune_cache, pruning, tracking
 from .cli import prevalidate
@@ -67,77 +67,6 @@ def _timed(timings: dict, key: str, start: float) -> float:
     now = time.perf_counter()
     timings[key] = round(now - start, 3)
     return now
-
-
-def _sparsity_section(adapter, plan: Plan, prunes: bool) -> dict:
-    """Measured sparsity: overall and per module over every prunable linear; per block (achieved) over the
-    linears the allocation targets (``sparsity.targets`` / ``ignore``; all by default), as its ratios are."""
-    per_module, per_block, zeros, total = {}, [], 0, 0
-    prefix = adapter.blocks_prefix()
-    for index, block in enumerate(adapter.blocks()):
-        block_zeros, block_total = 0, 0
-        for name, linear in adapter.prunable_linears(block).items():
-            value = measured_sparsity(linear.weight)
-            per_module[f"{prefix}.{index}.{name}"] = round(value, 6)
-            count = round(value * linear.weight.numel())
-            zeros, total = zeros + count, total + linear.weight.numel()
-            if plan.allocation.selects(name):
-                block_zeros, block_total = block_zeros + count, block_total + linear.weight.numel()
-        per_block.append(round(block_zeros / block_total, 6) if block_total else None)
-    section = {"target": plan.pattern.target_sparsity if prunes else 0.0, "overall": round(zeros / max(total, 1), 6),
-               "prunable_parameters": total, "per_block": per_block, "per_module": per_module}
-    if prunes and plan.pattern.kind in ("unstructured", "nm"):
-        widths = [linear.in_features for block in adapter.blocks() for linear in adapter.prunable_linears(block).values()]
-        section.update(sparsity_deviation(section["overall"], section["target"], plan.pattern.kind,
-                                          plan.allocation.is_default, min(widths, default=1)))
-    return section
-
-
-def sparsity_deviation(overall: float, target: float, kind: str, uniform: bool, narrowest: int) -> dict:
-    """``{"deviation": overall - target}``, plus ``"warning"`` where the measured sparsity misses the target by more
-    than rounding: above it by more than 0.1 point (a method's int() rounding never adds zeros: extra ones are e.g.
-    dead input columns zeroed on top of the target, docs/architecture.md §5), or below it by more than one weight per
-    row of the narrowest linear (``1 / narrowest``; N:M: exact; a non-uniform allocation: 1 point)."""
-    deviation = overall - target
-    under = 1e-6 if kind == "nm" and uniform else (1.0 / narrowest if uniform else 0.01)
-    out = {"deviation": round(deviation, 6)}
-    if deviation > 1e-3 or -deviation > under + 1e-6:
-        side = "above" if deviation > 0 else "below"
-        why = " (zeros beyond the method's choice: e.g. dead input columns zeroed on top of it)" if deviation > 0 else ""
-        out["warning"] = (f"measured sparsity {overall:.2%} is {abs(deviation) * 100:.2f} points {side} the target "
-                          f"{target:.2%}{why}; per module: sparsity.per_module in the record")
-    return out
-
-
-def _structure_before(model, adapter, attention_only: bool = False) -> dict:
-    """Parameter and unit counts; ``unit_parameters``: those a structured ratio counts (``attention_only``: the
-    attention units' alone, what a ``heads`` ratio counts)."""
-    return {"parameters": sum(p.numel() for p in model.parameters()),
-            "unit_parameters": adapter.unit_parameters(attention_only),
-            "blocks": [adapter.block_counts(block) for block in adapter.blocks()]}
-
-
-def _structure_section(model, adapter, plan: Plan, before: dict, module_results: dict) -> tuple[dict, dict]:
-    """Structured runs: parameter counts before / after, per-block kept units (and which), and the
-    sparsity section in the same terms (removed fraction of the unit-owned parameters)."""
-    after = _structure_before(model, adapter, plan.pattern.attention_only)
-    removed = 1 - after["unit_parameters"] / before["unit_parameters"]
-    prefix = adapter.blocks_prefix()
-    blocks = []
-    for index, (was, now) in enumerate(zip(before["blocks"], after["blocks"], strict=True)):
-        entry = {kind: {"kept": now[kind], "of": was[kind]} for kind in was}
-        for name, result in module_results.items():
-            if result.kept_units is not None and name.startswith(f"{prefix}.{index}."):
-                entry[result.unit_kind]["kept_units"] = result.kept_units
-        blocks.append(entry)
-    structure = {"parameters_before": before["parameters"], "parameters_after": after["parameters"],
-                 "unit_parameters_before": before["unit_parameters"], "unit_parameters_after": after["unit_parameters"],
-                 "unit_scope": "attention" if plan.pattern.attention_only else adapter.unit_scope,
-                 "removed_fraction": round(removed, 6), "blocks": blocks}
-    sparsity = {"target": plan.pattern.ratio, "overall": round(removed, 6),
-                "prunable_parameters": before["unit_parameters"],
-                "per_module": {name: round(r.pruned / r.total, 6) for name, r in module_results.items()}}
-    return structure, sparsity
 
 
 def _speed_wanted(cfg: DictConfig, plan: Plan) -> bool:
@@ -280,7 +209,7 @@ def _shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dic
         pattern = {"kind": shot_plan.pattern.kind, "ratio": shot_plan.pattern.ratio, "n": None, "m": None,
                    "label": shot_plan.pattern.describe()}
         record = _record(cfg, derived, rid, loaded, plan.pruner.name, pattern,
-                         _sparsity_section(loaded.adapter, shot_plan, True), metrics, shot_timings, plan.device,
+                         sparsity_section(loaded.adapter, shot_plan.pattern, shot_plan.allocation, True), metrics, shot_timings, plan.device,
                          calibration, None, prune_id(derived, calibrates=plan.calibrates, identity=ident),
                          identity=scoped(ident, "run"))
         record["shot_of"] = {"shot": shot, "shots": shots, "run_id": out_path.parent.name}
@@ -375,7 +304,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
         dense_timings = {k.removeprefix("dense "): v for k, v in dense_timings.items()}
         dense_timings.update(prune=0.0, total=round(sum(dense_timings.values()), 3))
         dense = _record(cfg, dense_cfg, dense_rid, loaded, "dense", DENSE_PATTERN,
-                        _sparsity_section(loaded.adapter, plan, prunes=False), metrics, dense_timings, plan.device,
+                        sparsity_section(loaded.adapter, plan.pattern, plan.allocation, prunes=False), metrics, dense_timings, plan.device,
                         identity=scoped(ident, "dense"))
         dense_path = root / sweep / dense_rid / "result.json"
         write_atomic(dense_path, dense)
@@ -392,7 +321,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
     structure, saved, info = None, None, None
     if kept is None:
         model, adapter = loaded.model, loaded.adapter
-        before = _structure_before(model, adapter, plan.pattern.attention_only) if structured else None
+        before = unit_counts(model, adapter, plan.pattern.attention_only) if structured else None
         on_shot = _shot_recorder(cfg, plan, config, loaded, ident, out_path, task_dict, timings) if write else None
         pruned = pruning.prune(cfg, plan, loaded, timings, on_shot)  # calibration, allocation, the method
         if on_shot is not None and on_shot.eval_s:
@@ -401,9 +330,9 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
         module_results, ratios, calibration = pruned.module_results, pruned.ratios, pruned.calibration
         method_losses = {k: v.loss for k, v in module_results.items() if v.loss is not None}
         if structured:
-            structure, sparsity = _structure_section(model, adapter, plan, before, module_results)
+            structure, sparsity = structure_section(model, adapter, plan.pattern, before, module_results)
         else:
-            sparsity = _sparsity_section(adapter, plan, prunes)
+            sparsity = sparsity_section(adapter, plan.pattern, plan.allocation, prunes)
             if sparsity.get("warning"):
                 log.warning("%s", sparsity["warning"])
             if prunes:

@@ -151,7 +151,7 @@ def test_sparsity_above_the_target_is_a_warning_and_a_record_field(tmp_path):
 
 
 def test_sparsity_deviation_allows_rounding_only():
-    from runners.run import sparsity_deviation
+    from pruners.accounting import sparsity_deviation
 
     assert "warning" not in sparsity_deviation(0.28125, 0.3, "unstructured", True, 32)  # int(0.3 * 32) = 9 of 32
     assert "below the target" in sparsity_deviation(0.25, 0.3, "unstructured", True, 32)["warning"]
