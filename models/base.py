@@ -8,6 +8,7 @@ they own.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -88,32 +89,41 @@ def _contiguous(count: int, width: int, offset: int = 0) -> torch.Tensor:
     return offset + torch.arange(count * width).view(count, width)
 
 
-class Adapter:
-    """Base class; one subclass per model family (registered in :mod:`models.registry`)."""
+class Adapter(abc.ABC):
+    """Base class; one subclass per model family (registered in :mod:`models.registry`). The abstract methods and
+    the class attributes ``family`` and ``model_types`` are required: a family missing one fails when its class is
+    defined (``model_types`` / ``family``) or first instantiated (a method), not in the middle of a run."""
 
     family: ClassVar[str]
     unit_scope: ClassVar[str] = "attention+MLP"  # what the removable units make up, in words
     model_types: ClassVar[tuple[str, ...]]  # HF ``config.model_type`` values this adapter handles
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, kind in (("family", str), ("model_types", tuple)):
+            if not isinstance(getattr(cls, name, None), kind):
+                raise TypeError(f"adapter {cls.__name__}: class attribute '{name}' ({kind.__name__}) is required")
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
 
     # --- structure -----------------------------------------------------------------------------
+    @abc.abstractmethod
     def blocks(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The transformer / mixer blocks, in order."""
 
+    @abc.abstractmethod
     def pre_block_modules(self) -> list[nn.Module]:
         """Modules that run before block 0 (embeddings, positions, rotary): moved to the device for capture."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def post_block_modules(self) -> list[nn.Module]:
         """Modules that run after the last block, in order, ending with the LM head."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def linear_groups(self, block: nn.Module) -> list[LinearGroup]:
         """Prunable linears of a block, grouped by shared input, in forward order."""
-        raise NotImplementedError
 
     def applied_weights(self, block: nn.Module) -> tuple[str, ...]:
         """Prunable linears that the installed forward applies by their weight (``weight @ x``, features along
@@ -132,9 +142,9 @@ class Adapter:
         :meth:`query_key` on a batch of unpadded windows (``kwargs``: what the block was called with)."""
         raise NotImplementedError(f"model family '{self.family}' has no attention probabilities")
 
+    @abc.abstractmethod
     def unit_groups(self, block: nn.Module) -> list[UnitGroup]:
         """Structural units of a block (heads / KV groups, MLP neurons, Mamba inner channels)."""
-        raise NotImplementedError
 
     def native_state(self, state: dict) -> dict:
         """``state`` (a model state dict) with every tensor as the family's checkpoints store it (written by
@@ -253,7 +263,7 @@ class Adapter:
             if kind in counts and counts[kind] != current.count:
                 self.remove_units(block, kind, self.default_keep(block, current, counts[kind]))
 
-    def resized(self, block: nn.Module, kind: str, count: int) -> None:
+    def resized(self, block: nn.Module, kind: str, count: int) -> None:  # noqa: B027 (an optional hook)
         """Family hook: update per-layer size attributes after ``kind`` now has ``count`` units."""
 
     def config_for_counts(self, counts: dict[str, int]) -> dict | None:

@@ -241,3 +241,15 @@ def test_llama_3_1_rope_scaling_from_a_hub_style_config_loads(tmp_path):
             expected.append((1 - smooth) * f / 8.0 + smooth * f)
     torch.testing.assert_close(rotary.inv_freq.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
     assert not torch.allclose(rotary.inv_freq.double(), base)
+
+
+def test_an_adapter_missing_a_required_member_fails_when_defined_or_built():
+    """Adapter is an ABC: a family without ``family`` / ``model_types`` fails at class definition, one without a
+    required method when first built, not in the middle of a run."""
+    from models.base import Adapter
+
+    with pytest.raises(TypeError, match="class attribute 'model_types'"):
+        type("NoTypes", (Adapter,), {"family": "x"})
+    partial = type("Partial", (Adapter,), {"family": "x", "model_types": ("x",), "blocks": lambda self: []})
+    with pytest.raises(TypeError, match="abstract method"):
+        partial(None)
