@@ -374,7 +374,10 @@ def run_lock(folder: Path, poll_s: float = 2.0, on_wait=None):
             continue
         except OSError:  # a file system without locks (some network mounts): run unlocked, as before locks existed
             os.close(fd)
-            yield waiting
+            try:
+                yield waiting
+            finally:
+                lock.unlink(missing_ok=True)
             return
         try:  # the file we locked must still be the lock (its holder may have removed it after we opened it)
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
