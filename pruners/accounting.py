@@ -4,6 +4,8 @@ the structure section (parameters and units before / after, which units each blo
 
 from __future__ import annotations
 
+from models.shrink import shrink_silent_units
+
 from .allocation import Allocation
 from .masks import Pattern
 from .masks import sparsity as measured_sparsity
@@ -77,4 +79,26 @@ def structure_section(model, adapter, pattern: Pattern, before: dict, module_res
     sparsity = {"target": pattern.ratio, "overall": round(removed, 6),
                 "prunable_parameters": before["unit_parameters"],
                 "per_module": {name: round(r.pruned / r.total, 6) for name, r in module_results.items()}}
+    return structure, sparsity
+
+
+def account(model, adapter, pattern: Pattern, allocation: Allocation, prunes: bool, before: dict | None,
+            module_results: dict, ratios) -> tuple[dict | None, dict]:
+    """(structure, sparsity) sections of a run that just pruned ``model``: structured runs in units
+    (:func:`structure_section`, ``before`` from :func:`unit_counts`); the others in zeroed weights, with the
+    allocation's per-linear ratios, and for ``rowcol`` the rows / columns that free whole units cut out
+    (:func:`models.shrink.shrink_silent_units`), the structure section saying what that removed."""
+    if prunes and pattern.removes_units:
+        return structure_section(model, adapter, pattern, before, module_results)
+    sparsity = sparsity_section(adapter, pattern, allocation, prunes)
+    if not prunes:
+        return None, sparsity
+    sparsity["allocation"] = ratios.to_record(allocation) if ratios is not None else {"kind": "uniform"}
+    if pattern.kind != "rowcol":
+        return None, sparsity
+    units_before = adapter.unit_parameters()
+    structure = shrink_silent_units(model, adapter)
+    structure.update(unit_parameters_before=units_before, unit_parameters_after=adapter.unit_parameters(),
+                     unit_scope=adapter.unit_scope)
+    structure["removed_fraction"] = round(1 - structure["unit_parameters_after"] / units_before, 6)
     return structure, sparsity

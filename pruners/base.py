@@ -1,7 +1,7 @@
 """The thin interface between a method and its driver (docs/architecture.md §1; docs/methods.md §1).
 
 A method declares what it needs as class attributes (``needs_calibration``, ``needs_gradients``,
-``scope``, ``propagate``); :meth:`Pruner.prune` picks the driver: the sequential block-by-block engine
+``scope``, ``propagate``); the engine picks the driver (:func:`pruners.engine.drive`): the sequential block engine
 (``scope = "block"``) or the method's own :meth:`Pruner.prune_model` (``scope = "model"``: whole-model
 gradients, a global threshold, several shots), which builds on :mod:`pruners.taps` (gradient taps),
 :class:`pruners.masks.MaskState` (persistent masks) and :class:`pruners.settings.EngineSettings`.
@@ -15,7 +15,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .masks import PackedMask, Pattern
+from .engine import drive
+from .masks import PATTERN_KINDS, PackedMask, Pattern
 from .settings import EngineSettings
 from .stats import Hessian, damped_inverse_cholesky
 
@@ -32,10 +33,34 @@ def register(cls):
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{cls.__name__}: a registered pruner needs a class attribute name = '<config name>'")
+    missing = _missing_members(cls)
+    if missing:
+        raise TypeError(f"pruner '{name}' ({cls.__name__}): {missing}")
     if name in PRUNERS and PRUNERS[name] is not cls:
         raise ValueError(f"pruner name '{name}' is registered twice ({PRUNERS[name].__name__}, {cls.__name__})")
     PRUNERS[name] = cls
     return cls
+
+
+def _missing_members(cls) -> str | None:
+    """What a registered method lacks, checked at import (docs/architecture.md §1): a known ``scope`` and
+    ``propagate``, known pattern kinds, and the driver entry its scope needs (``prune_group`` for the block engine
+    unless the method overrides ``prune``; ``prune_model`` for ``scope = "model"``)."""
+    if cls.scope not in SCOPES:
+        return f"scope '{cls.scope}' is not one of: {', '.join(SCOPES)}"
+    if cls.propagate not in PROPAGATIONS:
+        return f"propagate '{cls.propagate}' is not one of: {', '.join(PROPAGATIONS)}"
+    unknown = [kind for kind in cls.patterns if kind not in PATTERN_KINDS]
+    if unknown:
+        return f"patterns {unknown} are not among: {', '.join(PATTERN_KINDS)}"
+    if cls.needs_gradients and cls.scope != "model":
+        return "needs_gradients needs scope 'model' (the block engine has no backward)"
+    own_prune = cls.prune is not Pruner.prune
+    if cls.scope == "model" and cls.prune_model is Pruner.prune_model and not own_prune:
+        return "scope 'model' needs a prune_model method"
+    if cls.scope == "block" and cls.prune_group is Pruner.prune_group and not own_prune:
+        return "scope 'block' needs a prune_group method (or its own prune)"
+    return None
 
 
 @dataclass
@@ -93,21 +118,10 @@ class Pruner:
 
     def prune(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
               ratios=None) -> dict[str, ModuleResult]:
-        """Prune the whole model: layer-wise methods (``scope = "block"``) go block by block through the
-        sequential engine, whole-model methods (``scope = "model"``) through :meth:`prune_model`.
+        """Prune the whole model in place and return per-module results; the engine picks the driver
+        (:func:`pruners.engine.drive`: the sequential block engine, or :meth:`prune_model` for ``scope = "model"``).
         ``ratios``: per-linear ratios from :func:`pruners.allocation.allocate` (layer-wise methods only)."""
-        settings = settings or EngineSettings()
-        if ratios is not None and self.scope != "block":
-            raise ValueError(f"pruner '{self.name}' allocates its own sparsity: sparsity.allocation must be uniform "
-                             f"over every linear")
-        if self.scope == "model":
-            self.check(pattern)
-            if self.needs_calibration and calib_ids is None:
-                raise ValueError(f"pruner '{self.name}' needs calibration data")
-            return self.prune_model(model, adapter, pattern, calib_ids if self.needs_calibration else None, settings)
-        from .engine import prune_sequential
-
-        return prune_sequential(model, adapter, self, pattern, calib_ids, settings, ratios)
+        return drive(self, model, adapter, pattern, calib_ids, settings, ratios)
 
     def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
                     ) -> dict[str, ModuleResult]:

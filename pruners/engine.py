@@ -11,6 +11,7 @@ and the calibration activations.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,9 +21,28 @@ from models import Adapter
 from models.blocks import BlockInputs, capture_block_inputs, run_block
 
 from .allocation import LayerRatios
-from .base import ModuleResult, Pruner
 from .masks import Pattern
 from .settings import EngineSettings
+
+if TYPE_CHECKING:  # (annotations only: pruners/base.py imports this module, never the other way round)
+    from .base import ModuleResult, Pruner
+
+
+def drive(pruner: Pruner, model, adapter: Adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
+          ratios: LayerRatios | None = None) -> dict[str, ModuleResult]:
+    """The driver choice (docs/architecture.md §1): layer-wise methods (``scope = "block"``) go block by block
+    through :func:`prune_sequential`, whole-model methods (``scope = "model"``) through their ``prune_model``.
+    ``ratios``: per-linear ratios from :func:`pruners.allocation.allocate` (layer-wise methods only)."""
+    settings = settings or EngineSettings()
+    if ratios is not None and pruner.scope != "block":
+        raise ValueError(f"pruner '{pruner.name}' allocates its own sparsity: sparsity.allocation must be uniform "
+                         f"over every linear")
+    if pruner.scope == "model":
+        pruner.check(pattern)
+        if pruner.needs_calibration and calib_ids is None:
+            raise ValueError(f"pruner '{pruner.name}' needs calibration data")
+        return pruner.prune_model(model, adapter, pattern, calib_ids if pruner.needs_calibration else None, settings)
+    return prune_sequential(model, adapter, pruner, pattern, calib_ids, settings, ratios)
 
 
 def _hook(module: nn.Module, tap, stat):

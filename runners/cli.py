@@ -3,6 +3,7 @@ of a preset's) composed and validated before any of them starts; bad input is on
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,6 +13,12 @@ from .validate import CONF_DIR, ConfigError, check_writable, validate
 _VALUE_FLAGS = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "-p", "--package"}
 _PASS_THROUGH = {"-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "--shell-completion", "--resolve",
                  "--experimental-rerun"}
+
+
+def fail(message: str) -> None:
+    """Bad input: one ``prunelab: error:`` line, exit code 2."""
+    print(f"prunelab: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], str, bool] | None:

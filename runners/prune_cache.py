@@ -22,6 +22,7 @@ import glob
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,6 +71,27 @@ def meta(prune_id: str, *, run_id: str, sweep: str, record: Path, source: dict, 
             "prune_config": prune_config, "prune_fingerprint": prune_fingerprint, "sparsity": sparsity,
             "structure": structure, "method_losses": method_losses, "calibration": calibration,
             "timings_s": {k: timings[k] for k in PRUNE_TIMINGS if k in timings}}
+
+
+def keep(cfg, loaded, info: dict | None, kept: Kept | None, run_dir: Path, prune_id: str | None, timings: dict
+         ) -> tuple[str | None, str | None]:
+    """Keep a run's pruned model before it is evaluated (a failed evaluation loses no pruning): ``save_model`` into
+    ``<run folder>/model``, or else the ``cache_pruned`` cache when the run pruned it now (``kept`` None) and it is
+    small enough. Returns (saved model folder, where the pruned weights are kept), each None where there is none."""
+    t = time.perf_counter()
+    kept_at = str(kept.path) if kept is not None else None
+    if cfg.save_model and kept_at == str(run_dir / "model"):  # this run's own, its record lost
+        return kept_at, kept_at
+    if cfg.save_model:
+        write(loaded, run_dir / "model", info, replace=True)
+        timings["save_model"] = round(time.perf_counter() - t, 3)
+        return str(run_dir / "model"), str(run_dir / "model")
+    if kept is None and prune_id is not None and wants_cache(str(cfg.cache_pruned), int(cfg.cache_pruned_max_params),
+                                                             loaded.source["parameters"]):
+        kept_at = str(cache_dir(cfg.output_root, prune_id))
+        write(loaded, kept_at, info, replace=True)
+        timings["cache_pruned"] = round(time.perf_counter() - t, 3)
+    return None, kept_at
 
 
 def write(loaded, directory: Path | str, info: dict | None, replace: bool = True) -> bool:

@@ -9,24 +9,45 @@ whose prune id matches a kept pruned model (``runners/prune_cache.py``) skips th
 from __future__ import annotations
 
 import dataclasses
+import logging
+import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 import corpora
+from pruners.accounting import account, unit_counts
 from pruners.allocation import allocate
 from pruners.masks import MaskState, check_masks_against_weights
 from pruners.settings import EngineSettings
 
 from .validate import ConfigError, Plan
 
+log = logging.getLogger("prunelab")
+
 
 @dataclass
 class Pruned:
-    """What the prune step leaves besides the pruned model: per-module results, the allocation, calibration provenance."""
+    """What the prune step leaves besides the pruned model: per-module results, the allocation, calibration
+    provenance, and the record's sparsity / structure sections (:func:`pruners.accounting.account`)."""
 
-    module_results: dict
-    ratios: object | None  # pruners.allocation's per-linear ratios (None: not pruning)
+    sparsity: dict
+    structure: dict | None  # structured and rowcol runs: parameters and units before / after
     calibration: dict | None
+    method_losses: dict  # the method's own loss estimate per module, where it has one
+    module_results: dict | None = None  # (None: the pruned weights of an earlier run, runners/prune_cache.py)
+    ratios: object | None = None  # pruners.allocation's per-linear ratios (None: uniform, or not pruning)
+
+
+def set_determinism(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    # the SparseGPT reference disables TF32: it perturbs Cholesky / solves (docs/methods.md §12)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def _timed(timings: dict, key: str, start: float) -> float:
@@ -36,11 +57,13 @@ def _timed(timings: dict, key: str, start: float) -> float:
 
 
 def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
-    """Prune ``loaded.model`` in place as ``cfg`` / ``plan`` say; phase times go to ``timings``
-    (``calibration_data``, ``allocation``, ``prune``). ``on_shot(shot, shots, calibration)``: called by a
-    multi-shot method after each shot but the last (:class:`pruners.settings.EngineSettings`)."""
+    """Prune ``loaded.model`` in place as ``cfg`` / ``plan`` say, then measure what it did; phase times go to
+    ``timings`` (``calibration_data``, ``allocation``, ``prune``, ``shrink``). ``on_shot(shot, shots, calibration)``
+    (:func:`runners.shots.shot_recorder`): called by a multi-shot method after each shot but the last
+    (:class:`pruners.settings.EngineSettings`); its evaluation time (``on_shot.eval_s``) is not pruning time."""
     model, adapter = loaded.model, loaded.adapter
     prunes = plan.pruner.removes_weights
+    before = unit_counts(model, adapter, plan.pattern.attention_only) if prunes and plan.pattern.removes_units else None
     t = time.perf_counter()
     calib_ids, calibration = None, None
     if plan.calibrates:
@@ -61,6 +84,15 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
         t = _timed(timings, "allocation", t)
     module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids if plan.pruner.needs_calibration else None,
                                        settings, ratios)
-    _timed(timings, "prune", t)
+    t = _timed(timings, "prune", t)
+    if on_shot is not None and on_shot.eval_s:
+        timings["prune"] = round(timings["prune"] - on_shot.eval_s, 3)
+        timings["shot_evals"] = round(on_shot.eval_s, 3)
     check_masks_against_weights(model, MaskState.from_results(module_results))  # every removed weight is zero
-    return Pruned(module_results, ratios, calibration)
+    structure, sparsity = account(model, adapter, plan.pattern, plan.allocation, prunes, before, module_results, ratios)
+    if prunes and plan.pattern.kind == "rowcol":
+        _timed(timings, "shrink", t)
+    if sparsity.get("warning"):
+        log.warning("%s", sparsity["warning"])
+    losses = {name: r.loss for name, r in module_results.items() if r.loss is not None}
+    return Pruned(sparsity, structure, calibration, losses, module_results, ratios)

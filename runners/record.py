@@ -14,10 +14,12 @@ import resource
 import subprocess
 import tempfile
 import time
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 # keys that do not change a run's result: where it is written, how it is displayed and logged, and
 # whether an existing record (or kept pruned model: runners/prune_cache.py) is reused
@@ -27,10 +29,11 @@ NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline"
 PRUNE_KEYS = ("model", "calib", "pruner", "sparsity", "engine", "seed", "device")
 ROOT = Path(__file__).resolve().parent.parent
 # the code and bundled data a result depends on (the report, benchmarks and docs do not count)
-SOURCE_PATHS = ("corpora", "models", "pruners", "evaluators", "runners/run.py", "runners/pruning.py",
+SOURCE_PATHS = ("corpora", "models", "pruners", "evaluators", "runners/run.py", "runners/shots.py", "runners/pruning.py",
                 "runners/validate.py")
 # the scoped code fingerprint (:func:`code_fingerprint`): the shared code every result depends on ...
-SHARED_CODE = ("pruners", "models", "corpora", "evaluators", "runners/run.py", "runners/pruning.py", "runners/validate.py")
+SHARED_CODE = ("pruners", "models", "corpora", "evaluators", "runners/run.py", "runners/shots.py", "runners/pruning.py",
+               "runners/validate.py")
 # ... and the part of it that produces the pruned weights (:func:`prune_fingerprint`): no evaluators, no run.py
 # (which evaluates and records); runners/pruning.py is the prune step, runners/validate.py builds its Plan
 PRUNE_CODE = ("pruners", "models", "corpora", "runners/pruning.py", "runners/validate.py")
@@ -415,3 +418,68 @@ def find_record(output_root: Path, sweep: str, rid: str) -> Path | None:
         if read_record(other) is not None:
             return other
     return None
+
+
+# ---- assembling records (runners/run.py) ----
+
+def assemble(cfg, config: dict, rid: str, loaded, pruner: str, pattern: dict, sparsity: dict,
+            metrics: dict, timings: dict, device: str, calibration=None, method_losses=None, pid=None,
+            identity=None) -> dict:
+    """A result record (docs/architecture.md §5): what ran, on what, what it measured, with its provenance."""
+    return {
+        "schema": 1,
+        "run_id": rid,
+        # what the id covers besides the config: resolved device type / dtype / attention, checkpoint and data
+        # content, library versions (runners/identity.py)
+        "identity": identity,
+        "prune_id": pid,  # what determines the pruned weights (runners/record.py: prune_id); None: dense
+        "sweep": str(cfg.sweep),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": cfg.model.name, **loaded.source},
+        "pruner": pruner,
+        "pattern": pattern,
+        "sparsity": sparsity,
+        "method_losses": method_losses or {},
+        "metrics": metrics,
+        "timings_s": timings,
+        "memory": peak_memory(device),
+        "calibration": calibration,
+        "seed": int(cfg.seed),
+        "device": device_info(device),
+        "versions": library_versions(),
+        # source_digest (whole tree) + fingerprint (what the run id covers) + prune_fingerprint (the prune id)
+        "code": code_version(pruner),
+        "config": config,
+    }
+
+
+def pattern_section(pattern, allocation) -> dict:
+    """A pruning run's ``pattern`` (:class:`pruners.masks.Pattern`; the allocation where not uniform)."""
+    section = {"kind": pattern.kind, "ratio": pattern.ratio, "n": pattern.n, "m": pattern.m, "label": pattern.describe()}
+    if not allocation.is_default:
+        section["allocation"] = allocation.describe()
+    return section
+
+
+DENSE_PATTERN = {"kind": "dense", "ratio": 0.0, "n": None, "m": None, "label": "dense"}
+
+
+def dense_config(config: dict) -> dict:
+    """The dense baseline's resolved config: this run's with the ``dense`` pruner."""
+    dense = dict(config)
+    dense["pruner"] = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "pruner" / "dense.yaml"), resolve=True)
+    return dense
+
+
+def reuse(found: Path, out_path: Path, cfg, write: bool) -> dict:
+    """A run already recorded: skip it (same sweep) or copy its record into this sweep (another sweep)."""
+    record = read_record(found)
+    if found.resolve() == out_path.resolve():
+        record["status"] = "skipped"
+    else:
+        record.update(sweep=str(cfg.sweep), reused_from=str(found))
+        if write:
+            write_atomic(out_path, record)
+        record["status"] = "reused"
+    record["path"] = str(out_path)
+    return record

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 import corpora
 import models
-from pruners import PRUNERS, Pattern, Pruner, build_pruner, prune_sequential
+from pruners import PRUNERS, Pattern, Pruner, build_pruner, prune_sequential, register
 from pruners.base import apply_prune_mask
 from pruners.masks import (
     MaskState,
@@ -168,6 +168,21 @@ def test_scope_model_without_driver_and_block_gradients_are_refused():
         BlockGradients().check(Pattern("unstructured", 0.5))
     with pytest.raises(ValueError, match="needs calibration"):
         GradientProbe().prune(model, models.adapter_for(model), Pattern("unstructured", 0.5), None, QUIET)
+
+
+@pytest.mark.parametrize("attributes, message", [
+    ({"scope": "model"}, "needs a prune_model"),
+    ({}, "needs a prune_group"),
+    ({"needs_gradients": True, "prune_group": lambda self, m, s, p: {}}, "needs_gradients needs scope 'model'"),
+    ({"scope": "layer"}, "scope 'layer' is not one of"),
+    ({"propagate": "both"}, "propagate 'both' is not one of"),
+    ({"patterns": ("unstructured", "blocks")}, r"patterns \['blocks'\]"),
+])
+def test_registering_a_method_without_its_required_members_fails_at_import(attributes, message):
+    cls = dataclass(type("Incomplete", (Pruner,), {"name": "incomplete", **attributes}))
+    with pytest.raises(TypeError, match=message):
+        register(cls)
+    assert "incomplete" not in PRUNERS
 
 
 def test_engine_settings_reach_the_statistic():
