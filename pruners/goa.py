@@ -41,7 +41,7 @@ from models.blocks import BlockInputs, capture_block_inputs, run_block
 from .base import ModuleResult, Pruner, register
 from .masks import UNIT_KINDS, Pattern
 from .settings import EngineSettings
-from .structured import ATTENTION_UNITS, check_block_range, remove_kept
+from .structured import ATTENTION_UNITS, ROUNDINGS, check_block_range, remove_kept, units_to_remove
 
 HEAD_COUNTS = ("ratio", "tau")
 
@@ -191,6 +191,7 @@ class GOA(Pruner):
     remedy_samples: int = 1024  # windows of the recovery set (the paper: 1024 examples of the downstream data)
     damp: float = 0.01  # ridge of the refits, relative to the mean diagonal of X^T X
     min_units: int = 1  # units every pruned module keeps
+    rounding: str = "nearest"  # units a module loses: round(ratio * count) | floor: int(ratio * count) [INF]
     attention_only: ClassVar[bool] = False  # sparsity=heads: only attention units (set by prune())
 
     def __post_init__(self):
@@ -206,6 +207,8 @@ class GOA(Pruner):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 2:
                 raise ValueError(f"pruner.{key}={value} must be an integer >= 2")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"pruner.rounding='{self.rounding}' is not one of: {', '.join(ROUNDINGS)}")
         if self.attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"pruner.attention_unit='{self.attention_unit}' is not one of: "
                              f"{', '.join(ATTENTION_UNITS)}")
@@ -327,7 +330,7 @@ class GOA(Pruner):
              sigma: BlockInputs | None = None) -> torch.Tensor:
         """Keep mask over the module's units from the current inputs (the second moments from ``sigma`` where
         given: the data-free variant's random token ids)."""
-        count = max(0, min(round(ratio * group.count), group.count - self.min_units))
+        count = max(0, min(units_to_remove(ratio, group.count, self.rounding), group.count - self.min_units))
         level_one = self.level_one(adapter, block, group)
         attention = group.reader_columns().shape[1] > 1
         reader = block.get_submodule(group.reader)

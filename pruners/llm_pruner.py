@@ -63,6 +63,7 @@ class LLMPruner(StructuredPruner):
     allocation: str = "uniform"  # uniform (each module: ratio of its units; block-wise) | global (one ranking)
     attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA, plain heads otherwise) | query_head
     min_units: int = 1  # units of each kind every block keeps
+    rounding: str = "nearest"  # round(ratio * count) units per module, as the reference | floor: int(ratio * count)
     blocks: list | None = None  # [start, stop) of the blocks pruned (the reference's LLaMA scripts: [4, 30)); null = all
 
     def check(self, pattern):

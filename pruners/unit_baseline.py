@@ -41,6 +41,7 @@ class UnitBaseline(StructuredPruner):
     allocation: str = "uniform"  # uniform (each module: ratio of its units) | global (one ranking, parameter-weighted)
     attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA, plain heads otherwise) | query_head
     min_units: int = 1  # units of each kind every block keeps
+    rounding: str = "nearest"  # uniform: round(ratio * count) units per module | floor: int(ratio * count)
     blocks: list | None = None  # [start, stop) of the blocks pruned (as pruner=goa; the GOA tables: [4, 30)); null = all
 
     def prunes_block(self, index: int) -> bool:

@@ -50,10 +50,10 @@ class WandaSP(StructuredPruner):
     propagate = "pruned"  # each block scored on the outputs of the blocks pruned before it (as FLAP's code)
     keeps_statistics = False
     allocations = ("uniform",)
-    rounding = "floor"  # int(ratio * count) units per module, as the reference (a class setting, not a key)
     allocation: str = "uniform"  # uniform (each module: ratio of its units; the reference's only mode)
     attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA, plain heads otherwise) | query_head
     min_units: int = 1  # units of each kind every block keeps
+    rounding: str = "floor"  # int(ratio * count) units per module, as the reference | nearest: round(ratio * count)
     blocks: list | None = None  # [start, stop) of the blocks pruned (as pruner=goa; the GOA tables: [4, 30)); null = all
 
     def check(self, pattern):
