@@ -17,7 +17,7 @@ from pruners.masks import Pattern
 
 from . import tracking
 from .identity import scoped
-from .record import DENSE_PATTERN, assemble, find_record, prune_id, run_id, write_atomic
+from .record import DENSE_PATTERN, assemble, find_record, prune_id, run_id, run_lock, write_atomic
 from .validate import Plan
 
 log = logging.getLogger("prunelab")
@@ -68,18 +68,28 @@ def shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dict
 
 
 def record_dense(cfg: DictConfig, plan: Plan, loaded, task_dict, dense_cfg: dict, dense_rid: str, ident: dict,
-                 load_s: float) -> dict:
-    """Evaluate the unpruned ``loaded`` model and record it as this run's ``dense`` baseline (before pruning it)."""
-    timings = {"load": load_s}
-    metrics = suite.evaluate(cfg.eval, loaded, plan.protocols, plan.eval_seqlen, plan.device, plan.zeroshot_tasks,
-                             task_dict, timings, tag="dense ", progress=bool(cfg.progress))
-    timings = {k.removeprefix("dense "): v for k, v in timings.items()}
-    timings.update(prune=0.0, total=round(sum(timings.values()), 3))
-    sparsity = sparsity_section(loaded.adapter, plan.pattern, plan.allocation, prunes=False)
-    record = assemble(cfg, dense_cfg, dense_rid, loaded, "dense", DENSE_PATTERN, sparsity, metrics, timings,
-                      plan.device, identity=scoped(ident, "dense"))
-    path = Path(cfg.output_root) / str(cfg.sweep) / dense_rid / "result.json"
-    write_atomic(path, record)
+                 load_s: float) -> dict | None:
+    """Evaluate the unpruned ``loaded`` model and record it as this run's ``dense`` baseline (before pruning it),
+    holding the baseline's run lock: a parallel job of the sweep computing the same baseline is waited for, and
+    its record kept (returns None then)."""
+    root, sweep = Path(cfg.output_root), str(cfg.sweep)
+    path = root / sweep / dense_rid / "result.json"
+
+    def waiting(holder):
+        log.warning("dense baseline %s is being computed by %s: waiting for its record", dense_rid, holder)
+
+    with run_lock(path.parent, on_wait=waiting):
+        if find_record(root, sweep, dense_rid) is not None:
+            return None
+        timings = {"load": load_s}
+        metrics = suite.evaluate(cfg.eval, loaded, plan.protocols, plan.eval_seqlen, plan.device, plan.zeroshot_tasks,
+                                 task_dict, timings, tag="dense ", progress=bool(cfg.progress))
+        timings = {k.removeprefix("dense "): v for k, v in timings.items()}
+        timings.update(prune=0.0, total=round(sum(timings.values()), 3))
+        sparsity = sparsity_section(loaded.adapter, plan.pattern, plan.allocation, prunes=False)
+        record = assemble(cfg, dense_cfg, dense_rid, loaded, "dense", DENSE_PATTERN, sparsity, metrics, timings,
+                          plan.device, identity=scoped(ident, "dense"))
+        write_atomic(path, record)
     record["path"] = str(path)
     log.info("dense baseline recorded: %s", path)
     tracking.log_run(record, cfg)

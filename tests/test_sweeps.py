@@ -198,6 +198,47 @@ def test_a_second_process_of_a_run_waits_for_the_first_and_reuses_its_record(tmp
     assert not (record.parent / ".lock").exists()
 
 
+def test_a_dense_baseline_being_computed_by_another_job_is_waited_for_not_computed_twice(tmp_path):
+    """Two jobs of a sweep that share a dense baseline: the second waits on the baseline's lock (held here by the
+    test, as the first job would) and keeps the first's baseline record instead of writing its own."""
+    import threading
+
+    from runners.record import run_lock
+
+    args = ["model=tiny-llama", "pruner=magnitude", f"output_root={tmp_path}", "sweep=shared", "wandb.mode=disabled",
+            *FAST]
+    first = _cli(*args)
+    assert first.communicate(timeout=600)[0] and first.returncode == 0
+    (dense,) = tmp_path.glob("shared/*dense*/result.json")
+    (pruned,) = (p for p in tmp_path.glob("shared/*/result.json") if p != dense)
+    content = dense.read_bytes()
+    dense.unlink()
+    pruned.unlink()  # the pruning run must compute again; its baseline is "being computed" by the holder
+    held, release = threading.Event(), threading.Event()
+
+    def first_job():
+        with run_lock(dense.parent):
+            held.set()
+            release.wait(600)
+            dense.write_bytes(content)
+
+    holder = threading.Thread(target=first_job)
+    holder.start()
+    held.wait(60)
+    second = _cli(*args)
+    lines = []
+    for line in second.stdout:
+        lines.append(line)
+        if "waiting for its record" in line:
+            release.set()
+    second.wait(timeout=600)
+    holder.join()
+    out = "".join(lines)
+    assert second.returncode == 0 and f"dense baseline {dense.parent.name} is being computed" in out, out[-2000:]
+    assert "dense baseline recorded" not in out and dense.read_bytes() == content  # kept, not rewritten
+    assert pruned.exists() and not (dense.parent / ".lock").exists()
+
+
 def test_a_lock_left_by_a_killed_process_is_free_and_a_failed_holder_leaves_nothing(tmp_path):
     from runners.record import run_lock
 
