@@ -86,19 +86,21 @@ def account(model, adapter, pattern: Pattern, allocation: Allocation, prunes: bo
             module_results: dict, ratios) -> tuple[dict | None, dict]:
     """(structure, sparsity) sections of a run that just pruned ``model``: structured runs in units
     (:func:`structure_section`, ``before`` from :func:`unit_counts`); the others in zeroed weights, with the
-    allocation's per-linear ratios, and for ``rowcol`` the rows / columns that free whole units cut out
-    (:func:`models.shrink.shrink_silent_units`), the structure section saying what that removed."""
+    allocation's per-linear ratios (no structure: ``rowcol`` runs get theirs from :func:`shrink_section`)."""
     if prunes and pattern.removes_units:
         return structure_section(model, adapter, pattern, before, module_results)
     sparsity = sparsity_section(adapter, pattern, allocation, prunes)
-    if not prunes:
-        return None, sparsity
-    sparsity["allocation"] = ratios.to_record(allocation) if ratios is not None else {"kind": "uniform"}
-    if pattern.kind != "rowcol":
-        return None, sparsity
+    if prunes:
+        sparsity["allocation"] = ratios.to_record(allocation) if ratios is not None else {"kind": "uniform"}
+    return None, sparsity
+
+
+def shrink_section(model, adapter) -> dict:
+    """``rowcol`` runs: cut out the units their zeroed rows / columns freed (:func:`models.shrink.shrink_silent_units`)
+    and return the structure section saying what that removed."""
     units_before = adapter.unit_parameters()
     structure = shrink_silent_units(model, adapter)
     structure.update(unit_parameters_before=units_before, unit_parameters_after=adapter.unit_parameters(),
                      unit_scope=adapter.unit_scope)
     structure["removed_fraction"] = round(1 - structure["unit_parameters_after"] / units_before, 6)
-    return structure, sparsity
+    return structure

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# the top-level keys of a result record (runners/run.py: _record), where a dotted path may start
+# the top-level keys of a result record (runners/results.py: assemble), where a dotted path may start
 RECORD_KEYS = ("run_id", "sweep", "created", "model", "pruner", "pattern", "sparsity", "method_losses", "metrics",
                "timings_s", "memory", "calibration", "seed", "device", "versions", "code", "config", "structure",
                "saved_model", "reused_from", "pruned_from", "kept_pruned", "prune_id")

@@ -1,4 +1,4 @@
-"""Kept pruned models: prune once, evaluate as often as the eval config changes (README "Resuming").
+"""Kept pruned models: prune once, evaluate as often as the eval config changes (docs/usage.md §1).
 
 A run that prunes keeps its pruned model where a later run with the same prune id
 (:func:`runners.record.prune_id`: model, calibration, pruner, sparsity, engine, seed, device and the pruning

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import corpora
-from pruners.accounting import account, unit_counts
+from pruners.accounting import account, shrink_section, unit_counts
 from pruners.allocation import allocate
 from pruners.masks import MaskState, check_masks_against_weights
 from pruners.settings import EngineSettings
@@ -59,7 +59,7 @@ def _timed(timings: dict, key: str, start: float) -> float:
 def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
     """Prune ``loaded.model`` in place as ``cfg`` / ``plan`` say, then measure what it did; phase times go to
     ``timings`` (``calibration_data``, ``allocation``, ``prune``, ``shrink``). ``on_shot(shot, shots, calibration)``
-    (:func:`runners.shots.shot_recorder`): called by a multi-shot method after each shot but the last
+    (:func:`runners.results.shot_recorder`): called by a multi-shot method after each shot but the last
     (:class:`pruners.settings.EngineSettings`); its evaluation time (``on_shot.eval_s``) is not pruning time."""
     model, adapter = loaded.model, loaded.adapter
     prunes = plan.pruner.removes_weights
@@ -84,13 +84,15 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
         t = _timed(timings, "allocation", t)
     module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids if plan.pruner.needs_calibration else None,
                                        settings, ratios)
-    t = _timed(timings, "prune", t)
-    if on_shot is not None and on_shot.eval_s:
+    _timed(timings, "prune", t)
+    if getattr(on_shot, "eval_s", 0.0):
         timings["prune"] = round(timings["prune"] - on_shot.eval_s, 3)
         timings["shot_evals"] = round(on_shot.eval_s, 3)
     check_masks_against_weights(model, MaskState.from_results(module_results))  # every removed weight is zero
     structure, sparsity = account(model, adapter, plan.pattern, plan.allocation, prunes, before, module_results, ratios)
-    if prunes and plan.pattern.kind == "rowcol":
+    if prunes and plan.pattern.kind == "rowcol":  # zeroed rows / columns that free whole units: cut out
+        t = time.perf_counter()
+        structure = shrink_section(model, adapter)
         _timed(timings, "shrink", t)
     if sparsity.get("warning"):
         log.warning("%s", sparsity["warning"])

@@ -14,7 +14,6 @@ import resource
 import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -29,10 +28,10 @@ NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline"
 PRUNE_KEYS = ("model", "calib", "pruner", "sparsity", "engine", "seed", "device")
 ROOT = Path(__file__).resolve().parent.parent
 # the code and bundled data a result depends on (the report, benchmarks and docs do not count)
-SOURCE_PATHS = ("corpora", "models", "pruners", "evaluators", "runners/run.py", "runners/shots.py", "runners/pruning.py",
+SOURCE_PATHS = ("corpora", "models", "pruners", "evaluators", "runners/run.py", "runners/results.py", "runners/pruning.py",
                 "runners/validate.py")
 # the scoped code fingerprint (:func:`code_fingerprint`): the shared code every result depends on ...
-SHARED_CODE = ("pruners", "models", "corpora", "evaluators", "runners/run.py", "runners/shots.py", "runners/pruning.py",
+SHARED_CODE = ("pruners", "models", "corpora", "evaluators", "runners/run.py", "runners/results.py", "runners/pruning.py",
                "runners/validate.py")
 # ... and the part of it that produces the pruned weights (:func:`prune_fingerprint`): no evaluators, no run.py
 # (which evaluates and records); runners/pruning.py is the prune step, runners/validate.py builds its Plan
@@ -420,49 +419,7 @@ def find_record(output_root: Path, sweep: str, rid: str) -> Path | None:
     return None
 
 
-# ---- assembling records (runners/run.py) ----
-
-def assemble(cfg, config: dict, rid: str, loaded, pruner: str, pattern: dict, sparsity: dict,
-            metrics: dict, timings: dict, device: str, calibration=None, method_losses=None, pid=None,
-            identity=None) -> dict:
-    """A result record (docs/architecture.md §5): what ran, on what, what it measured, with its provenance."""
-    return {
-        "schema": 1,
-        "run_id": rid,
-        # what the id covers besides the config: resolved device type / dtype / attention, checkpoint and data
-        # content, library versions (runners/identity.py)
-        "identity": identity,
-        "prune_id": pid,  # what determines the pruned weights (runners/record.py: prune_id); None: dense
-        "sweep": str(cfg.sweep),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": cfg.model.name, **loaded.source},
-        "pruner": pruner,
-        "pattern": pattern,
-        "sparsity": sparsity,
-        "method_losses": method_losses or {},
-        "metrics": metrics,
-        "timings_s": timings,
-        "memory": peak_memory(device),
-        "calibration": calibration,
-        "seed": int(cfg.seed),
-        "device": device_info(device),
-        "versions": library_versions(),
-        # source_digest (whole tree) + fingerprint (what the run id covers) + prune_fingerprint (the prune id)
-        "code": code_version(pruner),
-        "config": config,
-    }
-
-
-def pattern_section(pattern, allocation) -> dict:
-    """A pruning run's ``pattern`` (:class:`pruners.masks.Pattern`; the allocation where not uniform)."""
-    section = {"kind": pattern.kind, "ratio": pattern.ratio, "n": pattern.n, "m": pattern.m, "label": pattern.describe()}
-    if not allocation.is_default:
-        section["allocation"] = allocation.describe()
-    return section
-
-
-DENSE_PATTERN = {"kind": "dense", "ratio": 0.0, "n": None, "m": None, "label": "dense"}
-
+# ---- the dense baseline's config, reusing a record (runners/run.py) ----
 
 def dense_config(config: dict) -> dict:
     """The dense baseline's resolved config: this run's with the ``dense`` pruner."""

@@ -27,11 +27,8 @@ from . import prune_cache, pruning, tracking
 from .cli import fail, prevalidate
 from .identity import run_identity, scoped
 from .record import (
-    DENSE_PATTERN,
-    assemble,
     dense_config,
     find_record,
-    pattern_section,
     prune_config,
     prune_fingerprint,
     prune_id,
@@ -41,7 +38,7 @@ from .record import (
     run_lock,
     write_atomic,
 )
-from .shots import record_dense, shot_recorder
+from .results import DENSE_PATTERN, assemble, pattern_section, record_dense, shot_recorder
 from .summary import summary
 from .validate import ConfigError, Plan, check_local_data, check_writable, validate
 

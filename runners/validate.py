@@ -168,6 +168,12 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
                 meta.structure_groups(meta.blocks()[0], attention_only=True)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        blocks = getattr(pruner, "blocks", None)
+        if pruner.removes_weights and blocks is not None:  # a block range past the model would prune less, silently
+            count = len(models.loading.meta_adapter(cfg.model).blocks())
+            if blocks[1] > count:
+                raise ConfigError(f"pruner.blocks={list(blocks)} goes past the model's {count} blocks "
+                                  f"(model={cfg.model.name}): the stop must be <= {count}")
         limit = getattr(hf_config, "max_position_embeddings", None)
         for key, value in (("calib.seqlen", calib_seqlen), ("eval.ppl.seqlen", eval_seqlen),
                            ("speed.prompt_len + speed.new_tokens", speed)):

@@ -89,6 +89,8 @@ def test_paper_defaults():
     (["pruner=flap", "sparsity=structured", "pruner.attention_unit=head"], "pruner.attention_unit='head'"),
     (["pruner=goa", "sparsity=structured", "pruner.blocks=[3,1]"], r"pruner.blocks=\[3, 1\] must be \[start, stop\)"),
     (["pruner=goa", "sparsity=structured", "pruner.tau=0"], "pruner.tau=0 must be positive"),
+    (["pruner=flap", "sparsity=structured", "pruner.blocks=[1,99]"], r"pruner.blocks=\[1, 99\] goes past the model's"),
+    (["pruner=llm_pruner", "sparsity=structured", "pruner.blocks=[4,30]"], r"pruner.blocks=\[4, 30\] goes past"),
     (["pruner=goa"], "pruner 'goa' does not support sparsity kind 'unstructured'"),
     (["pruner=unit_baseline", "sparsity=structured", "pruner.score=l3"], "pruner.score='l3' is not one of"),
     (["speed.mode=sometimes"], "speed.mode=sometimes is not one of: auto, always, never"),

@@ -214,15 +214,32 @@ def test_the_data_free_variant_reads_no_data_and_writes_its_own_windows():
         build_pruner({"name": "goa", "calibration": "self-generated", "remedy": True}).check(Pattern("structured", 0.5))
 
 
-def test_unit_baseline_prunes_only_its_block_range():
+@pytest.mark.parametrize("name", ["unit_baseline", "flap"])
+def test_block_range_methods_prune_only_their_blocks(name):
     model = random_model("llama")
     adapter = models.adapter_for(model)
     before = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
-    results = build_pruner({"name": "unit_baseline", "blocks": [1, 2]}).prune(
-        model, adapter, Pattern("structured", 0.5), None, QUIET)
+    untouched = copy.deepcopy(adapter.blocks()[0].state_dict())
+    results = build_pruner({"name": name, "blocks": [1, 2], "allocation": "uniform"}).prune(
+        model, adapter, Pattern("structured", 0.5), random_ids(n=4, seqlen=10), QUIET)
     after = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
     assert after[0] == before[0] and after[1]["mlp_neuron"] == before[1]["mlp_neuron"] // 2
-    assert all(".1." in name for name in results)
+    assert all(torch.equal(v, adapter.blocks()[0].state_dict()[k]) for k, v in untouched.items())
+    assert results and all(".1." in name for name in results)
+
+
+@pytest.mark.parametrize("rounding, removed", [("floor", 0), ("nearest", 1)])
+@pytest.mark.parametrize("name", ["goa", "unit_baseline", "llm_pruner", "wanda_sp"])
+def test_rounding_decides_the_units_a_fractional_ratio_removes(name, rounding, removed):
+    """2 KV groups at 37.5%: 0.75 of a group, int() removes none, round() one (pruner.rounding, every uniform method)."""
+    model = random_model("llama")  # 2 KV groups per block
+    adapter = models.adapter_for(model)
+    before = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
+    pruner = build_pruner({"name": name, "rounding": rounding})
+    pruner.prune(model, adapter, Pattern("structured", 0.375), random_ids(n=4, seqlen=10), QUIET)
+    after = [{g.kind: g.count for g in adapter.unit_groups(b)} for b in adapter.blocks()]
+    kind = next(k for k in before[0] if k != "mlp_neuron")
+    assert [b[kind] - a[kind] for b, a in zip(before, after, strict=True)] == [removed] * len(before)
 
 
 def test_query_heads_keep_goa_s_choice_where_the_family_evens_out_the_groups():

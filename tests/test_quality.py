@@ -6,7 +6,7 @@ which these tiny models lack: measured with this file's settings (16 calibration
 validation windows of 256 tokens), Wanda vs magnitude is 148.01 vs 147.54 (opt 50%), 151.23 vs 152.93
 (opt 2:4), 114.90 vs 113.94 (llama 50%), 121.03 vs 120.56 (llama 2:4), 220.80 vs 222.29 (mamba 50%),
 234.18 vs 239.28 (mamba 2:4): a coin flip, so no tiny-model assertion is made for Wanda. The
-real-model check (SmolLM2-135M) is the ``slow`` test below and the SmolLM2 benchmark in the README.
+real-model check (SmolLM2-135M) is the ``slow`` test below and the SmolLM2 benchmark in docs/results.md §1.
 
 Structured: Numerical Pruning's claim over FLAP (its Table 1 baseline) is checked at 20% and 30% on
 tiny-llama and tiny-opt, both methods with the same settings and calibration windows. tiny-llama has

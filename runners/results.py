@@ -1,5 +1,7 @@
-"""The records a run writes besides its own (docs/architecture.md §5): the dense baseline (``dense_baseline``),
-and the intermediate shots of a multi-shot method (``eval.shots_every``)."""
+"""The result records a run writes (docs/architecture.md §5), assembled here: its own (:func:`assemble`), the dense
+baseline (``dense_baseline``, :func:`record_dense`) and the intermediate shots of a multi-shot method
+(``eval.shots_every``, :func:`shot_recorder`). Part of the code fingerprint (runners/record.py: SHARED_CODE): a
+change to what a record holds changes the run ids."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import copy
 import dataclasses
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -17,10 +20,62 @@ from pruners.masks import Pattern
 
 from . import tracking
 from .identity import scoped
-from .record import DENSE_PATTERN, assemble, find_record, prune_id, run_id, run_lock, write_atomic
+from .record import (
+    code_version,
+    device_info,
+    find_record,
+    library_versions,
+    peak_memory,
+    prune_id,
+    run_id,
+    run_lock,
+    write_atomic,
+)
 from .validate import Plan
 
 log = logging.getLogger("prunelab")
+
+
+def assemble(cfg, config: dict, rid: str, loaded, pruner: str, pattern: dict, sparsity: dict,
+            metrics: dict, timings: dict, device: str, calibration=None, method_losses=None, pid=None,
+            identity=None) -> dict:
+    """A result record (docs/architecture.md §5): what ran, on what, what it measured, with its provenance."""
+    return {
+        "schema": 1,
+        "run_id": rid,
+        # what the id covers besides the config: resolved device type / dtype / attention, checkpoint and data
+        # content, library versions (runners/identity.py)
+        "identity": identity,
+        "prune_id": pid,  # what determines the pruned weights (runners/record.py: prune_id); None: dense
+        "sweep": str(cfg.sweep),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": cfg.model.name, **loaded.source},
+        "pruner": pruner,
+        "pattern": pattern,
+        "sparsity": sparsity,
+        "method_losses": method_losses or {},
+        "metrics": metrics,
+        "timings_s": timings,
+        "memory": peak_memory(device),
+        "calibration": calibration,
+        "seed": int(cfg.seed),
+        "device": device_info(device),
+        "versions": library_versions(),
+        # source_digest (whole tree) + fingerprint (what the run id covers) + prune_fingerprint (the prune id)
+        "code": code_version(pruner),
+        "config": config,
+    }
+
+
+def pattern_section(pattern, allocation) -> dict:
+    """A pruning run's ``pattern`` (:class:`pruners.masks.Pattern`; the allocation where not uniform)."""
+    section = {"kind": pattern.kind, "ratio": pattern.ratio, "n": pattern.n, "m": pattern.m, "label": pattern.describe()}
+    if not allocation.is_default:
+        section["allocation"] = allocation.describe()
+    return section
+
+
+DENSE_PATTERN = {"kind": "dense", "ratio": 0.0, "n": None, "m": None, "label": "dense"}
 
 
 def shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dict, out_path: Path, task_dict,
