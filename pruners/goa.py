@@ -187,6 +187,7 @@ class GOA(Pruner):
     head_count: str = "ratio"  # ratio (sparsity.ratio of each module's heads) | tau (Algorithm 2's similar heads,
     #   as many as tau finds: Table 3's "GOA similarity" rows; the ratio then applies to the MLPs only)
     reconstruct: bool = True  # refit level 1, then level 2, to the dense model's outputs before scoring
+    final_refit: bool = False  # after the removal, refit level 2's kept columns to the dense output once more [INF]
     remedy: bool = False  # "w/ remedy": the refits use a recovery set of remedy_samples more windows
     remedy_samples: int = 1024  # windows of the recovery set (the paper: 1024 examples of the downstream data)
     damp: float = 0.01  # ridge of the refits, relative to the mean diagonal of X^T X
@@ -220,6 +221,8 @@ class GOA(Pruner):
             raise ValueError("pruner.head_count=tau counts Algorithm 2's similar heads: it needs pruner.similarity=true")
         if self.remedy and not self.reconstruct:
             raise ValueError("pruner.remedy=true refits on a recovery set: it needs pruner.reconstruct=true")
+        if self.final_refit and not self.reconstruct:
+            raise ValueError("pruner.final_refit=true refits after the removal: it needs pruner.reconstruct=true")
         if not isinstance(self.remedy_samples, int) or self.remedy_samples < 1:
             raise ValueError(f"pruner.remedy_samples={self.remedy_samples} must be a positive integer")
         if not self.damp > 0:
@@ -309,6 +312,9 @@ class GOA(Pruner):
                     keep = self.keep(adapter, block, group, current, pattern.ratio, sigma)
                     name, result = remove_kept(adapter, block, group, keep, prefix, index)
                     results[name] = result
+                    if fit is not None and self.final_refit:
+                        self.refit(adapter, block, original, adapter.unit_group(block, group.kind), *fit,
+                                   levels=(2,))
             outputs = run_block(adapter, block, current)
             if fit is not None:
                 fit_current = BlockInputs(outputs, current.kwargs_by_batch_size) if fit[0] is current else \
@@ -398,10 +404,11 @@ class GOA(Pruner):
 
     # --- the remedy --------------------------------------------------------------------------------------------
     def refit(self, adapter: Adapter, block, original, group: UnitGroup, current: BlockInputs,
-              dense: BlockInputs) -> None:
-        """Level 1, then level 2, refit by ridge least squares from the current inputs to the dense model's
-        outputs of the same linears (docs/methods.md §7)."""
-        for names in (self.level_one(adapter, block, group), (group.reader,)):
+              dense: BlockInputs, levels: tuple[int, ...] = (1, 2)) -> None:
+        """Level 1, then level 2 (``levels``), refit by ridge least squares from the current inputs to the dense
+        model's outputs of the same linears (docs/methods.md §7); after a removal, level 2's kept columns alone."""
+        by_level = {1: self.level_one(adapter, block, group), 2: (group.reader,)}
+        for names in (by_level[level] for level in levels):
             bias = any(block.get_submodule(n).bias is not None for n in names)
             gram, cross = None, {n: None for n in names}
             with _Capture(block, inputs=(names[0],)) as cap, _Capture(original, outputs=names) as target:

@@ -133,6 +133,33 @@ def test_goa_removes_the_ratio_of_units_in_the_chosen_blocks_only(family, unit, 
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_the_final_refit_brings_the_pruned_readers_outputs_closer_to_the_dense_ones(family):
+    """pruner.final_refit: after the removal, each reader's kept columns are refit by least squares to the dense
+    reader's outputs on the same windows, so every pruned reader's output error there can only go down."""
+    dense = random_model(family)
+    ids = random_ids(n=8, seqlen=12)
+    errors = {}
+    for final in (False, True):
+        model = copy.deepcopy(dense)
+        adapter = models.adapter_for(model)
+        build_pruner({"name": "goa", "blocks": [0, 1], "damp": 1e-8, "final_refit": final}).prune(
+            model, adapter, Pattern("structured", 0.5), ids, QUIET)
+        readers = [g.reader for g in adapter.unit_groups(adapter.blocks()[0])]
+        outputs = {}
+        for tag, m in (("pruned", model), ("dense", dense)):
+            block = models.adapter_for(m).blocks()[0]
+            hooks = [block.get_submodule(r).register_forward_hook(
+                lambda mod, args, out, key=(tag, r), store=outputs: store.__setitem__(key, out.detach())) for r in readers]
+            with torch.no_grad():  # each model on the pruned model's block input (block 0: the embeddings)
+                m(input_ids=ids)
+            for hook in hooks:
+                hook.remove()
+        errors[final] = [float((outputs[("pruned", r)] - outputs[("dense", r)]).pow(2).sum()) for r in readers]
+    assert all(after <= before * (1 + 1e-6) for before, after in zip(errors[False], errors[True], strict=True))
+    assert any(after < 0.99 * before for before, after in zip(errors[False], errors[True], strict=True))
+
+
 def test_the_refit_of_an_unpruned_module_gives_its_outputs_back():
     """With nothing removed upstream the current inputs are the dense ones, so the least-squares refit (tiny ridge)
     reproduces the dense outputs of the same linears: the same logits (not always the same weights: a layer norm's
