@@ -20,6 +20,10 @@ With ``G^-1``, ``A^-1`` damped relative to their mean diagonals (:func:`damped_i
 - rows + columns (``sparsity=rowcol``): row costs ``w_r^T A w_r / (2 [G^-1]_rr)``, column costs
   ``w_c^T G w_c / (2 [A^-1]_cc)`` (:func:`obs_row_costs`, :func:`obs_column_costs`), one threshold with the joint
   removed-weight count (:func:`rowcol_prune_masks`), the row then column updates (:func:`rowcol_update`);
+- whole units (``sparsity=structured``): a unit's cost is the sum of the row and column costs of the slices it owns
+  (:func:`unit_layout`, :func:`unit_costs`), one threshold over all units with their parameter counts
+  (:func:`units_prune_masks`), the rows + columns update on what they own, and after the last shot the zeroed units
+  are removed from the model through the adapter, so the result always shrinks;
 - dead rows and columns (all zero, or a zero curvature diagonal) are left out of ``G`` and ``A``, cost 0 and are
   zero afterwards, as in the reference (:func:`live_structures`).
 
@@ -45,6 +49,7 @@ from tqdm.auto import tqdm
 from .base import ModuleResult, Pruner, register
 from .masks import MaskState, PackedMask, Pattern, global_prune_masks, lowest_k
 from .settings import EngineSettings
+from .structured import remove_kept
 from .taps import Offload, accumulate_gradient_stats, prunable_modules
 
 UNSTRUCTURED_DAMP_G = 0.1  # the reference scripts' --damp_g for element / 2:4 pruning (the code's default: 0.01)
@@ -221,6 +226,74 @@ def rowcol_mask(rows: torch.Tensor, cols: torch.Tensor, d_in: int) -> torch.Tens
     return rows[:, None] | cols[None, :d_in]
 
 
+@dataclass
+class UnitSlices:
+    """One unit group of one block as the curvature sees it: per prunable linear it owns slices of, the axis
+    (0 rows, 1 columns) and ``index [count, width]`` (:class:`models.base.UnitGroup`, full module names)."""
+
+    block: int
+    kind: str
+    count: int
+    params: int  # parameters per unit (all it owns, not only the linears' slices)
+    slices: list[tuple[str, int, torch.Tensor]]
+
+
+def unit_layout(adapter, modules: dict[str, nn.Linear]) -> list[UnitSlices]:
+    """Every block's coarse unit groups (heads / KV groups, MLP neurons, Mamba channels), with the slices of the
+    prunable linears they own (other owned parameters, e.g. Mamba's conv, do not enter the costs)."""
+    prefix, layout = adapter.blocks_prefix(), []
+    for index, block in enumerate(adapter.blocks()):
+        for group in adapter.structure_groups(block):
+            slices = [(f"{prefix}.{index}.{path.removesuffix('.weight')}", axis, idx)
+                      for path, (axis, idx) in group.owned.items()
+                      if path.endswith(".weight") and f"{prefix}.{index}.{path.removesuffix('.weight')}" in modules]
+            layout.append(UnitSlices(index, group.kind, group.count, group.params_per_unit(block), slices))
+    return layout
+
+
+def unit_costs(layout: list[UnitSlices], costs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Per unit group ``[count]``: the sum of the row costs of the rows and the column costs of the columns each unit
+    owns (``costs[name] = (row costs, column costs)``, :meth:`KroneckerPruner.rowcol_costs`) [docs/methods.md §5.3]."""
+    out = []
+    for group in layout:
+        total = torch.zeros(group.count, dtype=torch.float64)
+        for name, axis, index in group.slices:
+            values = costs[name][axis].double().cpu()
+            total += values[index.reshape(-1)].view(index.shape).sum(1)
+        out.append(total)
+    return out
+
+
+def units_prune_masks(costs: list[torch.Tensor], params: list[int], ratio: float, total: int, keep: int = 1
+                      ) -> list[torch.Tensor]:
+    """One ranking of every group's units by cost: the cheapest are removed while the removed parameters stay within
+    ``int(ratio · total)``; the ``keep`` costliest units of every group are never removed. Returns per group the
+    ``[count]`` mask of removed units."""
+    keys, sizes = [], []
+    for cost, size in zip(costs, params, strict=True):
+        cost = cost.double().clone()
+        cost[torch.argsort(cost, descending=True, stable=True)[:keep]] = float("inf")
+        keys.append(cost)
+        sizes.append(torch.full((cost.numel(),), size, dtype=torch.float64))
+    all_keys = torch.cat(keys)
+    order = all_keys.argsort(stable=True)
+    removed_params = torch.cat(sizes)[order].cumsum(0)
+    count = int(((removed_params <= int(ratio * total)) & all_keys[order].isfinite()).sum())
+    chosen = torch.zeros(all_keys.numel(), dtype=torch.bool)
+    chosen[order[:count]] = True
+    return list(torch.split(chosen, [c.numel() for c in costs]))
+
+
+def unit_removals(layout: list[UnitSlices], removed: list[torch.Tensor],
+                  shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The rows and columns of every linear that the removed units own: ``{name: (rows [R], columns [C])}``."""
+    out = {name: (torch.zeros(r, dtype=torch.bool), torch.zeros(c, dtype=torch.bool)) for name, (r, c) in shapes.items()}
+    for group, mask in zip(layout, removed, strict=True):
+        for name, axis, index in group.slices:
+            out[name][axis][index[mask].reshape(-1)] = True
+    return out
+
+
 # --- the correlated update ---------------------------------------------------------------------------------------
 def row_chunks(mask: torch.Tensor, max_correlate: int) -> list[torch.Tensor]:
     """Rows with removed entries, grouped consecutively into chunks of at most ``max_correlate`` removed entries
@@ -384,7 +457,7 @@ def script_defaults(pattern: Pattern, damp_g: float | None, max_correlate: int |
     """``damp_g``, ``max_correlate``, ``addupdate`` with each null replaced by the reference scripts' flag for
     ``pattern`` (element and 2:4: ``--damp_g 0.1 --max_correlate 2000 --addupdate``; rows + columns
     (``scripts/structured/surgeon.sh``): the code's defaults 0.01, 0, off)."""
-    rowcol = pattern.kind == "rowcol"
+    rowcol = pattern.kind in ("rowcol", "structured")  # (whole units: the rows + columns script's flags)
     return {"damp_g": damp_g if damp_g is not None else (0.01 if rowcol else UNSTRUCTURED_DAMP_G),
             "max_correlate": max_correlate if max_correlate is not None else (0 if rowcol else 2000),
             "addupdate": addupdate if addupdate is not None else not rowcol}
@@ -431,7 +504,7 @@ class KroneckerPruner(Pruner):
     needs_calibration = True
     needs_gradients = True
     scope = "model"
-    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "rowcol")
+    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm", "rowcol", "structured")
     balanced: ClassVar[bool] = True  # the KFAC factors' Frobenius balancing (L-OBD uses A as it is)
     uses_g: ClassVar[bool] = True  # G enters the costs (L-OBD: no, so a zero diagonal of G kills no row)
     calls_on_shot: ClassVar[bool] = True  # hands each intermediate shot to settings.on_shot (eval.shots_every)
@@ -439,9 +512,12 @@ class KroneckerPruner(Pruner):
     prune_bias: bool = False  # biases are candidates and count toward the target (unstructured, rows + columns)
     fisher_samples: int = 0  # 0: the empirical Fisher (true labels); k: labels sampled from the model, k per token
     factor_dtype: str | None = None  # dtype the completed factors wait in (float32 | bfloat16 | ...); null = stats dtype
+    min_units: int = 1  # sparsity=structured: units of each kind every block keeps
 
     def check(self, pattern: Pattern) -> None:
         super().check(pattern)
+        if not isinstance(self.min_units, int) or self.min_units < 1:
+            raise ValueError(f"pruner.min_units={self.min_units} must be an integer >= 1")
         if self.shots < 1:
             raise ValueError(f"pruner.shots={self.shots} must be >= 1")
         if self.fisher_samples < 0:
@@ -449,9 +525,9 @@ class KroneckerPruner(Pruner):
         if self.factor_dtype is not None and self.factor_dtype not in FACTOR_DTYPES:
             raise ValueError(f"pruner.factor_dtype={self.factor_dtype} is not one of: {', '.join(FACTOR_DTYPES)} "
                              "(or null: engine.stats_dtype)")
-        if self.prune_bias and pattern.kind == "nm":
-            raise ValueError("pruner.prune_bias=true: N:M groups hold weights only; use it with unstructured or "
-                             "rowcol sparsity")
+        if self.prune_bias and pattern.kind in ("nm", "structured"):
+            raise ValueError(f"pruner.prune_bias=true: {pattern.kind} sparsity chooses weights or whole units, not "
+                             "bias entries; use it with unstructured or rowcol sparsity")
 
     @contextmanager
     def curvature(self, model, adapter, modules: dict[str, nn.Linear], calib_ids: torch.Tensor,
@@ -517,13 +593,18 @@ class KroneckerPruner(Pruner):
         state = MaskState()
         losses: dict[str, float] = {}
         device = settings.device
+        lines = pattern.kind in ("rowcol", "structured")  # rows and columns (whole units: the ones they own)
+        layout = unit_layout(adapter, modules) if pattern.kind == "structured" else None
+        owned = {name for group in layout for name, _, _ in group.slices} if layout is not None else None
+        candidates = {name: m for name, m in modules.items() if owned is None or name in owned}
+        removed_units = None
         for shot in tqdm(range(1, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
                          disable=not settings.progress):
             with self.curvature(model, adapter, modules, calib_ids, settings, shot) as curvature:
                 costs = {}
-                for name, linear in modules.items():
+                for name, linear in candidates.items():
                     W, rows, cols, Ws, Gs, As, extra = self._live(curvature, name, linear, pattern, device)
-                    if pattern.kind == "rowcol":
+                    if lines:
                         row_costs, col_costs = self.rowcol_costs(Ws, Gs, As, extra, pattern)
                         costs[name] = (_scatter(row_costs, rows).cpu(),
                                        _scatter(col_costs, cols)[: self._columns(linear)].cpu())
@@ -534,18 +615,22 @@ class KroneckerPruner(Pruner):
                         element = _scatter(element, rows, cols)[:, : self._columns(linear)]
                         costs[name] = (element if pattern.kind == "nm" else element.float()).cpu()
                     del W, Ws, Gs, As, extra
-                for name, (removed, loss) in self.shot_masks(costs, pattern, shot).items():
+                if layout is not None:
+                    chosen, removed_units = self.unit_shot_masks(costs, layout, pattern, shot)
+                else:
+                    chosen = self.shot_masks(costs, pattern, shot)
+                for name, (removed, loss) in chosen.items():
                     linear = modules[name]
                     d_in = linear.in_features
                     W, rows, cols, Ws, Gs, As, extra = self._live(curvature, name, linear, pattern, device)
-                    if pattern.kind == "rowcol":
+                    if lines:
                         removed = (removed[0].to(device), _padded(removed[1], W.shape[1]).to(device))
                     else:
                         removed = _padded(removed, W.shape[1]).to(device)
-                    if name in state and pattern.kind != "rowcol":  # removed stays removed (it costs 0, but ties
-                        # at 0 need not all fit); rowcol: a removed row / column is zero, so dead (~rows, ~cols)
+                    if name in state and not lines:  # removed stays removed (it costs 0, but ties at 0 need not
+                        # all fit); rows / columns: a removed row / column is zero, so dead (~rows, ~cols)
                         removed[:, :d_in].logical_or_(state.prune_mask(name, device))
-                    if pattern.kind == "rowcol":
+                    if lines:
                         state.register(name, rowcol_mask(removed[0] | ~rows, removed[1] | ~cols, d_in).cpu())
                         Ws = self.rowcol_update(Ws, removed[0][rows], removed[1][cols], extra, pattern)
                     else:
@@ -558,10 +643,42 @@ class KroneckerPruner(Pruner):
             state.enforce(model)
             if settings.on_shot is not None and shot < self.shots:
                 settings.on_shot(shot, self.shots)
+        if layout is not None:  # the zeroed units leave the model
+            return self.remove_units(adapter, layout, removed_units, losses)
         results = {}
         for name in modules:
             mask = state.prune_mask(name)
             results[name] = ModuleResult(int(mask.sum()), mask.numel(), losses.get(name), mask=PackedMask.pack(mask))
+        return results
+
+    def unit_shot_masks(self, costs: dict, layout: list[UnitSlices], pattern: Pattern, shot: int
+                        ) -> tuple[dict, list[torch.Tensor]]:
+        """``sparsity=structured``: the units removed after shot ``shot`` (one ranking over every unit's summed row
+        and column costs at ``s_t = t S / T`` of the unit parameters, :func:`units_prune_masks`), as
+        ``{name: ((rows, columns), summed cost)}`` over the linears they own, and per unit group its removed mask.
+        A removed unit is zero, so it costs 0 and stays removed."""
+        per_unit = unit_costs(layout, costs)
+        total = sum(group.count * group.params for group in layout)
+        removed = units_prune_masks(per_unit, [group.params for group in layout], pattern.ratio * shot / self.shots,
+                                    total, self.min_units)
+        shapes = {name: (row_costs.numel(), col_costs.numel()) for name, (row_costs, col_costs) in costs.items()}
+        out = {}
+        for name, (rows, cols) in unit_removals(layout, removed, shapes).items():
+            row_costs, col_costs = costs[name]
+            out[name] = ((rows, cols), float(row_costs[rows.to(row_costs.device)].sum()
+                                             + col_costs[cols.to(col_costs.device)].sum()))
+        return out, removed
+
+    def remove_units(self, adapter, layout: list[UnitSlices], removed: list[torch.Tensor], losses: dict) -> dict:
+        """Remove every zeroed unit through the adapter (its outputs are zero and unread, so the logits do not
+        change); the results are recorded under each group's reader, as the structured pruners'."""
+        prefix, blocks, results = adapter.blocks_prefix(), adapter.blocks(), {}
+        for group, mask in zip(layout, removed, strict=True):
+            block = blocks[group.block]
+            unit_group = adapter.unit_group(block, group.kind)  # (as the block is after its other groups' removals)
+            name, result = remove_kept(adapter, block, unit_group, ~mask, prefix, group.block,
+                                       losses.get(f"{prefix}.{group.block}.{unit_group.reader}"))
+            results[name] = result
         return results
 
     def shot_masks(self, costs: dict, pattern: Pattern, shot: int) -> dict:

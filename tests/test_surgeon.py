@@ -30,6 +30,9 @@ from pruners.surgeon import (
     rowcol_mask,
     rowcol_prune_masks,
     rowcol_update,
+    unit_costs,
+    unit_layout,
+    units_prune_masks,
 )
 from pruners.taps import Offload, accumulate_gradient_stats, prunable_modules
 
@@ -517,3 +520,72 @@ def test_chunk_solve_equals_the_direct_solve():
     one = r_local == 0
     torch.testing.assert_close(chunk_solve(Gr[:1, :1], Ainv, r_local[one], c[one], w[one]),
                                torch.linalg.solve(Gr[0, 0] * Ainv[c[one]][:, c[one]], w[one]))
+
+
+def test_units_ranking_removes_the_cheapest_within_the_budget_and_keeps_the_costliest_of_each_group():
+    costs = [torch.tensor([1.0, 5.0, 3.0]), torch.tensor([2.0, 4.0, 0.5, 6.0])]
+    params = [10, 20]
+    total = 3 * 10 + 4 * 20
+    # order: 0.5 (g1, 20), 1 (g0, 10), 2 (g1, 20), 3 (g0, 10), 4 (g1, 20); 5 and 6 are protected (keep=1)
+    for ratio, expected in [(0.0, ([0, 0, 0], [0, 0, 0, 0])), (0.2, ([0, 0, 0], [0, 0, 1, 0])),
+                            (0.3, ([1, 0, 0], [0, 0, 1, 0])), (0.5, ([1, 0, 0], [1, 0, 1, 0])),
+                            (0.6, ([1, 0, 1], [1, 0, 1, 0])), (1.0, ([1, 0, 1], [1, 1, 1, 0]))]:
+        removed = units_prune_masks(costs, params, ratio, total, keep=1)
+        assert [m.int().tolist() for m in removed] == [list(e) for e in expected], ratio
+        assert sum(int(m.sum()) * p for m, p in zip(removed, params, strict=True)) <= int(ratio * total)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_unit_costs_sum_the_row_and_column_costs_each_unit_owns(family):
+    model = random_model(family)
+    adapter = models.adapter_for(model)
+    modules = prunable_modules(adapter)
+    layout = unit_layout(adapter, modules)
+    g = torch.Generator().manual_seed(3)
+    costs = {name: (torch.rand(m.out_features, generator=g, dtype=torch.float64),
+                    torch.rand(m.in_features, generator=g, dtype=torch.float64)) for name, m in modules.items()}
+    per_unit = unit_costs(layout, costs)
+    block = adapter.blocks()[1]
+    prefix = f"{adapter.blocks_prefix()}.1."
+    for group, got in zip(layout, per_unit, strict=True):
+        if group.block != 1:
+            continue
+        unit = adapter.unit_group(block, group.kind)
+        for u in range(unit.count):  # directly from the adapter's owned slices
+            expected = 0.0
+            for path, (axis, index) in unit.owned.items():
+                name = prefix + path.removesuffix(".weight")
+                if path.endswith(".weight") and name in costs:
+                    expected += float(costs[name][axis][index[u]].sum())
+            assert got[u].item() == pytest.approx(expected)
+    assert {g.kind for g in layout} >= {"mlp_neuron"} and all(g.slices for g in layout)
+
+
+@pytest.mark.parametrize("name", ["surgeon", "kobd"])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_whole_units_are_zeroed_then_removed_with_identical_logits_within_the_target(name, family):
+    """sparsity=structured with the Kronecker methods: the units chosen by their summed row / column costs are
+    zeroed shot by shot and removed at the end; removing them changes no logit, the removed fraction of the unit
+    parameters stays within the target, and every block keeps min_units of each kind."""
+    model = random_model(family)
+    adapter = models.adapter_for(model)
+    total = adapter.unit_parameters()
+    ids = random_ids(n=4, seqlen=12)
+    probe = random_ids(n=2, seqlen=12)
+    seen = {}
+
+    pruner = build_pruner({"name": name, "shots": 2})
+    remove = pruner.remove_units
+
+    def remove_and_compare(adapter_, layout, removed, losses):
+        with torch.no_grad():
+            seen["zeroed"] = model(input_ids=probe).logits
+        return remove(adapter_, layout, removed, losses)
+
+    pruner.remove_units = remove_and_compare
+    results = pruner.prune(model, adapter, Pattern("structured", 0.4), ids, QUIET)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=probe).logits, seen["zeroed"], rtol=1e-5, atol=1e-5)
+    removed = 1 - adapter.unit_parameters() / total
+    assert 0.2 < removed <= 0.4 + 1e-9
+    assert results and all(r.kept_units is not None and len(r.kept_units) >= 1 for r in results.values())
