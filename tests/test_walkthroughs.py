@@ -46,7 +46,7 @@ def load_as(module_name: str, source: str):
 
 @pytest.fixture
 def actnorm():
-    """docs/adding-a-method.md §1-2: pruners/actnorm.py and conf/pruner/actnorm.yaml, registered for the test only."""
+    """docs/adding-a-method.md, sections 1 and 2: pruners/actnorm.py and conf/pruner/actnorm.yaml, registered for the test only."""
     module = load_as("pruners.actnorm", code_block("adding-a-method.md", "1.", "python"))
     config = yaml.safe_load(code_block("adding-a-method.md", "2.", "yaml"))
     try:
@@ -83,7 +83,7 @@ def test_the_method_walkthrough_prunes_as_its_equation_says(actnorm, alpha, equa
 
 @pytest.fixture
 def neox():
-    """docs/adding-a-family.md §2: models/gpt_neox.py, on a randomly initialised tiny GPTNeoXForCausalLM (§5)."""
+    """docs/adding-a-family.md, section 2: models/gpt_neox.py, on a random tiny GPTNeoXForCausalLM (section 5)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     module = load_as("models.gpt_neox", code_block("adding-a-family.md", "2.", "python"))
