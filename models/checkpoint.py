@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -96,6 +97,33 @@ def _state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def loaded_names(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the key renames transformers applies when it loads a checkpoint of ``model``'s family (and
+    reverts when it saves one: GPT-NeoX's ``lm_head`` is stored as ``embed_out``), for the keys the model does not
+    have as they are (docs/adding-a-family.md, section 5). Other weight conversions are not applied."""
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+    except ImportError:  # (a transformers without conversion mappings saves the names as they are)
+        return state
+    renames = []
+    for rule in get_model_conversion_mapping(model):
+        if isinstance(rule, WeightRenaming):
+            targets = list(rule.target_patterns)
+            if len(targets) != len(rule.source_patterns):
+                targets = targets[:1] * len(rule.source_patterns)
+            renames += list(zip(rule.source_patterns, targets, strict=True))
+    expected, out = set(model.state_dict()), {}
+    for key, value in state.items():
+        if key not in expected:
+            for source, target in renames:
+                renamed = re.sub(source, target, key)
+                if renamed != key and renamed in expected:
+                    key = renamed
+                    break
+        out[key] = value
+    return out
+
+
 def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
                 trust_remote_code: bool = False):
     """The model a :func:`save_pruned` folder holds, block sizes and all (weights loaded strictly)."""
@@ -119,7 +147,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32, attn_
     for name in structure["added_biases"]:
         add_bias(model.get_submodule(name))
     state = _state_dict(directory)
-    missing, unexpected = model.load_state_dict(adapter.from_native_state(state), strict=False)
+    missing, unexpected = model.load_state_dict(loaded_names(model, adapter.from_native_state(state)), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())  # a list (v4) or {tied: source} (v5)
     still_missing = [k for k in missing if k not in tied]
     if still_missing or unexpected:

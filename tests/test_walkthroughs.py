@@ -133,6 +133,22 @@ def test_the_family_walkthrough_removing_units_equals_zeroing_them(neox):
     assert adapter.block_counts(adapter.blocks()[0]) == {"attention_head": 3, "mlp_neuron": 32}
 
 
+def test_the_family_walkthrough_model_pruned_saves_and_reloads_with_identical_logits(neox, tmp_path, monkeypatch):
+    """The gap section 5 found: transformers stores GPT-NeoX's lm_head as embed_out; reloading a pruned folder
+    applies the family's load-time renames (models/checkpoint.py: loaded_names)."""
+    from models import checkpoint, registry
+
+    model, adapter = neox
+    monkeypatch.setattr(registry, "ADAPTERS", (*registry.ADAPTERS, type(adapter)))  # the registry line of section 3
+    adapter.remove_units(adapter.blocks()[0], "mlp_neuron", torch.arange(0, 64, 2))
+    adapter.remove_units(adapter.blocks()[1], "attention_head", torch.tensor([0, 1, 3]))
+    checkpoint.save_pruned(model, None, tmp_path, adapter)
+    reloaded, _ = checkpoint.load_pruned(tmp_path)
+    ids = random_ids(n=2)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_the_walkthrough_modules_are_not_part_of_the_package():
     """The walk-throughs' files stay in docs/ (the scratch additions were not kept)."""
     assert not (Path(pruners.__file__).parent / "actnorm.py").exists()
