@@ -45,6 +45,7 @@ from .structured import ATTENTION_UNITS, ROUNDINGS, check_block_range, remove_ke
 
 HEAD_COUNTS = ("ratio", "tau")
 
+REFIT_PRIORS = ("zero", "weights")
 
 # --- criteria ----------------------------------------------------------------------------------------------------
 def js_divergence_sum(probs: torch.Tensor) -> torch.Tensor:
@@ -109,13 +110,16 @@ def head_scores(reader: torch.Tensor, second_moment: torch.Tensor, columns: torc
     return channel[columns.to(channel.device)].sum(dim=1)
 
 
-def ridge_refit(gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
-    """``argmin_W ||X W - Y||^2 + λ ||W||^2`` from ``gram = X^T X`` and ``cross = X^T Y``: ``(X^T X + λ I)^-1 X^T Y``
-    with ``λ = damp · mean(diag X^T X)`` (the paper's normal equations; the ridge is ours, [INF]), in float64."""
+def ridge_refit(gram: torch.Tensor, cross: torch.Tensor, damp: float, prior: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """``argmin_W ||X W - Y||^2 + λ ||W - W_0||^2`` from ``gram = X^T X`` and ``cross = X^T Y``:
+    ``(X^T X + λ I)^-1 (X^T Y + λ W_0)`` with ``λ = damp · mean(diag X^T X)`` (the paper's normal equations; the
+    ridge is ours, [INF]), in float64. ``prior`` = ``W_0`` (``[d_in, d_out]``): the ridge pulls toward the module's
+    current weights (``pruner.refit_prior=weights``) instead of toward zero (None)."""
     gram = gram.double()
     lam = damp * torch.diagonal(gram).mean().clamp_min(torch.finfo(torch.float64).tiny)
-    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device),
-                              cross.double())
+    rhs = cross.double() if prior is None else cross.double() + lam * prior.double()
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), rhs)
 
 
 # --- data-free calibration ---------------------------------------------------------------------------------------
@@ -191,6 +195,7 @@ class GOA(Pruner):
     remedy: bool = False  # "w/ remedy": the refits use a recovery set of remedy_samples more windows
     remedy_samples: int = 1024  # windows of the recovery set (the paper: 1024 examples of the downstream data)
     damp: float = 0.01  # ridge of the refits, relative to the mean diagonal of X^T X
+    refit_prior: str = "zero"  # what the ridge pulls the refit toward: zero | weights (the module's current ones) [INF]
     min_units: int = 1  # units every pruned module keeps
     rounding: str = "nearest"  # units a module loses: round(ratio * count) | floor: int(ratio * count) [INF]
     attention_only: ClassVar[bool] = False  # sparsity=heads: only attention units (set by prune())
@@ -221,6 +226,8 @@ class GOA(Pruner):
             raise ValueError("pruner.head_count=tau counts Algorithm 2's similar heads: it needs pruner.similarity=true")
         if self.remedy and not self.reconstruct:
             raise ValueError("pruner.remedy=true refits on a recovery set: it needs pruner.reconstruct=true")
+        if self.refit_prior not in REFIT_PRIORS:
+            raise ValueError(f"pruner.refit_prior='{self.refit_prior}' is not one of: {', '.join(REFIT_PRIORS)}")
         if self.final_refit and not self.reconstruct:
             raise ValueError("pruner.final_refit=true refits after the removal: it needs pruner.reconstruct=true")
         if not isinstance(self.remedy_samples, int) or self.remedy_samples < 1:
@@ -422,7 +429,8 @@ class GOA(Pruner):
                         cross[n] = x.T @ y if cross[n] is None else cross[n] + x.T @ y
             for n in names:
                 linear = block.get_submodule(n)
-                solved = ridge_refit(gram, cross[n], self.damp).T  # [d_out, d_in (+1)]
+                prior = _weight(linear, bias).T if self.refit_prior == "weights" else None
+                solved = ridge_refit(gram, cross[n], self.damp, prior).T  # [d_out, d_in (+1)]
                 linear.weight.data.copy_(solved[:, : linear.in_features].to(linear.weight.dtype))
                 if linear.bias is not None:
                     linear.bias.data.copy_(solved[:, linear.in_features].to(linear.bias.dtype))

@@ -87,6 +87,12 @@ def test_ridge_refit_is_least_squares():
     lam = 0.5 * torch.diagonal(X.T @ X).mean()
     ridge = torch.linalg.solve(X.T @ X + lam * torch.eye(5, dtype=X.dtype), X.T @ Y)
     torch.testing.assert_close(ridge_refit(X.T @ X, X.T @ Y, 0.5), ridge)
+    W0 = torch.randn(5, 3, generator=g, dtype=torch.float64)  # refit_prior=weights: ridge toward W0
+    toward = torch.linalg.solve(X.T @ X + lam * torch.eye(5, dtype=X.dtype), X.T @ Y + lam * W0)
+    torch.testing.assert_close(ridge_refit(X.T @ X, X.T @ Y, 0.5, W0), toward)
+    # targets the current weights already meet: the plain ridge shrinks them, the ridge toward them keeps them
+    torch.testing.assert_close(ridge_refit(X.T @ X, X.T @ (X @ W0), 0.5, W0), W0)
+    assert not torch.allclose(ridge_refit(X.T @ X, X.T @ (X @ W0), 0.5), W0, atol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
