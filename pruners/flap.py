@@ -25,7 +25,7 @@ from models import add_bias
 
 from .base import register
 from .stats import ChannelMoments
-from .structured import StructuredPruner, check_block_range, in_block_range, unit_mean
+from .structured import StructuredPruner, unit_mean
 
 METRICS = ("IFV", "WIFV", "WIFN")
 
@@ -65,12 +65,8 @@ class FLAP(StructuredPruner):
     rounding: str = "floor"  # uniform: int(ratio * count) units per module, as the reference (nearest: round())
     blocks: list | None = None  # [start, stop) of the blocks pruned (as pruner=goa; the reference: all); null = all
 
-    def prunes_block(self, index: int) -> bool:
-        return in_block_range(self.blocks, index)
-
     def check(self, pattern):
         super().check(pattern)
-        check_block_range(self.blocks)
         if self.metric not in METRICS:
             raise ValueError(f"pruner.metric='{self.metric}' is not one of: {', '.join(METRICS)}")
 

@@ -27,7 +27,7 @@ import torch
 from .base import ModuleResult, register
 from .masks import Pattern
 from .settings import EngineSettings
-from .structured import StructuredPruner, check_block_range, in_block_range, top_units
+from .structured import StructuredPruner, top_units
 from .taps import accumulate_gradient_stats
 
 TAYLOR = ("param_first", "param_second", "param_mix", "vectorize")
@@ -68,12 +68,8 @@ class LLMPruner(StructuredPruner):
 
     def check(self, pattern):
         super().check(pattern)
-        check_block_range(self.blocks)
         if self.taylor not in TAYLOR:
             raise ValueError(f"pruner.taylor='{self.taylor}' is not one of: {', '.join(TAYLOR)}")
-
-    def prunes_block(self, index: int) -> bool:
-        return in_block_range(self.blocks, index)
 
     def unit_importance(self, block, group, grads: dict, fishers: dict) -> torch.Tensor:
         """``[count]``: the sum over the linear weights the units own of their channels' importance."""

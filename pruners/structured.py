@@ -128,6 +128,7 @@ class StructuredPruner(Pruner):
             raise ValueError(f"pruner.attention_unit='{self.attention_unit}' is not one of: {', '.join(ATTENTION_UNITS)}")
         if not isinstance(self.min_units, int) or self.min_units < 1:
             raise ValueError(f"pruner.min_units={self.min_units} must be an integer >= 1")
+        check_block_range(getattr(self, "blocks", None))
         if getattr(self, "rounding", "nearest") not in ROUNDINGS:
             raise ValueError(f"pruner.rounding='{self.rounding}' is not one of: {', '.join(ROUNDINGS)}")
 
@@ -137,8 +138,8 @@ class StructuredPruner(Pruner):
         return adapter.structure_groups(block, refined, self.attention_only)
 
     def prunes_block(self, index: int) -> bool:
-        """Whether block ``index`` is pruned (all, unless the method has a block range)."""
-        return True
+        """Whether block ``index`` is pruned (all, unless the method has a ``blocks`` range key)."""
+        return in_block_range(getattr(self, "blocks", None), index)
 
     # --- the method ------------------------------------------------------------------------------
     def unit_scores(self, block, group: UnitGroup, stat, pattern: Pattern) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from models import UnitGroup
 
 from .base import register
-from .structured import StructuredPruner, check_block_range, in_block_range
+from .structured import StructuredPruner
 
 SCORES = ("random", "l1", "l2")
 
@@ -44,12 +44,8 @@ class UnitBaseline(StructuredPruner):
     rounding: str = "nearest"  # uniform: round(ratio * count) units per module | floor: int(ratio * count)
     blocks: list | None = None  # [start, stop) of the blocks pruned (as pruner=goa; the GOA tables: [4, 30)); null = all
 
-    def prunes_block(self, index: int) -> bool:
-        return in_block_range(self.blocks, index)
-
     def check(self, pattern):
         super().check(pattern)
-        check_block_range(self.blocks)
         if self.score not in SCORES:
             raise ValueError(f"pruner.score='{self.score}' is not one of: {', '.join(SCORES)}")
 

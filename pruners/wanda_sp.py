@@ -25,8 +25,6 @@ from .settings import EngineSettings
 from .stats import ChannelMoments
 from .structured import (
     StructuredPruner,
-    check_block_range,
-    in_block_range,
     reader_taps,
     remove_kept,
     top_units,
@@ -55,13 +53,6 @@ class WandaSP(StructuredPruner):
     min_units: int = 1  # units of each kind every block keeps
     rounding: str = "floor"  # int(ratio * count) units per module, as the reference | nearest: round(ratio * count)
     blocks: list | None = None  # [start, stop) of the blocks pruned (as pruner=goa; the GOA tables: [4, 30)); null = all
-
-    def check(self, pattern):
-        super().check(pattern)
-        check_block_range(self.blocks)
-
-    def prunes_block(self, index: int) -> bool:
-        return in_block_range(self.blocks, index)
 
     def unit_scores(self, block, group, stat, pattern):
         return wanda_sp_scores(block.get_submodule(group.reader).weight.data, stat.mean_square.double(),
