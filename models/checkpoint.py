@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -105,18 +104,12 @@ def loaded_names(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
     except ImportError:  # (a transformers without conversion mappings saves the names as they are)
         return state
-    renames = []
-    for rule in get_model_conversion_mapping(model):
-        if isinstance(rule, WeightRenaming):
-            targets = list(rule.target_patterns)
-            if len(targets) != len(rule.source_patterns):
-                targets = targets[:1] * len(rule.source_patterns)
-            renames += list(zip(rule.source_patterns, targets, strict=True))
+    renames = [rule for rule in get_model_conversion_mapping(model) if isinstance(rule, WeightRenaming)]
     expected, out = set(model.state_dict()), {}
     for key, value in state.items():
         if key not in expected:
-            for source, target in renames:
-                renamed = re.sub(source, target, key)
+            for rule in renames:  # (transformers' own matching: globs, scope prefixes, name boundaries)
+                renamed = rule.rename_source_key(key)[0]
                 if renamed != key and renamed in expected:
                     key = renamed
                     break

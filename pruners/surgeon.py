@@ -264,23 +264,32 @@ def unit_costs(layout: list[UnitSlices], costs: dict[str, tuple[torch.Tensor, to
     return out
 
 
-def units_prune_masks(costs: list[torch.Tensor], params: list[int], ratio: float, total: int, keep: int = 1
-                      ) -> list[torch.Tensor]:
-    """One ranking of every group's units by cost: the cheapest are removed while the removed parameters stay within
-    ``int(ratio · total)``; the ``keep`` costliest units of every group are never removed. Returns per group the
+def units_prune_masks(costs: list[torch.Tensor], params: list[int], ratio: float, total: int, keep: int = 1,
+                      removed: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """One ranking of every group's units by cost, cheapest first: a unit is removed if it still fits, i.e. the
+    removed parameters stay within ``int(ratio · total)`` (one that does not fit is passed over, a cheaper smaller
+    one after it may still fit); the ``keep`` costliest units of every group still present are never removed.
+    ``removed``: the units removed by earlier shots, which stay removed (and count). Returns per group the
     ``[count]`` mask of removed units."""
     keys, sizes = [], []
-    for cost, size in zip(costs, params, strict=True):
+    for index, (cost, size) in enumerate(zip(costs, params, strict=True)):
         cost = cost.double().clone()
-        cost[torch.argsort(cost, descending=True, stable=True)[:keep]] = float("inf")
+        gone = removed[index].bool() if removed is not None else torch.zeros(cost.numel(), dtype=torch.bool)
+        alive = (~gone).nonzero().flatten()
+        cost[alive[torch.argsort(cost[alive], descending=True, stable=True)[:keep]]] = float("inf")
+        cost[gone] = float("-inf")
         keys.append(cost)
         sizes.append(torch.full((cost.numel(),), size, dtype=torch.float64))
-    all_keys = torch.cat(keys)
-    order = all_keys.argsort(stable=True)
-    removed_params = torch.cat(sizes)[order].cumsum(0)
-    count = int(((removed_params <= int(ratio * total)) & all_keys[order].isfinite()).sum())
+    all_keys, all_sizes = torch.cat(keys), torch.cat(sizes)
     chosen = torch.zeros(all_keys.numel(), dtype=torch.bool)
-    chosen[order[:count]] = True
+    budget, used = int(ratio * total), 0.0
+    for unit in all_keys.argsort(stable=True).tolist():
+        key, size = all_keys[unit].item(), all_sizes[unit].item()
+        if key == float("inf"):
+            break
+        if key == float("-inf") or used + size <= budget:
+            chosen[unit] = True
+            used += size
     return list(torch.split(chosen, [c.numel() for c in costs]))
 
 
@@ -597,7 +606,7 @@ class KroneckerPruner(Pruner):
         layout = unit_layout(adapter, modules) if pattern.kind == "structured" else None
         owned = {name for group in layout for name, _, _ in group.slices} if layout is not None else None
         candidates = {name: m for name, m in modules.items() if owned is None or name in owned}
-        removed_units = None
+        removed_units, unit_losses = None, None
         for shot in tqdm(range(1, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
                          disable=not settings.progress):
             with self.curvature(model, adapter, modules, calib_ids, settings, shot) as curvature:
@@ -616,7 +625,8 @@ class KroneckerPruner(Pruner):
                         costs[name] = (element if pattern.kind == "nm" else element.float()).cpu()
                     del W, Ws, Gs, As, extra
                 if layout is not None:
-                    chosen, removed_units = self.unit_shot_masks(costs, layout, pattern, shot)
+                    chosen, removed_units, unit_losses = self.unit_shot_masks(costs, layout, pattern, shot,
+                                                                              removed_units, unit_losses)
                 else:
                     chosen = self.shot_masks(costs, pattern, shot)
                 for name, (removed, loss) in chosen.items():
@@ -644,40 +654,45 @@ class KroneckerPruner(Pruner):
             if settings.on_shot is not None and shot < self.shots:
                 settings.on_shot(shot, self.shots)
         if layout is not None:  # the zeroed units leave the model
-            return self.remove_units(adapter, layout, removed_units, losses)
+            return self.remove_units(adapter, layout, removed_units, unit_losses)
         results = {}
         for name in modules:
             mask = state.prune_mask(name)
             results[name] = ModuleResult(int(mask.sum()), mask.numel(), losses.get(name), mask=PackedMask.pack(mask))
         return results
 
-    def unit_shot_masks(self, costs: dict, layout: list[UnitSlices], pattern: Pattern, shot: int
-                        ) -> tuple[dict, list[torch.Tensor]]:
+    def unit_shot_masks(self, costs: dict, layout: list[UnitSlices], pattern: Pattern, shot: int,
+                        before: list[torch.Tensor] | None, losses: list[float] | None
+                        ) -> tuple[dict, list[torch.Tensor], list[float]]:
         """``sparsity=structured``: the units removed after shot ``shot`` (one ranking over every unit's summed row
-        and column costs at ``s_t = t S / T`` of the unit parameters, :func:`units_prune_masks`), as
-        ``{name: ((rows, columns), summed cost)}`` over the linears they own, and per unit group its removed mask.
-        A removed unit is zero, so it costs 0 and stays removed."""
+        and column costs at ``s_t = t S / T`` of the unit parameters, :func:`units_prune_masks`; the units removed
+        ``before`` stay removed), as ``{name: ((rows, columns), summed cost)}`` over the linears they own, per unit
+        group its removed mask, and per group the summed costs of its removed units over the shots (``losses``)."""
         per_unit = unit_costs(layout, costs)
         total = sum(group.count * group.params for group in layout)
         removed = units_prune_masks(per_unit, [group.params for group in layout], pattern.ratio * shot / self.shots,
-                                    total, self.min_units)
+                                    total, self.min_units, before)
+        new = removed if before is None else [now & ~then for now, then in zip(removed, before, strict=True)]
+        losses = [(losses[i] if losses is not None else 0.0) + float(per_unit[i][mask].sum())
+                  for i, mask in enumerate(new)]
         shapes = {name: (row_costs.numel(), col_costs.numel()) for name, (row_costs, col_costs) in costs.items()}
         out = {}
         for name, (rows, cols) in unit_removals(layout, removed, shapes).items():
             row_costs, col_costs = costs[name]
             out[name] = ((rows, cols), float(row_costs[rows.to(row_costs.device)].sum()
                                              + col_costs[cols.to(col_costs.device)].sum()))
-        return out, removed
+        return out, removed, losses
 
-    def remove_units(self, adapter, layout: list[UnitSlices], removed: list[torch.Tensor], losses: dict) -> dict:
+    def remove_units(self, adapter, layout: list[UnitSlices], removed: list[torch.Tensor], losses: list[float]
+                     ) -> dict:
         """Remove every zeroed unit through the adapter (its outputs are zero and unread, so the logits do not
-        change); the results are recorded under each group's reader, as the structured pruners'."""
+        change); the results are recorded under each group's reader, as the structured pruners', each with the
+        summed costs of the group's removed units over the shots as its loss."""
         prefix, blocks, results = adapter.blocks_prefix(), adapter.blocks(), {}
-        for group, mask in zip(layout, removed, strict=True):
+        for group, mask, loss in zip(layout, removed, losses, strict=True):
             block = blocks[group.block]
             unit_group = adapter.unit_group(block, group.kind)  # (as the block is after its other groups' removals)
-            name, result = remove_kept(adapter, block, unit_group, ~mask, prefix, group.block,
-                                       losses.get(f"{prefix}.{group.block}.{unit_group.reader}"))
+            name, result = remove_kept(adapter, block, unit_group, ~mask, prefix, group.block, loss)
             results[name] = result
         return results
 

@@ -47,9 +47,9 @@ def load_as(module_name: str, source: str):
 @pytest.fixture
 def actnorm():
     """docs/adding-a-method.md, sections 1 and 2: pruners/actnorm.py and conf/pruner/actnorm.yaml, registered for the test only."""
-    module = load_as("pruners.actnorm", code_block("adding-a-method.md", "1.", "python"))
-    config = yaml.safe_load(code_block("adding-a-method.md", "2.", "yaml"))
-    try:
+    try:  # (everything inside: a page that no longer loads leaves nothing registered for the other tests)
+        module = load_as("pruners.actnorm", code_block("adding-a-method.md", "1.", "python"))
+        config = yaml.safe_load(code_block("adding-a-method.md", "2.", "yaml"))
         yield module, config
     finally:
         PRUNERS.pop("actnorm", None)
@@ -86,12 +86,12 @@ def neox():
     """docs/adding-a-family.md, section 2: models/gpt_neox.py, on a random tiny GPTNeoXForCausalLM (section 5)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    module = load_as("models.gpt_neox", code_block("adding-a-family.md", "2.", "python"))
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64)
-    model = GPTNeoXForCausalLM(config).eval()
     try:
+        module = load_as("models.gpt_neox", code_block("adding-a-family.md", "2.", "python"))
+        torch.manual_seed(0)
+        config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64)
+        model = GPTNeoXForCausalLM(config).eval()
         yield model, module.GPTNeoXAdapter(model)
     finally:
         sys.modules.pop("models.gpt_neox", None)
