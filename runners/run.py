@@ -4,7 +4,7 @@ Every job of the command line (all combinations of a ``-m`` sweep) is composed a
 any model weights are loaded (runners/cli.py); bad input gives one ``prunelab: error: ...`` line and exit code 2.
 One run, top to bottom (:func:`execute`): its ids; an existing record reused; the dense baseline; the prune step
 (runners/pruning.py) or a kept pruned model (runners/prune_cache.py); the evaluation suite (evaluators/suite.py);
-the record (runners/record.py).
+the record (runners/results.py: assembled; runners/record.py: ids, locks, atomic writes).
 """
 
 from __future__ import annotations
