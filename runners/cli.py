@@ -148,6 +148,12 @@ def prevalidate(argv: list[str]) -> str | None:
                            return_hydra_config=True)
         except Exception as err:  # (as Hydra: a multirun composes its base from the overrides that are no sweep)
             first = explain(err, searchpath + [o.input_line for o in parsed if not o.is_sweep_override()])
+            swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+            key = first.split(":", 1)[0]
+            if "unknown key" in first and key.split(".")[0] in swept:  # a key only the swept options have
+                value = next((o.get_value_element_as_str() for o in parsed if o.key_or_group == key), "...")
+                return (f"{first}; a sweep's base config has the group's default {key.split('.')[0]}, so a key that "
+                        f"only the swept options have is written ++{key}={value} (added to the base, set in each job)")
             for o in parsed:  # a bad group option: say which options there are
                 options = None if o.key_or_group.startswith("hydra") else group_options(o.key_or_group)
                 if options is not None and not o.is_delete() and not o.is_sweep_override() and \

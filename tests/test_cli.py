@@ -76,6 +76,7 @@ def test_rerunning_a_sweep_recomputes_nothing(finished_sweep):
     (["pruner=numerical"], "pruner 'numerical' does not support sparsity kind 'unstructured'"),
     (["sparsity=structured", "sparsity.ratio=0.3"], "pruner 'sparsegpt' does not support sparsity kind 'structured'"),
     (["-m", "pruner=numerical,flap", "sparsity=structured", "sparsity.ratio=0.2,1.2"], "outside [0, 1)"),
+    (["-m", "pruner=surgeon,kobd", "pruner.shots=4"], "is written ++pruner.shots=4"),
     (["-m", "pruner=flap", "sparsity=structured", "pruner.blocks=[0,1],[1,99]"],  # (a later job, the same model)
      "pruner.blocks=[1, 99] goes past the model's 4 blocks"),
     (["sparsity=2of4", "sparsity.allocation=owl"], "sparsity.allocation=owl needs an unstructured pattern"),
