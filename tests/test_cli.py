@@ -229,24 +229,47 @@ def test_weights_that_do_not_fit_the_config_are_an_error_not_random_weights(tmp_
 
 def test_ctrl_c_prints_one_line_and_keeps_what_finished(tmp_path):
     """SIGINT once the first job's record is written (read from the output, not timed): exit 130, one line on what
-    was kept, the finished record complete."""
+    was kept, the finished record complete. The second job's run lock is held by the test, so the sweep is still
+    running (waiting for it) when the signal comes, however fast its jobs are."""
     import signal
+    import threading
+
+    from runners.record import run_lock
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "runners.run", "-m", "pruner=magnitude", "sparsity.ratio=0.3,0.4,0.5,0.6",
-                             "dense_baseline=false", f"output_root={tmp_path}", "sweep=s", "progress=false",
-                             "wandb.mode=disabled"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    for line in proc.stdout:
-        if line.startswith("  record:"):
-            proc.send_signal(signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=600)
+    common = ["pruner=magnitude", "dense_baseline=false", "sweep=s", "progress=false", "wandb.mode=disabled"]
+    probe = tmp_path / "probe"  # the second job's run id (output_root and sweep are not part of it)
+    subprocess.run([sys.executable, "-m", "runners.run", *common, "sparsity.ratio=0.4", f"output_root={probe}"],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    (second,) = [p.parent.name for p in probe.glob("s/*/result.json")]
+    root = tmp_path / "out"
+    held, release = threading.Event(), threading.Event()
+
+    def first_holder():
+        with run_lock(root / "s" / second):
+            held.set()
+            release.wait(600)
+
+    holder = threading.Thread(target=first_holder)
+    holder.start()
+    held.wait(60)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "runners.run", "-m", *common, "sparsity.ratio=0.3,0.4,0.5,0.6",
+                                 f"output_root={root}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("  record:"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=600)
+    finally:
+        release.set()
+        holder.join()
     assert proc.returncode == 130, err[-2000:]
     assert [line for line in err.splitlines() if line.strip()][-1].startswith("prunelab: interrupted:")
     assert "Traceback" not in err
-    records = list((tmp_path / "s").glob("*/result.json"))
-    assert 1 <= len(records) < 4 and all(json.loads(p.read_text())["metrics"] for p in records)
+    records = list((root / "s").glob("*/result.json"))
+    assert len(records) == 1 and all(json.loads(p.read_text())["metrics"] for p in records)
 
 
 def test_an_output_root_that_is_a_file_is_one_line_before_any_work(tmp_path):
