@@ -256,7 +256,9 @@ def test_ctrl_c_prints_one_line_and_keeps_what_finished(tmp_path):
     try:
         proc = subprocess.Popen([sys.executable, "-m", "runners.run", "-m", *common, "sparsity.ratio=0.3,0.4,0.5,0.6",
                                  f"output_root={root}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                # (a test suite started in the background of a shell inherits SIGINT ignored)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         for line in proc.stdout:
             if line.startswith("  record:"):
                 proc.send_signal(signal.SIGINT)
