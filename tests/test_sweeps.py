@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -159,20 +160,14 @@ def test_sparsity_deviation_allows_rounding_only():
     assert "above the target" in sparsity_deviation(0.502, 0.5, "unstructured", True, 64)["warning"]
 
 
-def test_a_second_process_of_a_run_waits_for_the_first_and_reuses_its_record(tmp_path):
-    """The run's lock held (here by the test, as a first process would): a second process of the same run id
-    waits, and once the record is there and the lock free it reuses the record instead of computing the run."""
+def _second_run_while_held(record: Path, content: bytes, args: list[str]) -> tuple[int, str]:
+    """Run the CLI with ``args`` while the test holds ``record``'s run lock, as a first process computing it would;
+    once the second process says it waits, the "first" writes ``content`` as its record and lets the lock go
+    (no timing involved). Returns the second process's exit code and output."""
     import threading
 
     from runners.record import run_lock
 
-    args = ["model=tiny-llama", "pruner=magnitude", f"output_root={tmp_path}", "sweep=twice", "wandb.mode=disabled",
-            "dense_baseline=false", *FAST]
-    first = _cli(*args)
-    assert first.communicate(timeout=600)[0] and first.returncode == 0
-    (record,) = tmp_path.glob("twice/*/result.json")
-    content = record.read_bytes()
-    record.unlink()  # as if the first process were still computing it
     held, release = threading.Event(), threading.Event()
 
     def first_process():
@@ -186,14 +181,27 @@ def test_a_second_process_of_a_run_waits_for_the_first_and_reuses_its_record(tmp
     held.wait(60)
     second = _cli(*args)
     lines = []
-    for line in second.stdout:  # (it says it waits before it can go on: no timing involved)
+    for line in second.stdout:
         lines.append(line)
         if "waiting for its record" in line:
             release.set()
     second.wait(timeout=600)
     holder.join()
-    out = "".join(lines)
-    assert second.returncode == 0 and "waiting for its record" in out, out[-2000:]
+    return second.returncode, "".join(lines)
+
+
+def test_a_second_process_of_a_run_waits_for_the_first_and_reuses_its_record(tmp_path):
+    """The run's lock held (here by the test, as a first process would): a second process of the same run id
+    waits, and once the record is there and the lock free it reuses the record instead of computing the run."""
+    args = ["model=tiny-llama", "pruner=magnitude", f"output_root={tmp_path}", "sweep=twice", "wandb.mode=disabled",
+            "dense_baseline=false", *FAST]
+    first = _cli(*args)
+    assert first.communicate(timeout=600)[0] and first.returncode == 0
+    (record,) = tmp_path.glob("twice/*/result.json")
+    content = record.read_bytes()
+    record.unlink()  # as if the first process were still computing it
+    returncode, out = _second_run_while_held(record, content, args)
+    assert returncode == 0 and "waiting for its record" in out, out[-2000:]
     assert "skipped: already recorded" in out and record.read_bytes() == content
     assert not (record.parent / ".lock").exists()
 
@@ -201,10 +209,6 @@ def test_a_second_process_of_a_run_waits_for_the_first_and_reuses_its_record(tmp
 def test_a_dense_baseline_being_computed_by_another_job_is_waited_for_not_computed_twice(tmp_path):
     """Two jobs of a sweep that share a dense baseline: the second waits on the baseline's lock (held here by the
     test, as the first job would) and keeps the first's baseline record instead of writing its own."""
-    import threading
-
-    from runners.record import run_lock
-
     args = ["model=tiny-llama", "pruner=magnitude", f"output_root={tmp_path}", "sweep=shared", "wandb.mode=disabled",
             *FAST]
     first = _cli(*args)
@@ -214,27 +218,8 @@ def test_a_dense_baseline_being_computed_by_another_job_is_waited_for_not_comput
     content = dense.read_bytes()
     dense.unlink()
     pruned.unlink()  # the pruning run must compute again; its baseline is "being computed" by the holder
-    held, release = threading.Event(), threading.Event()
-
-    def first_job():
-        with run_lock(dense.parent):
-            held.set()
-            release.wait(600)
-            dense.write_bytes(content)
-
-    holder = threading.Thread(target=first_job)
-    holder.start()
-    held.wait(60)
-    second = _cli(*args)
-    lines = []
-    for line in second.stdout:
-        lines.append(line)
-        if "waiting for its record" in line:
-            release.set()
-    second.wait(timeout=600)
-    holder.join()
-    out = "".join(lines)
-    assert second.returncode == 0 and f"dense baseline {dense.parent.name} is being computed" in out, out[-2000:]
+    returncode, out = _second_run_while_held(dense, content, args)
+    assert returncode == 0 and f"dense baseline {dense.parent.name} is being computed" in out, out[-2000:]
     assert "dense baseline recorded" not in out and dense.read_bytes() == content  # kept, not rewritten
     assert pruned.exists() and not (dense.parent / ".lock").exists()
 
