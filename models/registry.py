@@ -5,10 +5,11 @@ from __future__ import annotations
 from .base import Adapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
+from .llamagen_adapter import LlamaGenAdapter
 from .mamba import MambaAdapter
 from .opt import OPTAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (OPTAdapter, LlamaAdapter, MambaAdapter, GPT2Adapter)
+ADAPTERS: tuple[type[Adapter], ...] = (OPTAdapter, LlamaAdapter, MambaAdapter, GPT2Adapter, LlamaGenAdapter)
 
 
 class UnsupportedModelError(ValueError):
