@@ -95,8 +95,50 @@ def measure_speed(model, device: str = "cpu", batch_size: int = 1, prompt_len: i
     }
 
 
+@torch.no_grad()
+def measure_image_speed(model, device: str = "cpu", batch_size: int = 8, repeats: int = 5, warmup: int = 1,
+                        seed: int = 0, threads: int | None = None) -> dict:
+    """Class-conditional generation of ``batch_size`` images (every image token, KV-cached, with the model's own
+    guidance scale: two sequences per image when it guides) by an image generator (:mod:`models.llamagen`): images
+    per second and ms per image, and on CUDA the peak memory allocated while generating."""
+    from models.llamagen import class_labels, generate
+
+    if threads is not None:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return measure_image_speed(model, device, batch_size, repeats, warmup, seed)
+        finally:
+            torch.set_num_threads(previous)
+    cfg = model.config
+    labels = class_labels(cfg.num_classes, batch_size).to(device)
+    with on_device(model, device):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        if str(device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(torch.device(device))
+        seconds = _median_seconds(lambda: generate(model, labels, cfg_scale=cfg.cfg_scale, generator=gen), device,
+                                  repeats, warmup)
+        peak = (torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+                if str(device).startswith("cuda") else None)
+    dtype = next(model.parameters()).dtype
+    return {
+        "generate_ms": round(seconds * 1e3, 3),
+        "ms_per_image": round(seconds * 1e3 / batch_size, 3),
+        "images_per_s": round(batch_size / seconds, 3),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameter_mb": round(parameter_bytes(model) / 2**20, 3),
+        "peak_device_mb": None if peak is None else round(peak, 1),
+        "setup": {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                  "batch_size": batch_size, "tokens_per_image": cfg.block_size, "cfg_scale": cfg.cfg_scale,
+                  "repeats": repeats, "warmup": warmup},
+    }
+
+
 def speedup(dense: dict, pruned: dict) -> dict:
     """Ratios dense / pruned (> 1 = the pruned model is faster / smaller)."""
+    if "ms_per_image" in dense:  # image generators (measure_image_speed)
+        return {"generate": round(dense["ms_per_image"] / pruned["ms_per_image"], 3),
+                "parameters": round(dense["parameters"] / pruned["parameters"], 3)}
     return {"prefill": round(dense["prefill_ms"] / pruned["prefill_ms"], 3),
             "decode": round(dense["decode_ms_per_token"] / pruned["decode_ms_per_token"], 3),
             "parameters": round(dense["parameters"] / pruned["parameters"], 3)}

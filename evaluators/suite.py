@@ -8,14 +8,15 @@ import time
 from omegaconf import OmegaConf
 
 from .ppl import perplexity, protocol_windows
-from .speed import measure_speed
+from .speed import measure_image_speed, measure_speed
 
 
 def evaluate(eval_cfg, loaded, protocols, seqlen: int, device: str, zeroshot_tasks, task_dict, timings: dict,
-             tag: str = "", progress: bool = True) -> dict:
-    """``{"ppl": {"<protocol>@<seqlen>": {"value", "protocol"}}, "zeroshot": ...}`` for ``loaded`` (a
+             tag: str = "", progress: bool = True, out_dir=None) -> dict:
+    """``{"ppl": {"<protocol>@<seqlen>": {"value", "protocol"}}, "zeroshot": ..., "image": ...}`` for ``loaded`` (a
     :class:`models.LoadedModel`); each phase's seconds go to ``timings`` under ``<tag>eval/<key>``.
-    ``task_dict``: lm-eval's loaded tasks (:func:`evaluators.zeroshot.load_tasks`) for the in-memory backend."""
+    ``task_dict``: lm-eval's loaded tasks (:func:`evaluators.zeroshot.load_tasks`) for the in-memory backend.
+    ``out_dir``: the run's folder, for files beside the record (an image generator's sample grid)."""
     model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
     metrics: dict = {"ppl": {}}
     t = time.perf_counter()
@@ -27,6 +28,12 @@ def evaluate(eval_cfg, loaded, protocols, seqlen: int, device: str, zeroshot_tas
                            desc=f"{tag}ppl {key}", progress=progress)
         metrics["ppl"][key] = {"value": value, "protocol": provenance}
         timings[f"{tag}eval/{key}"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+    if "image" in eval_cfg:  # an image generator's samples (runners/validate.py: only for image generators)
+        from . import image
+
+        metrics["image"] = image.evaluate(eval_cfg.image, loaded, device, out_dir, progress)
+        timings[f"{tag}eval/image"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
     if zeroshot_tasks:
         from . import zeroshot  # lm-eval is imported only when it is used
@@ -57,10 +64,16 @@ def zeroshot_tasks(eval_cfg, tasks):
 def speed(speed_cfg, model, device: str, seed: int) -> dict:
     """The speed at ``speed.batch_size``; for a list of batch sizes, at the first, with every size's measurement
     under ``by_batch_size`` (``{"1": ..., "8": ...}``)."""
+    from models import adapter_for
+
     sp = speed_cfg
     sizes = [int(b) for b in sp.batch_size] if OmegaConf.is_list(sp.batch_size) else [int(sp.batch_size)]
-    runs = {str(b): measure_speed(model, device, b, int(sp.prompt_len), int(sp.new_tokens), int(sp.repeats),
-                                  int(sp.warmup), seed=seed, threads=sp.get("threads")) for b in sizes}
+    if adapter_for(model).modality == "image":  # images per second (prompt_len / new_tokens do not apply)
+        runs = {str(b): measure_image_speed(model, device, b, int(sp.repeats), int(sp.warmup), seed=seed,
+                                            threads=sp.get("threads")) for b in sizes}
+    else:
+        runs = {str(b): measure_speed(model, device, b, int(sp.prompt_len), int(sp.new_tokens), int(sp.repeats),
+                                      int(sp.warmup), seed=seed, threads=sp.get("threads")) for b in sizes}
     first = dict(runs[str(sizes[0])])
     if len(runs) > 1:
         first["by_batch_size"] = runs

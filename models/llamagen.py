@@ -50,7 +50,9 @@ def swiglu_width(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | N
 
 class LlamaGenConfig(PretrainedConfig):
     """LlamaGen's ``ModelArgs`` (c2i) plus ``head_dim`` / ``intermediate_size`` (explicit, so that uniformly pruned
-    sizes can be written back) and ``vq``: the folder of the VQ tokenizer, relative to the checkpoint."""
+    sizes can be written back), ``vq``: the folder of the VQ tokenizer, relative to the checkpoint, and ``cfg_scale``:
+    the classifier-free guidance the model is published with (XXL 1.75, 3B 1.65), the default of every sampler;
+    ``image_reference``: the reference statistics ``eval=image`` compares with by default."""
 
     model_type = "llamagen"
     attribute_map = {"hidden_size": "dim", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
@@ -60,7 +62,8 @@ class LlamaGenConfig(PretrainedConfig):
                  multiple_of: int = 256, ffn_dim_multiplier: float | None = None, rope_base: float = 10000.0,
                  norm_eps: float = 1e-5, num_classes: int = 1000, class_dropout_prob: float = 0.1,
                  cls_token_num: int = 1, block_size: int = 576, initializer_range: float = 0.02,
-                 image_size: int = 384, downsample: int = 16, vq: str | None = "vq", **kwargs):
+                 image_size: int = 384, downsample: int = 16, vq: str | None = "vq", cfg_scale: float = 1.0,
+                 image_reference: str | None = None, **kwargs):
         self.vocab_size, self.dim, self.n_layer, self.n_head = vocab_size, dim, n_layer, n_head
         self.n_kv_head = n_kv_head or n_head
         self.head_dim = head_dim or dim // n_head
@@ -70,6 +73,8 @@ class LlamaGenConfig(PretrainedConfig):
         self.num_classes, self.class_dropout_prob, self.cls_token_num = num_classes, class_dropout_prob, cls_token_num
         self.block_size, self.initializer_range = block_size, initializer_range
         self.image_size, self.downsample, self.vq = image_size, downsample, vq
+        self.cfg_scale = cfg_scale  # the guidance the model is published with (a default for sampling)
+        self.image_reference = image_reference  # eval=image's default reference statistics (a folder, bundled:<name>)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         if cls_token_num != 1:
@@ -366,6 +371,39 @@ def generate(model: LlamaGenForCausalLM, labels: torch.Tensor, cfg_scale: float 
         return out
     finally:
         clear_caches(model)
+
+
+def class_labels(classes: int, count: int, mode: str = "balanced", seed: int = 0) -> torch.Tensor:
+    """``count`` class labels: ``balanced``: 0, 0, ..., 1, 1, ... (every class ``count / classes`` times, a remainder
+    spread evenly; VAR's 50 per class); ``random``: uniform draws (LlamaGen's sample_c2i_ddp)."""
+    if mode == "balanced":
+        return torch.arange(count) * classes // count if count >= classes else torch.arange(count) % classes
+    if mode == "random":
+        return torch.randint(0, classes, (count,), generator=torch.Generator().manual_seed(seed))
+    raise ValueError(f"labels: '{mode}' is not one of balanced, random")
+
+
+def sampling_options(section, config: LlamaGenConfig) -> dict:
+    """``generate``'s keyword arguments from a config section (``calib.generate`` / ``eval.image``): its
+    ``cfg_scale`` (null: the model's own ``config.cfg_scale``), ``top_k``, ``top_p``, ``temperature``."""
+    scale = section.get("cfg_scale")
+    return {"cfg_scale": float(config.cfg_scale if scale is None else scale), "top_k": int(section.get("top_k", 0)),
+            "top_p": float(section.get("top_p", 1.0)), "temperature": float(section.get("temperature", 1.0))}
+
+
+@torch.no_grad()
+def sample_batches(model: LlamaGenForCausalLM, labels: torch.Tensor, batch_size: int, seed: int,
+                   progress: bool = True, desc: str = "generate", **options) -> torch.Tensor:
+    """``[n, block_size]`` image tokens for every label, ``batch_size`` at a time, from one generator seeded with
+    ``seed`` on the model's device (the same tokens whatever else the process drew before)."""
+    from tqdm.auto import tqdm
+
+    device = model.tok_embeddings.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for start in tqdm(range(0, len(labels), batch_size), desc=desc, unit="batch", disable=not progress):
+        out.append(generate(model, labels[start : start + batch_size].to(device), generator=gen, **options).cpu())
+    return torch.cat(out)
 
 
 # --- official checkpoints ---------------------------------------------------------------------------------------

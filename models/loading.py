@@ -144,11 +144,19 @@ def check_loading_info(info: dict, path: str) -> None:
         raise ValueError(f"model.path={path}: the weights do not fit the architecture of its config.json: {summary}")
 
 
-def load_tokenizer(cfg, path: str | None = None):
+def load_tokenizer(cfg, path: str | None = None, hf_config=None):
     """The tokenizer of the ``model`` config: ``model.tokenizer`` where set, else the model's own (``path``: the
-    resolved model path, when known)."""
+    resolved model path, when known). An image generator's tokenizer is its VQ model (:class:`models.vq.VQTokenizer`):
+    the folder ``model.tokenizer`` where set, else the checkpoint's ``vq`` subfolder."""
     from transformers import AutoTokenizer
 
+    if hf_config is not None and adapter_class(hf_config.model_type).modality == "image":
+        from .vq import VQTokenizer
+
+        if cfg.get("tokenizer"):
+            folder = Path(resolve_path(cfg.tokenizer, "model.tokenizer"))
+            return VQTokenizer.from_pretrained(folder.parent, folder.name)
+        return VQTokenizer.from_pretrained(path or resolve_path(cfg.path), getattr(hf_config, "vq", None) or "vq")
     if cfg.get("tokenizer"):
         tok_path = resolve_path(cfg.tokenizer, "model.tokenizer")
     else:
@@ -182,7 +190,7 @@ def load(cfg, device: str = "cpu") -> LoadedModel:
         check_loading_info(info, cfg.path)
     model.eval()
     model.config.use_cache = False
-    tokenizer = load_tokenizer(cfg, path)
+    tokenizer = load_tokenizer(cfg, path, hf_config)
     source = {
         "path": cfg.path,
         "resolved_path": path,

@@ -259,3 +259,24 @@ class VQModel(nn.Module):
         """Load a LlamaGen VQ state dict strictly (its training-only usage counter dropped)."""
         state = {k: v for k, v in state.items() if k != "quantize.codebook_used"}
         self.load_state_dict(state, strict=True)
+
+
+class VQTokenizer:
+    """The tokenizer of an image generator: its VQ model, kept in ``subfolder`` of the generator's checkpoint (a
+    saved pruned generator carries its tokenizer as a saved text model carries its tokenizer files)."""
+
+    def __init__(self, vq: VQModel, subfolder: str = "vq", name_or_path: str = ""):
+        self.vq, self.subfolder, self.name_or_path = vq, subfolder, name_or_path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, subfolder: str = "vq") -> VQTokenizer:
+        return cls(VQModel.from_pretrained(Path(directory) / subfolder), subfolder, str(directory))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.vq.save_pretrained(Path(directory) / self.subfolder)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vq.encode(images)
+
+    def decode_code(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.vq.decode_code(codes)

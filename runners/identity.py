@@ -186,7 +186,8 @@ def data_identity(cfg, plan) -> dict:
     if plan.calibrates:
         source = str(cfg.calib.source)
         split = "train"
-        out["calib"] = text_identity(source, split, cfg.calib.get("path"), cfg.calib.get("dataset_root"))
+        out["calib"] = ({"generated": "by the checkpoint (calib.generate, calib.seed)"} if source == "generated" else
+                        text_identity(source, split, cfg.calib.get("path"), cfg.calib.get("dataset_root")))
     for protocol in plan.protocols:
         out[f"eval/{protocol.name}"] = text_identity(protocol.source, protocol.split, protocol.path,
                                                      cfg.eval.ppl.get("dataset_root"))

@@ -67,10 +67,16 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
     t = time.perf_counter()
     calib_ids, calibration = None, None
     if plan.calibrates:
-        windows = corpora.calibration_windows(
-            loaded.tokenizer, cfg.calib.source, int(cfg.calib.nsamples) + plan.pruner.extra_windows(),
-            plan.calib_seqlen, int(cfg.calib.seed),
-            path=cfg.calib.get("path"), dataset_root=cfg.calib.get("dataset_root"))
+        nsamples = int(cfg.calib.nsamples) + plan.pruner.extra_windows()
+        if cfg.calib.source == "generated":  # an image generator's own samples (docs/imagegen.md §3)
+            from corpora.generated import generated_windows
+
+            windows = generated_windows(model, nsamples, plan.calib_seqlen, int(cfg.calib.seed), cfg.calib.generate,
+                                        bool(cfg.progress))
+        else:
+            windows = corpora.calibration_windows(
+                loaded.tokenizer, cfg.calib.source, nsamples, plan.calib_seqlen, int(cfg.calib.seed),
+                path=cfg.calib.get("path"), dataset_root=cfg.calib.get("dataset_root"))
         calib_ids, calibration = windows.ids, windows.provenance
         t = _timed(timings, "calibration_data", t)
     settings = EngineSettings.from_config(cfg.engine, plan.device, bool(cfg.progress))

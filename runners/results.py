@@ -103,7 +103,8 @@ def shot_recorder(cfg: DictConfig, plan: Plan, config: dict, loaded, ident: dict
         shot_timings = {"prune": round(time.perf_counter() - start - on_shot.eval_s - before, 3)}
         t = time.perf_counter()
         metrics = suite.evaluate(cfg.eval, loaded, plan.protocols, plan.eval_seqlen, plan.device, plan.zeroshot_tasks,
-                                 task_dict, shot_timings, tag=f"shot {shot}/{shots} ", progress=bool(cfg.progress))
+                                 task_dict, shot_timings, tag=f"shot {shot}/{shots} ", progress=bool(cfg.progress),
+                                 out_dir=path.parent)
         on_shot.eval_s += time.perf_counter() - t  # (not pruning time, for this record or the run's)
         shot_plan = dataclasses.replace(plan, pattern=Pattern(plan.pattern.kind, derived["sparsity"]["ratio"]))
         pattern = {"kind": shot_plan.pattern.kind, "ratio": shot_plan.pattern.ratio, "n": None, "m": None,
@@ -138,7 +139,7 @@ def record_dense(cfg: DictConfig, plan: Plan, loaded, task_dict, dense_cfg: dict
             return None
         timings = {"load": load_s}
         metrics = suite.evaluate(cfg.eval, loaded, plan.protocols, plan.eval_seqlen, plan.device, plan.zeroshot_tasks,
-                                 task_dict, timings, tag="dense ", progress=bool(cfg.progress))
+                                 task_dict, timings, tag="dense ", progress=bool(cfg.progress), out_dir=path.parent)
         timings = {k.removeprefix("dense "): v for k, v in timings.items()}
         timings.update(prune=0.0, total=round(sum(timings.values()), 3))
         sparsity = sparsity_section(loaded.adapter, plan.pattern, plan.allocation, prunes=False)

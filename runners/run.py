@@ -161,7 +161,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
     saved, kept_at = prune_cache.keep(cfg, loaded, info, kept, out_path.parent, pid, timings) if write else (None, None)
     pruning.set_determinism(int(cfg.seed))  # the evaluation starts alike whether this run pruned or loaded the weights
     metrics = suite.evaluate(cfg.eval, loaded, plan.protocols, plan.eval_seqlen, plan.device, plan.zeroshot_tasks,
-                             task_dict, timings, progress=bool(cfg.progress))
+                             task_dict, timings, progress=bool(cfg.progress), out_dir=out_path.parent if write else None)
     t = time.perf_counter()
     if dense_speed is not None:
         pruned_speed = suite.speed(cfg.speed, loaded.model, plan.device, int(cfg.seed))

@@ -69,13 +69,43 @@ class ModelConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Class-conditional sampling of an image generator (models/llamagen.py: generate); LlamaGen's defaults."""
+
+    cfg_scale: float | None = opt(None, min=0.0)  # guidance scale (> 1 guides); null = the model's config.cfg_scale
+    top_k: int = opt(0, **NON_NEGATIVE)  # 0 = no top-k filtering
+    top_p: float = opt(1.0, min=0.0, max=1.0)
+    temperature: float = opt(1.0, min=0.0)
+    batch_size: int = opt(64, **POSITIVE)  # images generated together
+    labels: str = opt("balanced", choices=("balanced", "random"))  # every class equally often | uniform draws
+
+
+@dataclass
+class GenerateCalibConfig(SamplingConfig):
+    """calib=generated: calibration sequences are the dense model's own samples (the Numerical Pruning paper's
+    protocol for image generators: N images per class); ``calib.nsamples`` sequences in all."""
+
+
+@dataclass
+class ImageEvalConfig(SamplingConfig):
+    """eval=image: FID-family metrics of generated samples (evaluators/image.py)."""
+
+    samples_per_class: int = opt(100, **POSITIVE)  # ADM / LlamaGen: 50,000 samples (50 per ImageNet class)
+    features: str = opt("auto", choices=("auto", "classifier", "inception"))  # auto: the model's reference says
+    reference: str | None = opt(None)  # a reference folder (features + statistics); null = the model's own
+    grid_per_class: int = opt(8, **NON_NEGATIVE)  # samples per class in the record's PNG grid (0 = none)
+    seed: int = opt(0, **NON_NEGATIVE)
+
+
+@dataclass
 class CalibConfig:
-    source: str = req(choices=("bundled", "text", "c4", "wikitext2"))
+    source: str = req(choices=("bundled", "text", "c4", "wikitext2", "generated"))
     path: str | None = req()
     dataset_root: str | None = req()
     nsamples: int = req(**POSITIVE)
     seqlen: int | None = req(**POSITIVE)  # null = model.seqlen; 0 is an error, not "the default"
     seed: int = req()
+    generate: GenerateCalibConfig = field(default_factory=GenerateCalibConfig)  # calib=generated only
 
 
 @dataclass
@@ -102,6 +132,7 @@ class ZeroshotConfig:
 class EvalConfig:
     ppl: PplConfig = field(default_factory=PplConfig)
     zeroshot: ZeroshotConfig = field(default_factory=ZeroshotConfig)
+    image: ImageEvalConfig = field(default_factory=ImageEvalConfig)  # eval=image (image generators) only
     shots_every: int = req(**NON_NEGATIVE)  # multi-shot methods: a record every k shots (checked in validate)
 
 

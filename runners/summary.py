@@ -32,6 +32,7 @@ def summary(record: dict) -> str:
         *([f"  perplexity: {ppl}"] if ppl else []),  # (eval=none: no line)
         *(["  zero-shot: " + ", ".join(f"{k} {v['acc']:.4f}" for k, v in zeroshot["tasks"].items())
            + f" | average acc {zeroshot['average']['acc']:.4f}"] if zeroshot else []),
+        *([_image_line(record["metrics"]["image"])] if record["metrics"].get("image") else []),
         *([_speed_line(speed)] if speed else []),
         f"  time: {_prune_time(record)}, total {record['timings_s']['total']:.1f}s | "
         f"peak host {record['memory']['peak_host_rss_mb']:.0f} MB",
@@ -53,9 +54,20 @@ def _prune_time(record: dict) -> str:
     return f"prune reused ({source['timings_s'].get('prune', 0.0):.1f}s in {source['run_id']})"
 
 
+def _image_line(image: dict) -> str:
+    size = "x".join(str(n) for n in image["resolution"])
+    return (f"  images: FID {image['fid']:.2f}, sFID {image['sfid']:.2f}, IS {image['is']:.2f}, precision "
+            f"{image['precision']:.3f}, recall {image['recall']:.3f}, class accuracy {image['class_accuracy']:.3f} | "
+            f"{image['samples']} samples at {size}, {image['features']} features vs {image['reference']}")
+
+
 def _speed_line(speed: dict) -> str:
     d, p, x = speed["dense"], speed["pruned"], speed["speedup"]
     setup = p["setup"]
+    if "ms_per_image" in p:
+        return (f"  speed: {d['ms_per_image']:.2f} -> {p['ms_per_image']:.2f} ms/image ({x['generate']:.2f}x) | "
+                f"batch {setup['batch_size']}, {setup['tokens_per_image']} tokens per image, guidance "
+                f"{setup['cfg_scale']}, {setup['device']}, {setup['threads']} thread{'s' if setup['threads'] != 1 else ''}")
     return (f"  speed: decode {d['decode_ms_per_token']:.2f} -> {p['decode_ms_per_token']:.2f} ms/token "
             f"({x['decode']:.2f}x), prefill {d['prefill_ms']:.1f} -> {p['prefill_ms']:.1f} ms ({x['prefill']:.2f}x) | "
             f"batch {setup['batch_size']}, prompt {setup['prompt_len']}, {setup['new_tokens']} new tokens, "

@@ -157,6 +157,8 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"model.path={cfg.model.path}: cannot load the model config ({first})") from None
         model_type = hf_config.model_type
+        _check_modality(cfg, models.adapter_class(model_type).modality, hf_config,
+                        pruner.needs_calibration or allocation.needs_calibration, protocols, zeroshot_tasks, calib_seqlen)
         if pruner.removes_weights and not allocation.is_default:  # the globs against the architecture's linears
             try:
                 check_against(models.loading.meta_adapter(cfg.model), allocation, pattern)
@@ -181,6 +183,32 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
                 raise ConfigError(f"{key}={value} exceeds the model's max_position_embeddings={limit}")
     return Plan(pruner, pattern, device, model_path, model_type, calib_seqlen, eval_seqlen, protocols, zeroshot_tasks,
                 allocation)
+
+
+def _check_modality(cfg, modality: str, hf_config, calibrates: bool, protocols, zeroshot_tasks, calib_seqlen: int
+                    ) -> None:
+    """Text data for text models, generated data and image metrics for image generators (docs/imagegen.md)."""
+    name = f"model={cfg.model.name}"
+    image_eval = "image" in cfg.eval
+    if modality == "image":
+        if calibrates and cfg.calib.source != "generated":
+            raise ConfigError(f"calib.source={cfg.calib.source}: {name} generates images, not text; calibrate it on "
+                              f"its own samples: calib=generated")
+        if protocols:
+            raise ConfigError(f"eval.ppl.datasets={[p.name for p in protocols]}: {name} generates images; text "
+                              f"perplexity does not apply (eval=image, or eval.ppl.datasets=[])")
+        if zeroshot_tasks:
+            raise ConfigError(f"eval.zeroshot.tasks: {name} generates images; lm-eval tasks do not apply")
+        if calibrates and not 2 <= calib_seqlen <= 1 + hf_config.block_size:
+            raise ConfigError(f"calib.seqlen={calib_seqlen}: {name} windows have 2 to {1 + hf_config.block_size} "
+                              f"positions (class + image tokens)")
+        return
+    if calibrates and cfg.calib.source == "generated":
+        raise ConfigError(f"calib.source=generated: only image generators calibrate on their own samples ({name} is "
+                          f"a text model: calib=tiny, c4, wikitext2 or text)")
+    if image_eval:
+        raise ConfigError(f"eval.image: {name} is a text model; image metrics need an image generator "
+                          f"(e.g. model=tiny-imagegen)")
 
 
 def _check_speed(section) -> int:

@@ -16,7 +16,11 @@ NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"]
          ("pruner", "unit_baseline"): ["sparsity=structured"], ("pruner", "wanda_sp"): ["sparsity=structured"],
          ("pruner", "llm_pruner"): ["sparsity=structured"], ("sparsity", "heads"): ["pruner=flap"],
          ("sparsity", "rowcol"): ["pruner=surgeon"],  # rows + columns: the Kronecker-factored methods only
-         ("pruner", "surgeon_reference"): ["pruner.path={checkout}"]}  # a (stand-in) checkout of the reference code
+         ("pruner", "surgeon_reference"): ["pruner.path={checkout}"],  # a (stand-in) checkout of the reference code
+         # image generators: their own samples as calibration data, image metrics (and only they)
+         **{("model", m): ["calib=generated", "eval=image"] for m in ("tiny-imagegen", "llamagen-xxl", "llamagen-3b")},
+         ("calib", "generated"): ["model=tiny-imagegen", "eval=image"],
+         ("eval", "image"): ["model=tiny-imagegen", "calib=generated"]}
 
 
 def test_groups_are_the_documented_ones():

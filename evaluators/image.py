@@ -1,0 +1,125 @@
+"""Image evaluation of a class-conditional generator (docs/imagegen.md §4): sample, decode with the VQ tokenizer,
+quantize to 8-bit pixels (as saved samples are), extract features, compare with the reference statistics.
+
+Metrics (:mod:`evaluators.image_metrics`): ``fid`` (pool features), ``sfid`` (spatial features), ``is``,
+``precision`` / ``recall`` (k = 3 against the reference batch), plus two class-conditional checks the offline default
+can make because its feature network is a classifier of the same classes: ``class_accuracy`` (the classifier agrees
+with the class asked for) and ``class_fid`` (mean over classes of the FID between a class's samples and its real
+images).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.blocks import on_device
+from models.llamagen import class_labels, sample_batches, sampling_options
+
+from .image_features import extract, load_reference
+from .image_metrics import frechet_distance, inception_score, precision_recall, statistics
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Decoder output (about [-1, 1]) -> 8-bit values ``uint8``."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1
+
+
+@torch.no_grad()
+def decode(vq, tokens: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """8-bit pixels ``[n, c, H, W]`` of image tokens."""
+    device = next(vq.parameters()).device
+    return torch.cat([to_pixels(vq.decode_code(tokens[i : i + batch_size].to(device)).cpu())
+                      for i in range(0, len(tokens), batch_size)])
+
+
+def metrics(pixels: torch.Tensor, labels: torch.Tensor, net, reference: dict) -> dict:
+    """FID-family metrics of 8-bit ``pixels`` generated for ``labels`` against ``reference`` (see the module)."""
+    feats = extract(net, from_pixels(pixels))
+    mu, sigma = statistics(feats["pool"])
+    smu, ssigma = statistics(feats["spatial"])
+    precision, recall = precision_recall(reference["pool_batch"], feats["pool"])
+    out = {
+        "fid": frechet_distance(mu, sigma, reference["pool_mu"], reference["pool_sigma"]),
+        "sfid": frechet_distance(smu, ssigma, reference["spatial_mu"], reference["spatial_sigma"]),
+        "is": inception_score(feats["probs"]),
+        "precision": precision,
+        "recall": recall,
+    }
+    y = labels.numpy()
+    out["class_accuracy"] = float((feats["probs"].argmax(1) == y).mean())
+    per_class = [frechet_distance(*statistics(feats["pool"][y == c]), reference[f"class{c}_mu"],
+                                  reference[f"class{c}_sigma"])
+                 for c in np.unique(y) if f"class{c}_mu" in reference and (y == c).sum() > 1]
+    if per_class:
+        out["class_fid"] = float(np.mean(per_class))
+    return {k: round(float(v), 4) for k, v in out.items()}
+
+
+def grid(pixels: torch.Tensor, labels: torch.Tensor, per_class: int = 8):
+    """A PIL image: one row per class, the first ``per_class`` samples of each."""
+    from PIL import Image
+
+    rows = []
+    for c in torch.unique(labels):
+        picks = pixels[labels == c][:per_class]
+        if len(picks) < per_class:
+            picks = torch.cat([picks, torch.zeros(per_class - len(picks), *picks.shape[1:], dtype=picks.dtype)])
+        rows.append(torch.cat(list(picks), dim=-1))  # [c, H, per_class * W]
+    image = torch.cat(rows, dim=-2)  # [c, classes * H, per_class * W]
+    array = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+GRID_FILE = "samples.png"
+
+
+def reference_folder(section, model) -> Path:
+    """``eval.image.reference`` where set, else the model's own ``config.image_reference`` (``bundled:<name>`` = a
+    folder of ``models/tiny``)."""
+    from models.loading import TINY_DIR
+
+    where = section.get("reference") or getattr(model.config, "image_reference", None)
+    if not where:
+        raise ValueError(f"eval.image.reference: model {model.config.name_or_path or ''} names no reference "
+                         f"statistics; give eval.image.reference=<folder>")
+    folder = TINY_DIR / where.split(":", 1)[1] if where.startswith("bundled:") else Path(where).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"eval.image.reference={where}: no such folder ({folder})")
+    return folder
+
+
+def evaluate(section, loaded, device: str, out_dir: Path | None = None, progress: bool = True) -> dict:
+    """``eval.image`` of a loaded generator: ``samples_per_class`` samples of every class with the section's sampling
+    settings and seed, decoded to 8-bit pixels, scored against the reference (:func:`metrics`); every number tagged
+    with the feature network, the sample count and the resolution; a PNG grid of ``grid_per_class`` samples per class
+    written to ``out_dir`` (named in the result)."""
+    model, vq = loaded.model, loaded.tokenizer.vq
+    folder = reference_folder(section, model)
+    if section.get("features", "auto") == "inception":
+        raise ValueError("eval.image.features=inception: Inception features (the ADM evaluator's) are not wired up yet "
+                         "(docs/imagegen.md §4); use the reference's own network (features=auto)")
+    net, reference, meta = load_reference(folder)
+    classes = model.config.num_classes
+    per_class = int(section.get("samples_per_class", 100))
+    mode, seed = str(section.get("labels", "balanced")), int(section.get("seed", 0))
+    labels = class_labels(classes, classes * per_class, mode, seed)
+    options = sampling_options(section, model.config)
+    with on_device([model, vq], device):
+        tokens = sample_batches(model, labels, int(section.get("batch_size", 64)), seed, progress, **options)
+        pixels = decode(vq, tokens)
+    out = metrics(pixels, labels, net, reference)
+    out.update(samples=len(labels), labels=mode, seed=seed, sampling=options, resolution=list(pixels.shape[-2:]),
+               features=meta.get("features", "fmnist-classifier"), reference=meta.get("dataset", str(folder)))
+    shown = int(section.get("grid_per_class", 8))
+    if out_dir is not None and shown > 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        grid(pixels, labels, shown).save(Path(out_dir) / GRID_FILE)
+        out["grid"] = GRID_FILE
+    return out

@@ -1,0 +1,102 @@
+"""Image metrics against direct computations on known distributions; the image evaluation's pieces; image generators
+through the runner (calibration on their own samples, eval=image, the checks that keep text and images apart)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evaluators import image
+from evaluators.image_features import FeatureNet, load_reference, save_reference
+from evaluators.image_metrics import frechet_distance, inception_score, precision_recall, statistics
+from models.llamagen import class_labels
+from runners.validate import ConfigError, validate
+
+from .conftest import compose
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
+    # |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2 for diagonal covariances a, b
+    mu1, mu2 = np.array([0.0, 0.0]), np.array([1.0, 2.0])
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 9.0])
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(5 + (1 - 2) ** 2 + (2 - 3) ** 2)
+    rot = np.array([[np.cos(0.7), -np.sin(0.7)], [np.sin(0.7), np.cos(0.7)]])  # invariant under a common rotation
+    assert frechet_distance(rot @ mu1, rot @ s1 @ rot.T, rot @ mu2, rot @ s2 @ rot.T) == pytest.approx(7.0)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_of_sampled_gaussians_approaches_the_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.0, 1.0, size=(40000, 3))
+    b = rng.normal(0.5, 2.0, size=(40000, 3))
+    expected = 3 * 0.5**2 + 3 * (1 - 2) ** 2
+    assert frechet_distance(*statistics(a), *statistics(b)) == pytest.approx(expected, rel=0.03)
+
+
+def test_inception_score_extremes():
+    assert inception_score(np.full((100, 10), 0.1)) == pytest.approx(1.0)  # every prediction the marginal
+    one_hot = np.eye(10)[np.arange(1000) % 10]
+    assert inception_score(one_hot) == pytest.approx(10.0)  # confident and balanced: the number of classes
+    one_class = np.eye(10)[np.zeros(1000, dtype=int)]
+    assert inception_score(one_class) == pytest.approx(1.0)
+    # split averaging: first split balanced over 2 classes, second over 4
+    probs = np.concatenate([np.eye(4)[np.arange(100) % 2], np.eye(4)[np.arange(100) % 4]])
+    assert inception_score(probs, split_size=100) == pytest.approx((2 + 4) / 2)
+
+
+def test_precision_recall_on_known_sets():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(600, 2))
+    assert precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # samples drawn from one corner of the real set: all realistic (precision 1), most of the real set missed
+    corner = real[(real[:, 0] > 1.0) & (real[:, 1] > 1.0)]
+    precision, recall = precision_recall(real, corner)
+    assert precision == 1.0 and recall < 0.2
+
+
+def test_class_labels():
+    assert class_labels(3, 7).tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert torch.bincount(class_labels(10, 1280)).tolist() == [128] * 10
+    assert torch.equal(class_labels(10, 50, "random", seed=3), class_labels(10, 50, "random", seed=3))
+    with pytest.raises(ValueError, match="balanced, random"):
+        class_labels(10, 5, "sorted")
+
+
+def test_metrics_of_the_reference_images_themselves(tmp_path):
+    torch.manual_seed(0)
+    net = FeatureNet().eval()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat_interleave(60)
+    pixels = (torch.rand(600, 1, 28, 28, generator=g) * 64 + labels.view(-1, 1, 1, 1) * 19).round().to(torch.uint8)
+    save_reference(net, image.from_pixels(pixels), labels, tmp_path, {"dataset": "test"})
+    net2, reference, meta = load_reference(tmp_path)
+    assert meta["images"] == 600 and reference["pool_batch"].shape == (600, 128)
+    out = image.metrics(pixels, labels, net2, reference)
+    assert out["fid"] == pytest.approx(0.0, abs=1e-3) and out["sfid"] == pytest.approx(0.0, abs=1e-3)
+    assert out["precision"] == 1.0 and out["recall"] == 1.0
+    shuffled = image.metrics(pixels, labels[torch.randperm(600, generator=g)], net2, reference)
+    assert shuffled["fid"] == pytest.approx(out["fid"], abs=1e-6)  # FID ignores the labels ...
+    assert out["class_fid"] == pytest.approx(0.0, abs=1e-3)
+    assert shuffled["class_fid"] > 0.1  # ... the per-class FID does not (0.199 for this net and these images)
+
+
+def test_pixels_and_grid():
+    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0])
+    assert image.to_pixels(x).tolist() == [0, 0, 128, 255, 255]
+    pixels = torch.randint(0, 256, (30, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(3).repeat_interleave(10)
+    assert image.grid(pixels, labels, per_class=4).size == (4 * 28, 3 * 28)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=tiny-opt", "calib=generated"], "only image generators calibrate on their own samples"),
+    (["model=tiny-opt", "eval=image"], "eval.image: model=tiny-opt is a text model"),
+    (["model=tiny-imagegen", "eval=image"], "calib.source=bundled: model=tiny-imagegen generates images"),
+    (["model=tiny-imagegen", "calib=generated"], "text perplexity does not apply"),
+    (["model=tiny-imagegen", "calib=generated", "eval=image", "calib.seqlen=51"], "2 to 50 positions"),
+])
+def test_text_and_images_are_kept_apart(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(*overrides))
