@@ -22,9 +22,12 @@ from .image_features import extract, load_reference
 from .image_metrics import frechet_distance, inception_score, precision_recall, statistics
 
 
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Decoder output (about [-1, 1]) -> 8-bit values ``uint8``."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def to_pixels(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Decoder output (about [-1, 1]) -> 8-bit values ``uint8``, as LlamaGen's sample_c2i_ddp writes its samples:
+    optionally resized (bicubic) to ``size`` first, then ``clamp(127.5 x + 128, 0, 255)`` truncated."""
+    if size is not None and tuple(images.shape[-2:]) != (size, size):
+        images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic")
+    return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
 
 
 def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -32,10 +35,10 @@ def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(vq, tokens: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """8-bit pixels ``[n, c, H, W]`` of image tokens."""
+def decode(vq, tokens: torch.Tensor, batch_size: int = 500, size: int | None = None) -> torch.Tensor:
+    """8-bit pixels ``[n, c, H, W]`` of image tokens (resized to ``size``, see :func:`to_pixels`)."""
     device = next(vq.parameters()).device
-    return torch.cat([to_pixels(vq.decode_code(tokens[i : i + batch_size].to(device)).cpu())
+    return torch.cat([to_pixels(vq.decode_code(tokens[i : i + batch_size].to(device)).cpu(), size)
                       for i in range(0, len(tokens), batch_size)])
 
 
@@ -77,7 +80,7 @@ def grid(pixels: torch.Tensor, labels: torch.Tensor, per_class: int = 8):
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
-GRID_FILE = "samples.png"
+GRID_FILE, NPZ_FILE = "samples.png", "samples.npz"
 
 
 def reference_folder(section, model) -> Path:
@@ -101,11 +104,9 @@ def evaluate(section, loaded, device: str, out_dir: Path | None = None, progress
     with the feature network, the sample count and the resolution; a PNG grid of ``grid_per_class`` samples per class
     written to ``out_dir`` (named in the result)."""
     model, vq = loaded.model, loaded.tokenizer.vq
-    folder = reference_folder(section, model)
-    if section.get("features", "auto") == "inception":
-        raise ValueError("eval.image.features=inception: Inception features (the ADM evaluator's) are not wired up yet "
-                         "(docs/imagegen.md §4); use the reference's own network (features=auto)")
-    net, reference, meta = load_reference(folder)
+    scored = section.get("features", "auto") != "none"
+    if scored:
+        net, reference, meta = load_reference(reference_folder(section, model))
     classes = model.config.num_classes
     per_class = int(section.get("samples_per_class", 100))
     mode, seed = str(section.get("labels", "balanced")), int(section.get("seed", 0))
@@ -113,13 +114,18 @@ def evaluate(section, loaded, device: str, out_dir: Path | None = None, progress
     options = sampling_options(section, model.config)
     with on_device([model, vq], device):
         tokens = sample_batches(model, labels, int(section.get("batch_size", 64)), seed, progress, **options)
-        pixels = decode(vq, tokens)
-    out = metrics(pixels, labels, net, reference)
+        pixels = decode(vq, tokens, size=section.get("eval_size"))
+    out = metrics(pixels, labels, net, reference) if scored else {}
     out.update(samples=len(labels), labels=mode, seed=seed, sampling=options, resolution=list(pixels.shape[-2:]),
-               features=meta.get("features", "fmnist-classifier"), reference=meta.get("dataset", str(folder)))
+               features=meta.get("features", "fmnist-classifier") if scored else None,
+               reference=meta.get("dataset") if scored else None)
     shown = int(section.get("grid_per_class", 8))
-    if out_dir is not None and shown > 0:
+    if out_dir is not None and (shown > 0 or section.get("save_npz")):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if out_dir is not None and shown > 0:
         grid(pixels, labels, shown).save(Path(out_dir) / GRID_FILE)
         out["grid"] = GRID_FILE
+    if out_dir is not None and section.get("save_npz"):  # the ADM evaluator's input: arr_0 [n, H, W, C] uint8
+        np.savez(Path(out_dir) / NPZ_FILE, arr_0=pixels.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        out["npz"] = NPZ_FILE
     return out

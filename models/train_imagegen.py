@@ -1,12 +1,12 @@
 """Train the bundled tiny image generator on Fashion-MNIST (docs/imagegen.md §5): a VQ tokenizer (28 x 28 grey ->
-7 x 7 codes), a LlamaGen-style class-conditional GPT on those codes, and the small classifier whose features the
-offline image metrics use, with the held-out set's reference statistics.
+7 x 7 codes) and a LlamaGen-style class-conditional GPT on those codes. The classifier whose features the offline
+image metrics use, the held-out set's statistics and the model card: ``python -m evaluators.image_reference``.
 
-    python -m models.train_imagegen [--data /usr/share/datasets/fashion-mnist] [--stage all|vq|gpt|features|card]
+    python -m models.train_imagegen [--data /usr/share/datasets/fashion-mnist] [--stage all|vq|gpt]
 
 Data: Debian's ``dataset-fashion-mnist`` package (``apt install dataset-fashion-mnist``; MIT licence; the idx files of
-zalandoresearch/fashion-mnist). Writes ``models/tiny/tiny-imagegen/`` (GPT + ``vq/``, model card) and
-``models/tiny/fmnist-features/`` (classifier + reference statistics). Fixed seeds; ~30 min on 2 CPU cores.
+zalandoresearch/fashion-mnist). Writes ``models/tiny/tiny-imagegen/`` (GPT + ``vq/``, ``training.json``). Fixed
+seeds; ~20 min on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -119,28 +119,10 @@ def train_gpt(codes: torch.Tensor, labels: torch.Tensor, steps: int = 3000, batc
     return model.eval(), log
 
 
-def train_classifier(images, labels, steps: int = 1500, batch: int = 128):
-    from evaluators.image_features import FeatureNet
-
-    torch.manual_seed(SEED)
-    net = FeatureNet()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(SEED + 2)
-    for step in range(steps):
-        pick = torch.randint(0, len(images), (batch,), generator=gen)
-        loss = F.cross_entropy(net(images[pick])[2], labels[pick])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 250 == 0:
-            print(f"classifier step {step}/{steps} loss {loss.item():.4f}", flush=True)
-    return net.eval()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--stage", default="all", choices=["all", "vq", "gpt", "features", "card"])
+    parser.add_argument("--stage", default="all", choices=["all", "vq", "gpt"])
     parser.add_argument("--out", default=str(TINY), help="where the two folders go (default: the bundled ones)")
     parser.add_argument("--steps", type=float, default=1.0, help="scale every stage's steps (a quick check: 0.01)")
     args = parser.parse_args(argv)
@@ -179,47 +161,8 @@ def main(argv=None) -> None:
                        "test_token_ppl": round(math.exp(nll), 3),
                        "parameters": sum(p.numel() for p in model.parameters())}
         info_path.write_text(json.dumps(info, indent=1) + "\n")
-    if args.stage in ("all", "features"):
-        from evaluators.image_features import save_reference
-
-        net = train_classifier(train_x, train_y, steps=scale(1500))
-        with torch.no_grad():
-            acc = (net(test_x)[2].argmax(1) == test_y).float().mean().item()
-        save_reference(net, test_x, test_y, FEAT_DIR, {"dataset": "Fashion-MNIST test split (10,000 images)",
-                                               "classifier_test_accuracy": round(acc, 4), "seed": SEED})
-    if args.stage in ("all", "card"):
-        info["card"] = write_card(info, per_class=max(10, int(100 * min(1.0, args.steps * 10))))
-        info_path.write_text(json.dumps(info, indent=1) + "\n")
-
-
-CARD_SAMPLING = dict(cfg_scale=1.5, top_k=0, top_p=1.0, temperature=1.0)
-
-
-def write_card(info: dict, per_class: int = 100) -> dict:
-    """Dense metrics against the held-out statistics, beside two models that must score far worse: the untrained
-    model, and the trained one's samples under shuffled class labels (class-conditional metrics only); a sample grid."""
-    from evaluators import image
-    from evaluators.image_features import load_reference
-
-    net, reference, _ = load_reference(FEAT_DIR)
-    vq = VQModel.from_pretrained(GEN_DIR / "vq")
-    labels = image.class_labels(10, per_class)
-    rows = {}
-    trained = LlamaGenForCausalLM.from_pretrained(GEN_DIR).eval()
-    torch.manual_seed(SEED)
-    untrained = LlamaGenForCausalLM(trained.config).eval()
-    for name, model in (("dense", trained), ("untrained", untrained)):
-        pixels = image.decode(vq, image.sample_tokens(model, labels, 250, SEED, **CARD_SAMPLING))
-        rows[name] = image.metrics(pixels, labels, net, reference)
-        if name == "dense":
-            image.grid(pixels, labels, per_class=10).save(GEN_DIR / "samples.png")
-            shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(SEED))]
-            rows["dense, shuffled labels"] = image.metrics(pixels, shuffled, net, reference)
-    lines = [f"| model | {' | '.join(rows['dense'])} |", "|---|" + "---:|" * len(rows["dense"])]
-    lines += [f"| {k} | {' | '.join(str(v) for v in row.values())} |" for k, row in rows.items()]
-    (GEN_DIR / "card_metrics.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return {"samples_per_class": per_class, "sampling": CARD_SAMPLING, "metrics": rows}
+    if args.stage == "all":
+        print("next: python -m evaluators.image_reference (the feature network, its statistics, the model card)")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ ALIASES: dict[str, tuple[Callable[[dict], Any], str, bool]] = {
     "decode_speedup": (_path("metrics.speed.speedup.decode"), "decode speedup vs dense, same process", False),
     "prefill_speedup": (_path("metrics.speed.speedup.prefill"), "prefill speedup vs dense, same process", False),
     "threads": (_path("device.torch_threads"), "torch threads of the run", False),
+    "fid": (_path("metrics.image.fid"), "FID of the generated samples (eval=image)", True),
+    "ms_per_image": (_path("metrics.speed.pruned.ms_per_image"), "generation ms/image (first speed batch size)", True),
+    "generate_speedup": (_path("metrics.speed.speedup.generate"), "generation speedup vs dense, same process",
+                         False),
 }
 EXPANDING = {"ppl": "perplexity per protocol", "acc": "zero-shot accuracy per task"}
 DEFAULT = ("ppl", "prune_s", "total_s", "peak_host_mb")  # a baseline given without columns

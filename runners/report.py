@@ -277,6 +277,11 @@ def tidy(records: list[dict]) -> pd.DataFrame:
             prov = entry.get("protocol", {})
             rows.append({**base, "metric": "ppl", "dataset": key, "value": entry["value"], "stderr": None,
                          "protocol": _describe_protocol(key, prov)})
+        image = rec["metrics"].get("image")
+        for key in IMAGE_METRICS if image else ():
+            if image.get(key) is not None:
+                rows.append({**base, "metric": key, "dataset": "image", "value": image[key], "stderr": None,
+                             "protocol": _describe_image(image)})
         zeroshot = rec["metrics"].get("zeroshot")
         if zeroshot:
             for task, values in zeroshot["tasks"].items():
@@ -298,6 +303,17 @@ def _describe_protocol(key: str, prov: dict) -> str:
     if prov.get("windows") and prov.get("seqlen"):
         parts.append(f"{prov['windows']} windows x {prov['seqlen']} tokens")
     return f"{key}: " + ", ".join(parts)
+
+
+IMAGE_METRICS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "Prec", "recall": "Rec",
+                 "class_accuracy": "class acc", "class_fid": "class FID"}  # (lower is better: FID, sFID, class FID)
+
+
+def _describe_image(image: dict) -> str:
+    size = "x".join(str(n) for n in image.get("resolution", []))
+    return (f"{image.get('samples')} samples at {size} ({image.get('labels')} labels, guidance "
+            f"{image.get('sampling', {}).get('cfg_scale')}, seed {image.get('seed')}), {image.get('features')} "
+            f"features vs {image.get('reference')}")
 
 
 def _describe_zeroshot(zeroshot: dict) -> str:
@@ -472,6 +488,75 @@ def zeroshot_table(frame: pd.DataFrame, published: pd.DataFrame | None = None) -
             rows.append({"model": model, "method": f"{method} [paper]", "pattern": pattern,
                          **{task: values.get(task) for task in tasks}, "delta avg": None})
     return pd.DataFrame(rows, columns=["model", "method", "pattern", *tasks, "delta avg"])
+
+
+def image_table(frame: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Image generators' metrics (the Numerical Pruning paper's Table 3 columns: FID, sFID, IS, precision, recall,
+    then the class checks); rows (model, method, pattern), dense first; a ``<method> [paper]`` row after each row
+    the published numbers have (their metrics named as ours: fid, sfid, is, precision, recall)."""
+    rows = frame[frame.metric.isin(list(IMAGE_METRICS))]
+    if rows.empty:
+        return pd.DataFrame()
+    pivot = rows.pivot_table(index=["model", "method", "pattern"], columns="metric", values="value", aggfunc="mean")
+    metrics = [m for m in IMAGE_METRICS if m in pivot.columns]
+    order = [(model, m, p) for model in sorted(set(rows.model)) for m in method_order(rows.method)
+             for p in pattern_order(rows.pattern) if (model, m, p) in pivot.index]
+    pivot = pivot.reindex(order)[metrics]
+    paper = published[published.metric.isin(list(IMAGE_METRICS))] if published is not None else None
+    out = []
+    for (model, method, pattern), row in pivot.iterrows():
+        out.append({"model": model, "method": method, "pattern": pattern, **row.to_dict()})
+        cells = paper[(paper.model == model) & (paper.method == method) & (paper.pattern == pattern)] \
+            if paper is not None and not paper.empty else []
+        if len(cells):
+            values = dict(zip(cells.metric, cells.value.astype(float), strict=True))
+            out.append({"model": model, "method": f"{method} [paper]", "pattern": pattern,
+                        **{m: values.get(m) for m in metrics}})
+    return pd.DataFrame(out, columns=["model", "method", "pattern", *metrics])
+
+
+def markdown_image(table: pd.DataFrame, caption: str) -> str:
+    cols = [c for c in table.columns if c not in ("model", "method", "pattern")]
+    lines = [f"**Image generation (FID, sFID, class FID: lower is better; IS, precision, recall, class accuracy: "
+             f"higher).** {caption}", "",
+             "| model | method | pattern | " + " | ".join(IMAGE_METRICS[c] for c in cols) + " |",
+             "|---|---|---|" + "---:|" * len(cols)]
+    for _, row in table.iterrows():
+        lines.append(f"| {row['model']} | {row['method']} | {row['pattern']} | "
+                     + " | ".join(_fmt(row[c], 3 if c in ("precision", "recall", "class_accuracy") else 2)
+                                  for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sample_grids(records: list[dict], folder: Path, out: Path) -> list[Path]:
+    """Per model, the sample grids of its runs side by side (dense first, then by method and pattern), each under
+    its label: ``samples_<model>.png``. Grids are the PNGs beside the records (``metrics.image.grid``)."""
+    from PIL import Image, ImageDraw
+
+    written = []
+    by_model: dict[str, list] = {}
+    for rec in records:
+        image = rec["metrics"].get("image") or {}
+        path = Path(rec.get("path", folder / rec["sweep"] / rec["run_id"] / "result.json")).parent / str(
+            image.get("grid", ""))
+        if image.get("grid") and path.is_file():
+            by_model.setdefault(rec["model"]["name"], []).append((method_label(rec), pattern_key(rec["pattern"]), path))
+    for model, entries in by_model.items():
+        methods, patterns = method_order({e[0] for e in entries}), pattern_order({e[1] for e in entries})
+        entries.sort(key=lambda e: (patterns.index(e[1]) if e[0] != DENSE else -1, methods.index(e[0])))
+        grids = [Image.open(e[2]).convert("L") for e in entries]
+        head, gap = 14, 6
+        width = sum(g.width for g in grids) + gap * (len(grids) - 1)
+        canvas = Image.new("L", (width, head + max(g.height for g in grids)), 255)
+        draw, x = ImageDraw.Draw(canvas), 0
+        for (method, pattern, _), grid in zip(entries, grids, strict=True):
+            draw.text((x + 2, 1), method if method == DENSE else f"{method} {pattern}", fill=0)
+            canvas.paste(grid, (x, head))
+            x += grid.width + gap
+        target = out / f"samples_{model}.png"
+        canvas.save(target)
+        written.append(target)
+    return written
 
 
 def allocation_table(records: list[dict]) -> pd.DataFrame:
@@ -983,6 +1068,19 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
         written["tables"]["zeroshot"] = zs
         if plot_vs_sparsity(frame, "acc", "average", "zero-shot average acc", out / "zeroshot_vs_sparsity.png"):
             written["plots"].append(out / "zeroshot_vs_sparsity.png")
+
+    images = image_table(frame, paper)
+    if not images.empty:
+        caption = "Samples: " + _captions(frame, lambda f: f.metric == "fid") + "." + note
+        if published:
+            caption += f" Published numbers: conf/experiment/{published}.published.csv."
+        (out / "image.md").write_text(markdown_image(images, caption))
+        images.to_csv(out / "image.csv", index=False)
+        (out / "image.tex").write_text(latex(images, "Image generation. " + caption, "tab:image"))
+        written["tables"]["image"] = images
+        written["plots"] += sample_grids(records, folder, out)
+        if plot_vs_sparsity(frame, "fid", "image", "FID", out / "fid_vs_sparsity.png"):
+            written["plots"].append(out / "fid_vs_sparsity.png")
 
     speed = speed_table(records)
     if not speed.empty:

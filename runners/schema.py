@@ -91,8 +91,10 @@ class ImageEvalConfig(SamplingConfig):
     """eval=image: FID-family metrics of generated samples (evaluators/image.py)."""
 
     samples_per_class: int = opt(100, **POSITIVE)  # ADM / LlamaGen: 50,000 samples (50 per ImageNet class)
-    features: str = opt("auto", choices=("auto", "classifier", "inception"))  # auto: the model's reference says
+    features: str = opt("auto", choices=("auto", "none"))  # auto: the reference's network | none: samples only
     reference: str | None = opt(None)  # a reference folder (features + statistics); null = the model's own
+    eval_size: int | None = opt(None, **POSITIVE)  # bicubic resize before scoring / saving (LlamaGen: 384 -> 256)
+    save_npz: bool = opt(False)  # write samples.npz (arr_0: [n, H, W, C] uint8) for the ADM evaluator
     grid_per_class: int = opt(8, **NON_NEGATIVE)  # samples per class in the record's PNG grid (0 = none)
     seed: int = opt(0, **NON_NEGATIVE)
 

@@ -56,6 +56,8 @@ def _prune_time(record: dict) -> str:
 
 def _image_line(image: dict) -> str:
     size = "x".join(str(n) for n in image["resolution"])
+    if image.get("fid") is None:  # features=none: samples only
+        return f"  images: {image['samples']} samples at {size} written ({image.get('npz') or image.get('grid')})"
     return (f"  images: FID {image['fid']:.2f}, sFID {image['sfid']:.2f}, IS {image['is']:.2f}, precision "
             f"{image['precision']:.3f}, recall {image['recall']:.3f}, class accuracy {image['class_accuracy']:.3f} | "
             f"{image['samples']} samples at {size}, {image['features']} features vs {image['reference']}")

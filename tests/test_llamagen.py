@@ -222,3 +222,31 @@ def test_equals_reference_llamagen():
     _, _, (_, _, idx) = rv.encode(x)
     assert torch.equal(ov.eval().encode(x), idx.view(2, -1))
     assert torch.equal(ov.decode_code(ov.encode(x)), rv.decode_code(idx, [2, 8, 7, 7]))
+
+
+def test_converted_official_checkpoint_loads_through_the_model_config(tmp_path):
+    import argparse
+
+    from models import load
+    from models.convert_llamagen import convert, read_checkpoint
+    from models.vq import VQTokenizer
+
+    from .conftest import compose
+
+    model = tiny_model()
+    vq_cfg = VQConfig(codebook_size=48, codebook_embed_dim=4, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2],
+                      z_channels=16, ch=16, num_res_blocks=1, norm_groups=8, image_size=8)
+    vq = VQModel(vq_cfg)
+    torch.save({"model": model.state_dict()}, tmp_path / "c2i.pt")
+    torch.save({"model": {**vq.state_dict(), "quantize.codebook_used": torch.zeros(65536)}}, tmp_path / "vq.pt")
+    convert(read_checkpoint(tmp_path / "c2i.pt"), read_checkpoint(tmp_path / "vq.pt"), tiny_config(cfg_scale=1.75),
+            vq_cfg, tmp_path / "out")
+    cfg = compose("model=local", f"model.path={tmp_path / 'out'}", "model.seqlen=16")
+    loaded = load(cfg.model)
+    assert loaded.adapter.family == "llamagen" and isinstance(loaded.tokenizer, VQTokenizer)
+    assert loaded.model.config.cfg_scale == 1.75
+    ids = sequences(model)
+    assert torch.equal(loaded.model(input_ids=ids).logits, model(input_ids=ids).logits)
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="--trust-pickle"):
+        read_checkpoint(tmp_path / "pickled.pt")
