@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from models.blocks import on_device
 from models.llamagen import class_labels, sample_batches, sampling_options
 
 from . import Windows, tokens_digest
 
 
-def generated_windows(model, nsamples: int, seqlen: int, seed: int, section, progress: bool = True) -> Windows:
-    """``nsamples`` windows of ``seqlen`` positions sampled from ``model`` (``section``: ``calib.generate``)."""
+def generated_windows(model, nsamples: int, seqlen: int, seed: int, section, progress: bool = True,
+                      device: str = "cpu") -> Windows:
+    """``nsamples`` windows of ``seqlen`` positions sampled from ``model`` on ``device`` (moved back afterwards;
+    ``section``: ``calib.generate``)."""
     cfg = model.config
     if not 2 <= seqlen <= 1 + cfg.block_size:
         raise ValueError(f"calib.seqlen={seqlen}: a generated window has 2 to {1 + cfg.block_size} positions "
@@ -26,8 +29,9 @@ def generated_windows(model, nsamples: int, seqlen: int, seed: int, section, pro
     was_training = model.training
     model.eval()
     try:
-        tokens = sample_batches(model, labels, int(section.get("batch_size", 64)), seed, progress,
-                                desc="calibration samples", **options)
+        with on_device(model, device):
+            tokens = sample_batches(model, labels, int(section.get("batch_size", 64)), seed, progress,
+                                    desc="calibration samples", **options)
     finally:
         model.train(was_training)
     ids = torch.cat([labels[:, None], tokens[:, : seqlen - 1]], dim=1)

@@ -35,8 +35,9 @@ def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(vq, tokens: torch.Tensor, batch_size: int = 500, size: int | None = None) -> torch.Tensor:
-    """8-bit pixels ``[n, c, H, W]`` of image tokens (resized to ``size``, see :func:`to_pixels`)."""
+def decode(vq, tokens: torch.Tensor, batch_size: int = 32, size: int | None = None) -> torch.Tensor:
+    """8-bit pixels ``[n, c, H, W]`` of image tokens (resized to ``size``, see :func:`to_pixels`), ``batch_size`` images
+    at a time (a 384 px VQ-16 decode holds ~75 MB of activations per image and tensor: LlamaGen decodes ~32)."""
     device = next(vq.parameters()).device
     return torch.cat([to_pixels(vq.decode_code(tokens[i : i + batch_size].to(device)).cpu(), size)
                       for i in range(0, len(tokens), batch_size)])
@@ -51,7 +52,7 @@ def metrics(pixels: torch.Tensor, labels: torch.Tensor, net, reference: dict) ->
     out = {
         "fid": frechet_distance(mu, sigma, reference["pool_mu"], reference["pool_sigma"]),
         "sfid": frechet_distance(smu, ssigma, reference["spatial_mu"], reference["spatial_sigma"]),
-        "is": inception_score(feats["probs"]),
+        "is": inception_score(feats["probs"][mixed_order(len(labels))]),  # (IS splits: never one class per split)
         "precision": precision,
         "recall": recall,
     }
@@ -63,6 +64,13 @@ def metrics(pixels: torch.Tensor, labels: torch.Tensor, net, reference: dict) ->
     if per_class:
         out["class_fid"] = float(np.mean(per_class))
     return {k: round(float(v), 4) for k, v in out.items()}
+
+
+def mixed_order(n: int, seed: int = 0) -> torch.Tensor:
+    """A fixed permutation of ``n`` samples. Balanced labels are generated class by class; the Inception Score is
+    averaged over consecutive splits of 5,000 samples (ADM), so scoring or saving them in that order would put few
+    classes in each split and cap its score: both use this order instead (FID, precision, recall are unaffected)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def grid(pixels: torch.Tensor, labels: torch.Tensor, per_class: int = 8):
@@ -83,19 +91,35 @@ def grid(pixels: torch.Tensor, labels: torch.Tensor, per_class: int = 8):
 GRID_FILE, NPZ_FILE = "samples.png", "samples.npz"
 
 
-def reference_folder(section, model) -> Path:
+def reference_folder(section, config) -> Path:
     """``eval.image.reference`` where set, else the model's own ``config.image_reference`` (``bundled:<name>`` = a
     folder of ``models/tiny``)."""
     from models.loading import TINY_DIR
 
-    where = section.get("reference") or getattr(model.config, "image_reference", None)
+    where = section.get("reference") or getattr(config, "image_reference", None)
     if not where:
-        raise ValueError(f"eval.image.reference: model {model.config.name_or_path or ''} names no reference "
-                         f"statistics; give eval.image.reference=<folder>")
+        raise ValueError("eval.image.reference: the model names no reference statistics (config.json "
+                         "image_reference); give eval.image.reference=<folder>, or eval.image.features=none")
     folder = TINY_DIR / where.split(":", 1)[1] if where.startswith("bundled:") else Path(where).expanduser()
     if not folder.is_dir():
         raise ValueError(f"eval.image.reference={where}: no such folder ({folder})")
     return folder
+
+
+def check_reference(section, config) -> None:
+    """ValueError unless the reference folder exists and its feature network reads this model's images: channels
+    and resolution (``eval_size`` where set, else the model's ``image_size``), before any sample is drawn."""
+    import json
+
+    from .image_features import META
+
+    folder = reference_folder(section, config)
+    meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
+    size = section.get("eval_size") or getattr(config, "image_size", None)
+    want = meta.get("resolution")
+    if want and size and [size, size] != list(want):
+        raise ValueError(f"eval.image.reference={folder}: its feature network reads {want[0]} x {want[1]} images, "
+                         f"the samples are {size} x {size} (eval.image.eval_size / the model's image_size)")
 
 
 def evaluate(section, loaded, device: str, out_dir: Path | None = None, progress: bool = True) -> dict:
@@ -106,7 +130,8 @@ def evaluate(section, loaded, device: str, out_dir: Path | None = None, progress
     model, vq = loaded.model, loaded.tokenizer.vq
     scored = section.get("features", "auto") != "none"
     if scored:
-        net, reference, meta = load_reference(reference_folder(section, model))
+        folder = reference_folder(section, model.config)
+        net, reference, meta = load_reference(folder)
     classes = model.config.num_classes
     per_class = int(section.get("samples_per_class", 100))
     mode, seed = str(section.get("labels", "balanced")), int(section.get("seed", 0))
@@ -117,7 +142,7 @@ def evaluate(section, loaded, device: str, out_dir: Path | None = None, progress
         pixels = decode(vq, tokens, size=section.get("eval_size"))
     out = metrics(pixels, labels, net, reference) if scored else {}
     out.update(samples=len(labels), labels=mode, seed=seed, sampling=options, resolution=list(pixels.shape[-2:]),
-               features=meta.get("features", "fmnist-classifier") if scored else None,
+               features=meta.get("features", folder.name) if scored else None,
                reference=meta.get("dataset") if scored else None)
     shown = int(section.get("grid_per_class", 8))
     if out_dir is not None and (shown > 0 or section.get("save_npz")):
@@ -126,6 +151,7 @@ def evaluate(section, loaded, device: str, out_dir: Path | None = None, progress
         grid(pixels, labels, shown).save(Path(out_dir) / GRID_FILE)
         out["grid"] = GRID_FILE
     if out_dir is not None and section.get("save_npz"):  # the ADM evaluator's input: arr_0 [n, H, W, C] uint8
-        np.savez(Path(out_dir) / NPZ_FILE, arr_0=pixels.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+        order = mixed_order(len(labels))
+        np.savez(Path(out_dir) / NPZ_FILE, arr_0=pixels[order].permute(0, 2, 3, 1).numpy(), labels=labels[order].numpy())
         out["npz"] = NPZ_FILE
     return out

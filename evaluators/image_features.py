@@ -70,6 +70,8 @@ def save_reference(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, 
     arrays["pool_batch"] = feats["pool"][:REFERENCE_BATCH].astype(np.float32)
     np.savez_compressed(directory / REFERENCE, **arrays)
     (directory / META).write_text(json.dumps({**meta, "images": len(images), "classes": int(len(np.unique(y))),
+                                              "resolution": list(images.shape[-2:]), "channels": int(images.shape[1]),
+                                              "features": directory.name.replace("-features", "-classifier"),
                                               "reference_batch": REFERENCE_BATCH}, indent=1) + "\n")
 
 

@@ -348,6 +348,9 @@ def generate(model: LlamaGenForCausalLM, labels: torch.Tensor, cfg_scale: float 
     each label; ``cfg_interval >= 0`` stops guiding after that many steps."""
     n = model.config.block_size
     guide = cfg_scale > 1.0
+    if guide and model.cls_embedding.embedding_table.num_embeddings <= model.config.num_classes:
+        raise ValueError(f"cfg_scale={cfg_scale}: the model has no null class (trained without class dropout); "
+                         f"guidance needs it (cfg_scale 1 samples unguided)")
     cond = labels.view(-1, 1).long()
     if guide:
         cond = torch.cat([cond, torch.full_like(cond, model.config.num_classes)])

@@ -153,9 +153,11 @@ def load_tokenizer(cfg, path: str | None = None, hf_config=None):
     if hf_config is not None and adapter_class(hf_config.model_type).modality == "image":
         from .vq import VQTokenizer
 
-        if cfg.get("tokenizer"):
+        if cfg.get("tokenizer"):  # (saved with a pruned model where the config says it is: its vq folder)
             folder = Path(resolve_path(cfg.tokenizer, "model.tokenizer"))
-            return VQTokenizer.from_pretrained(folder.parent, folder.name)
+            tokenizer = VQTokenizer.from_pretrained(folder.parent, folder.name)
+            tokenizer.subfolder = getattr(hf_config, "vq", None) or "vq"
+            return tokenizer
         return VQTokenizer.from_pretrained(path or resolve_path(cfg.path), getattr(hf_config, "vq", None) or "vq")
     if cfg.get("tokenizer"):
         tok_path = resolve_path(cfg.tokenizer, "model.tokenizer")

@@ -179,6 +179,7 @@ class GOA(Pruner):
 
     name = "goa"
     needs_calibration = True  # (not with calibration=self-generated: __post_init__)
+    reads_attention = True  # head similarity: the adapter's query_key / attention_probabilities (checked in validate)
     patterns: ClassVar[tuple[str, ...]] = UNIT_KINDS
     calibration: str = "data"  # data (the calibration windows) | self-generated (data-free: the model's own text)
     generated_samples: int = 16  # self-generated: windows the model writes (the paper's 16 calibration samples)

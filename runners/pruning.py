@@ -72,7 +72,7 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
             from corpora.generated import generated_windows
 
             windows = generated_windows(model, nsamples, plan.calib_seqlen, int(cfg.calib.seed), cfg.calib.generate,
-                                        bool(cfg.progress))
+                                        bool(cfg.progress), plan.device)
         else:
             windows = corpora.calibration_windows(
                 loaded.tokenizer, cfg.calib.source, nsamples, plan.calib_seqlen, int(cfg.calib.seed),

@@ -544,13 +544,15 @@ def sample_grids(records: list[dict], folder: Path, out: Path) -> list[Path]:
     for model, entries in by_model.items():
         methods, patterns = method_order({e[0] for e in entries}), pattern_order({e[1] for e in entries})
         entries.sort(key=lambda e: (patterns.index(e[1]) if e[0] != DENSE else -1, methods.index(e[0])))
-        grids = [Image.open(e[2]).convert("L") for e in entries]
+        opened = [Image.open(e[2]) for e in entries]
+        mode = "RGB" if any(g.mode not in ("L", "1") for g in opened) else "L"
+        grids = [g.convert(mode) for g in opened]
         head, gap = 14, 6
         width = sum(g.width for g in grids) + gap * (len(grids) - 1)
-        canvas = Image.new("L", (width, head + max(g.height for g in grids)), 255)
+        canvas = Image.new(mode, (width, head + max(g.height for g in grids)), "white")
         draw, x = ImageDraw.Draw(canvas), 0
         for (method, pattern, _), grid in zip(entries, grids, strict=True):
-            draw.text((x + 2, 1), method if method == DENSE else f"{method} {pattern}", fill=0)
+            draw.text((x + 2, 1), method if method == DENSE else f"{method} {pattern}", fill="black")
             canvas.paste(grid, (x, head))
             x += grid.width + gap
         target = out / f"samples_{model}.png"
@@ -598,7 +600,7 @@ def speed_table(records: list[dict]) -> pd.DataFrame:
     rows = []
     for rec in records:
         speed = rec["metrics"].get("speed")
-        if not speed:
+        if not speed or "ms_per_image" in speed["pruned"]:  # (image generators: image_speed_table)
             continue
         pairs = [(speed["dense"], speed["pruned"], speed["speedup"])]
         if speed["dense"].get("by_batch_size") and speed["pruned"].get("by_batch_size"):  # speed.batch_size: a list
@@ -622,6 +624,47 @@ def speed_table(records: list[dict]) -> pd.DataFrame:
                                                     for m in method_order(table.method))}
     return table.assign(_o=[order[(m, pt)] for m, pt in zip(table.method, table.pattern, strict=True)]) \
         .sort_values(["model", "_o", "batch"], kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
+def image_speed_table(records: list[dict]) -> pd.DataFrame:
+    """Image generators that measured speed: ms per image dense vs pruned (same process), per batch size."""
+    from evaluators.speed import speedup
+
+    rows = []
+    for rec in records:
+        speed = rec["metrics"].get("speed")
+        if not speed or "ms_per_image" not in speed["pruned"]:
+            continue
+        dense, pruned = speed["dense"], speed["pruned"]
+        pairs = [(dense.get("by_batch_size", {}).get(b, d), p) for b, p in pruned["by_batch_size"].items()
+                 for d in [dense]] if pruned.get("by_batch_size") else [(dense, pruned)]
+        for d, p in pairs:
+            rows.append({"model": rec["model"]["name"], "method": method_label(rec),
+                         "pattern": pattern_key(rec["pattern"]), "batch": p["setup"]["batch_size"],
+                         "parameters": p["parameters"], "parameters dense": d["parameters"],
+                         "ms/image dense": d["ms_per_image"], "ms/image": p["ms_per_image"],
+                         "speedup": speedup(d, p)["generate"], "peak device MB": p.get("peak_device_mb"),
+                         "setup": "{device}, {dtype}, {threads} threads, {tokens_per_image} tokens per image, guidance "
+                                  "{cfg_scale}".format(**p["setup"])})
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows)
+    order = {(m, pt): i for i, (m, pt) in enumerate((m, pt) for pt in pattern_order(table.pattern)
+                                                    for m in method_order(table.method))}
+    return table.assign(_o=[order[(m, pt)] for m, pt in zip(table.method, table.pattern, strict=True)]) \
+        .sort_values(["model", "_o", "batch"], kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
+def markdown_image_speed(table: pd.DataFrame) -> str:
+    setups = "; ".join(sorted(set(table.setup)))
+    lines = [f"**Generation speed, pruned vs dense (measured in the same process).** {setups}. Speedup = dense time "
+             "/ pruned time.", "", "| model | method | pattern | batch | parameters | ms/image | speedup |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for _, row in table.iterrows():
+        lines.append(f"| {row['model']} | {row['method']} | {row['pattern']} | {row['batch']} | {row['parameters']:,} "
+                     f"(dense {row['parameters dense']:,}) | {row['ms/image']:.2f} (dense {row['ms/image dense']:.2f}) "
+                     f"| {row['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_speed(table: pd.DataFrame) -> str:
@@ -1073,7 +1116,11 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
     if not images.empty:
         caption = "Samples: " + _captions(frame, lambda f: f.metric == "fid") + "." + note
         if published:
-            caption += f" Published numbers: conf/experiment/{published}.published.csv."
+            caption += f" Published numbers: conf/experiment/{published}.published.csv"
+            if report_cfg.get("model_map"):
+                pairs = ", ".join(f"{k} <- {v}" for k, v in report_cfg["model_map"].items())
+                caption += f" (shape check only: the paper's numbers shown beside stand-ins: {pairs})"
+            caption += "."
         (out / "image.md").write_text(markdown_image(images, caption))
         images.to_csv(out / "image.csv", index=False)
         (out / "image.tex").write_text(latex(images, "Image generation. " + caption, "tab:image"))
@@ -1089,6 +1136,12 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
         (out / "speed.tex").write_text(latex(speed.drop(columns="setup"), "Inference speed, pruned vs dense. "
                                              + "; ".join(sorted(set(speed.setup))), "tab:speed"))
         written["tables"]["speed"] = speed
+
+    image_speed = image_speed_table(records)
+    if not image_speed.empty:
+        (out / "image_speed.md").write_text(markdown_image_speed(image_speed))
+        image_speed.to_csv(out / "image_speed.csv", index=False)
+        written["tables"]["image_speed"] = image_speed
 
     (out / "allocation.md").unlink(missing_ok=True)
     allocation = allocation_table(records)

@@ -72,7 +72,7 @@ class ModelConfig:
 class SamplingConfig:
     """Class-conditional sampling of an image generator (models/llamagen.py: generate); LlamaGen's defaults."""
 
-    cfg_scale: float | None = opt(None, min=0.0)  # guidance scale (> 1 guides); null = the model's config.cfg_scale
+    cfg_scale: float | None = opt(None, min=1.0)  # guidance scale (> 1 guides); null = the model's config.cfg_scale
     top_k: int = opt(0, **NON_NEGATIVE)  # 0 = no top-k filtering
     top_p: float = opt(1.0, min=0.0, max=1.0)
     temperature: float = opt(1.0, min=0.0)

@@ -170,6 +170,12 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
                 meta.structure_groups(meta.blocks()[0], attention_only=True)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        if pruner.removes_weights and getattr(pruner, "reads_attention", False):  # GOA's head similarity
+            meta = models.loading.meta_adapter(cfg.model)
+            if (any(g.attention for g in meta.unit_groups(meta.blocks()[0]))
+                    and type(meta).query_key is models.Adapter.query_key):
+                raise ConfigError(f"pruner={pruner.name}: model family '{meta.family}' does not expose its attention "
+                                  f"queries and keys (the head similarity needs them); use numerical, flap or wanda_sp")
         blocks = getattr(pruner, "blocks", None)
         if pruner.removes_weights and blocks is not None:  # a block range past the model would prune less, silently
             count = len(models.loading.meta_adapter(cfg.model).blocks())
@@ -202,6 +208,13 @@ def _check_modality(cfg, modality: str, hf_config, calibrates: bool, protocols, 
         if calibrates and not 2 <= calib_seqlen <= 1 + hf_config.block_size:
             raise ConfigError(f"calib.seqlen={calib_seqlen}: {name} windows have 2 to {1 + hf_config.block_size} "
                               f"positions (class + image tokens)")
+        if image_eval and cfg.eval.image.get("features", "auto") != "none":  # the reference fits these images
+            from evaluators.image import check_reference
+
+            try:
+                check_reference(cfg.eval.image, hf_config)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         return
     if calibrates and cfg.calib.source == "generated":
         raise ConfigError(f"calib.source=generated: only image generators calibrate on their own samples ({name} is "

@@ -56,6 +56,12 @@ def test_precision_recall_on_known_sets():
     assert precision == 1.0 and recall < 0.2
 
 
+def test_inception_score_does_not_depend_on_the_order_of_class_sorted_samples():
+    one_hot = np.eye(20)[np.arange(12000) // 600]  # balanced labels, generated class by class
+    assert inception_score(one_hot) < 10  # consecutive splits of 5,000 see about 9 classes each: capped
+    assert inception_score(one_hot[image.mixed_order(12000).numpy()]) == pytest.approx(20.0, rel=0.01)
+
+
 def test_class_labels():
     assert class_labels(3, 7).tolist() == [0, 0, 0, 1, 1, 2, 2]
     assert torch.bincount(class_labels(10, 1280)).tolist() == [128] * 10
@@ -96,6 +102,10 @@ def test_pixels_and_grid():
     (["model=tiny-imagegen", "eval=image"], "calib.source=bundled: model=tiny-imagegen generates images"),
     (["model=tiny-imagegen", "calib=generated"], "text perplexity does not apply"),
     (["model=tiny-imagegen", "calib=generated", "eval=image", "calib.seqlen=51"], "2 to 50 positions"),
+    (["model=tiny-imagegen", "calib=generated", "eval=image", "eval.image.eval_size=32"], "reads 28 x 28 images"),
+    (["model=tiny-imagegen", "calib=generated", "eval=image", "eval.image.cfg_scale=0.5"], "must be >= 1.0"),
+    (["model=tiny-imagegen", "calib=generated", "eval=image", "pruner=goa", "sparsity=structured"],
+     "does not expose its attention queries and keys"),
 ])
 def test_text_and_images_are_kept_apart(overrides, message):
     with pytest.raises(ConfigError, match=message):

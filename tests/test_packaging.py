@@ -13,7 +13,8 @@ from .conftest import ROOT
 
 PACKAGES = ["corpora", "models", "pruners", "evaluators", "runners", "hydra_plugins"]
 # import name -> distribution name, where they differ
-DIST_OF = {"lm_eval": "lm-eval", "hydra": "hydra-core", "hydra_plugins": None, "yaml": "pyyaml", "mambapy": "mambapy"}
+DIST_OF = {"lm_eval": "lm-eval", "hydra": "hydra-core", "hydra_plugins": None, "yaml": "pyyaml", "mambapy": "mambapy",
+           "PIL": "pillow"}
 
 
 def _third_party_imports() -> set[str]:
