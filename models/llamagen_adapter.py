@@ -9,10 +9,13 @@ updated; the rotary table is per head dimension, which removal never changes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import llamagen  # noqa: F401 (registers model_type 'llamagen' with transformers' Auto classes)
-from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous, zero_rows
+from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous, causal_softmax, zero_rows
+from .llamagen import apply_rope
 
 
 class LlamaGenAdapter(Adapter):
@@ -53,6 +56,24 @@ class LlamaGenAdapter(Adapter):
                "feed_forward.w2.weight": (1, neurons)}
         return [UnitGroup("kv_group", kv_heads, group, reader="attention.wo", attention=True),
                 UnitGroup("mlp_neuron", inter, mlp, reader="feed_forward.w2")]
+
+    def query_key(self, block):
+        """The fused ``wqkv`` for both: :meth:`attention_probabilities` splits its output into queries and keys."""
+        return "attention.wqkv", "attention.wqkv"
+
+    def attention_probabilities(self, block, q, k, kwargs):
+        """Causal attention probabilities from ``wqkv``'s output (``q``; ``k`` is the same tensor): queries and keys
+        split off, rotated by the 2-D rotary table the block was called with, scaled by ``1 / sqrt(head_dim)``."""
+        attn = block.attention
+        heads, kv_heads = attn.heads()
+        d = attn.head_dim
+        b, s, _ = q.shape
+        queries, keys, _ = q.float().split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        freqs = kwargs["freqs_cis"].float()
+        queries = apply_rope(queries.reshape(b, s, heads, d), freqs).transpose(1, 2)
+        keys = apply_rope(keys.reshape(b, s, kv_heads, d), freqs).transpose(1, 2)
+        keys = keys.repeat_interleave(heads // kv_heads, dim=1)  # (each query head reads its group's key)
+        return causal_softmax(queries @ keys.transpose(-1, -2) / math.sqrt(d))
 
     def zero_output_units(self, block, group):
         """A KV group whose value rows are zero puts out zero; a neuron whose ``w3`` (up) row or ``w1`` (gate) row is

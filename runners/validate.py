@@ -158,7 +158,8 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
             raise ConfigError(f"model.path={cfg.model.path}: cannot load the model config ({first})") from None
         model_type = hf_config.model_type
         _check_modality(cfg, models.adapter_class(model_type).modality, hf_config,
-                        pruner.needs_calibration or allocation.needs_calibration, protocols, zeroshot_tasks, calib_seqlen)
+                        pruner.needs_calibration or allocation.needs_calibration, protocols, zeroshot_tasks, calib_seqlen,
+                        pruner)
         if pruner.removes_weights and not allocation.is_default:  # the globs against the architecture's linears
             try:
                 check_against(models.loading.meta_adapter(cfg.model), allocation, pattern)
@@ -191,8 +192,8 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
                 allocation)
 
 
-def _check_modality(cfg, modality: str, hf_config, calibrates: bool, protocols, zeroshot_tasks, calib_seqlen: int
-                    ) -> None:
+def _check_modality(cfg, modality: str, hf_config, calibrates: bool, protocols, zeroshot_tasks, calib_seqlen: int,
+                    pruner) -> None:
     """Text data for text models, generated data and image metrics for image generators (docs/imagegen.md)."""
     name = f"model={cfg.model.name}"
     image_eval = "image" in cfg.eval
@@ -208,6 +209,9 @@ def _check_modality(cfg, modality: str, hf_config, calibrates: bool, protocols, 
         if calibrates and not 2 <= calib_seqlen <= 1 + hf_config.block_size:
             raise ConfigError(f"calib.seqlen={calib_seqlen}: {name} windows have 2 to {1 + hf_config.block_size} "
                               f"positions (class + image tokens)")
+        if getattr(pruner, "calibration", "data") == "self-generated":  # (GOA's data-free variant samples text)
+            raise ConfigError(f"pruner.calibration=self-generated: {name} generates images; its own samples are "
+                              f"calib=generated (with pruner.calibration=data)")
         if image_eval and cfg.eval.image.get("features", "auto") != "none":  # the reference fits these images
             from evaluators.image import check_reference
 

@@ -104,8 +104,8 @@ def test_pixels_and_grid():
     (["model=tiny-imagegen", "calib=generated", "eval=image", "calib.seqlen=51"], "2 to 50 positions"),
     (["model=tiny-imagegen", "calib=generated", "eval=image", "eval.image.eval_size=32"], "reads 28 x 28 images"),
     (["model=tiny-imagegen", "calib=generated", "eval=image", "eval.image.cfg_scale=0.5"], "must be >= 1.0"),
-    (["model=tiny-imagegen", "calib=generated", "eval=image", "pruner=goa", "sparsity=structured"],
-     "does not expose its attention queries and keys"),
+    (["model=tiny-imagegen", "calib=generated", "eval=image", "pruner=goa", "sparsity=structured",
+      "pruner.calibration=self-generated"], "its own samples are calib=generated"),
 ])
 def test_text_and_images_are_kept_apart(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -250,3 +250,22 @@ def test_converted_official_checkpoint_loads_through_the_model_config(tmp_path):
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="--trust-pickle"):
         read_checkpoint(tmp_path / "pickled.pt")
+
+
+def test_attention_probabilities_reproduce_the_attention_output():
+    """GOA's head similarity reads the probabilities from the fused wqkv output: applied to the values they give the
+    block's own attention output (2-D rotary embedding, class position, causal mask and all)."""
+    model = tiny_model(n_kv_head=2)
+    adapter = adapter_for(model)
+    block = adapter.blocks()[1]
+    x = torch.randn(2, 17, 64)
+    freqs = model.rope.rows(17, "cpu")
+    attn = block.attention
+    fused = attn.wqkv(x)
+    q_name, k_name = adapter.query_key(block)
+    assert q_name == k_name == "attention.wqkv"
+    probs = adapter.attention_probabilities(block, fused, fused, {"freqs_cis": freqs})
+    assert probs.shape == (2, 4, 17, 17) and torch.allclose(probs.sum(-1), torch.ones(2, 4, 17))
+    v = fused[..., (4 + 2) * 16 :].view(2, 17, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
+    out = attn.wo((probs @ v).transpose(1, 2).reshape(2, 17, 64))
+    torch.testing.assert_close(out, attn(x, freqs), atol=1e-5, rtol=1e-5)
