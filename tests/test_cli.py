@@ -324,3 +324,26 @@ def test_a_cached_hub_model_runs_offline_from_the_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (record,) = (tmp_path / "out").rglob("result.json")
     assert json.loads(record.read_text())["model"]["name"] == "opt-125m"
+
+
+def test_a_full_disk_at_the_record_is_one_line_and_the_metrics_are_printed(tmp_path, monkeypatch, capsys):
+    """(A full disk or a folder made read-only mid-run cannot be produced as root: the write itself is made to fail.)"""
+    import errno
+
+    import runners.run as run
+    from runners.validate import ConfigError
+
+    from .conftest import compose
+
+    def full(path, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run, "write_atomic", full)
+    cfg = compose("pruner=magnitude", f"output_root={tmp_path}", "dense_baseline=false", "eval.ppl.max_windows=2",
+                  "wandb.mode=disabled", "progress=false")
+    with pytest.raises(ConfigError, match=r"^output_root=.*could not be written \(No space left on device\); its "
+                                          r"metrics are printed above$"):
+        run.execute(cfg)
+    printed = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert printed["metrics"]["ppl"]["bundled@256"]["value"] > 1 and printed["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert not list(tmp_path.rglob("result.json"))
