@@ -1,4 +1,4 @@
-"""LLaMA-style decoders (LLaMA 1/2/3, Mistral, and other ``*ForCausalLM`` with the same layout).
+"""LLaMA-style decoders (LLaMA 1/2/3, Mistral, Qwen2 / Qwen2.5, and other ``*ForCausalLM`` with the same layout).
 
 RMSNorm, rotary positions (position embeddings computed once by the model and passed to every
 layer), SwiGLU MLP ``down(silu(gate x) * up x)``, grouped-query attention: ``num_key_value_heads``
@@ -25,7 +25,7 @@ from .base import (
 
 class LlamaAdapter(Adapter):
     family = "llama"
-    model_types = ("llama", "mistral")
+    model_types = ("llama", "mistral", "qwen2")  # Qwen2 / Qwen2.5: LLaMA's layout with q/k/v biases
 
     def blocks(self):
         return self.model.model.layers

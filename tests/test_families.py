@@ -1,0 +1,96 @@
+"""Families handled by an existing adapter, checked on small random configs built here (no trained checkpoint):
+every linear grouped and valid 2:4 masks, removing units equals zeroing them, pruned checkpoints reload equal, and a
+run through the runner from a local folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import adapter_for, checkpoint
+from models.loading import TINY_DIR
+from pruners import Pattern, build_pruner, prune_sequential
+from pruners.masks import satisfies_n_of_m
+from pruners.settings import EngineSettings
+
+from .conftest import compose
+
+QUIET = EngineSettings(progress=False, batch_size=2)
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                                        tie_word_embeddings=True))
+
+
+FAMILIES = {"qwen2": qwen2}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    torch.manual_seed(0)
+    model = FAMILIES[request.param]().eval()
+    with torch.no_grad():  # (biases too: a family's biases must follow its units)
+        for p in model.parameters():
+            if p.dim() == 1 and not torch.all(p == 1):
+                p.normal_(0, 0.1)
+    return request.param, model, adapter_for(model)
+
+
+def ids(n=4, seqlen=16):
+    return torch.randint(0, 4096, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+def test_every_linear_grouped_and_n_m_masks_valid(family):
+    _, model, adapter = family
+    for block in adapter.blocks():
+        grouped = sorted(name for group in adapter.linear_groups(block) for name in group.names)
+        assert grouped == sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
+    prune_sequential(model, adapter, build_pruner({"name": "sparsegpt"}), Pattern("nm", n=2, m=4), ids(), QUIET)
+    for block in adapter.blocks():
+        for name in adapter.prunable_linears(block):
+            assert satisfies_n_of_m(block.get_submodule(name).weight, 2, 4)
+
+
+def test_removing_units_equals_zeroing_them_and_reloads_equal(family, tmp_path):
+    _, model, adapter = family
+    keep = {"kv_group": torch.tensor([1]), "mlp_neuron": torch.arange(0, 128, 3)}
+    with torch.no_grad():
+        for block in adapter.blocks():
+            for group in adapter.unit_groups(block):
+                if group.kind not in keep:
+                    continue
+                dropped = torch.ones(group.count, dtype=torch.bool)
+                dropped[keep[group.kind]] = False
+                for path, (axis, index) in group.owned.items():
+                    block.get_parameter(path).index_fill_(axis, index[dropped].reshape(-1), 0.0)
+        zeroed = model(input_ids=ids(2)).logits
+        for kind, kept in keep.items():  # (the first block only keeps its heads: blocks of different sizes)
+            for block in adapter.blocks()[: 1 if kind == "kv_group" else None]:
+                adapter.remove_units(block, kind, kept)
+    first = model.model.layers[0].self_attn
+    assert first.q_proj.bias.shape[0] == first.k_proj.bias.shape[0] * 2 == 2 * first.head_dim
+    checkpoint.save_pruned(model, None, tmp_path, adapter)
+    reloaded, _ = checkpoint.load_pruned(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids(2)).logits, zeroed, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reloaded(input_ids=ids(2)).logits, model(input_ids=ids(2)).logits)
+
+
+def test_a_local_folder_of_the_family_runs_through_the_runner(family, tmp_path):
+    from transformers import AutoTokenizer
+
+    from runners.run import execute
+
+    name, model, _ = family
+    model.save_pretrained(tmp_path / name)
+    AutoTokenizer.from_pretrained(TINY_DIR / "tiny-llama").save_pretrained(tmp_path / name)  # (vocabulary 4096)
+    common = ["model=local", f"model.path={tmp_path / name}", "model.seqlen=64", "calib.nsamples=4",
+              "eval.ppl.max_windows=2", f"output_root={tmp_path / 'out'}", "wandb.mode=disabled", "progress=false"]
+    record = execute(compose(*common, "pruner=sparsegpt"))
+    assert record["model"]["model_type"] == name and record["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    record = execute(compose(*common, "pruner=numerical", "sparsity=structured", "speed.mode=never"))
+    assert record["structure"]["parameters_after"] < record["structure"]["parameters_before"]
