@@ -25,7 +25,9 @@ from .base import (
 
 class LlamaAdapter(Adapter):
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2")  # Qwen2 / Qwen2.5: LLaMA's layout with q/k/v biases
+    # Qwen2 / Qwen2.5: LLaMA's layout with q/k/v biases; Qwen3: with q_norm / k_norm over each head's dimensions
+    # (one weight shared by every head: nothing to cut when heads go)
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
 
     def blocks(self):
         return self.model.model.layers
@@ -103,8 +105,12 @@ class LlamaAdapter(Adapter):
 
         heads, kv_heads, head_dim = self.head_layout(block)
         b, s, _ = q.shape
-        q = q.view(b, s, heads, head_dim).transpose(1, 2)
-        k = k.view(b, s, kv_heads, head_dim).transpose(1, 2)
+        q = q.view(b, s, heads, head_dim)
+        k = k.view(b, s, kv_heads, head_dim)
+        attn = block.self_attn
+        if hasattr(attn, "q_norm"):  # Qwen3: an RMSNorm over each head's dimensions (shared by the heads)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         q, k = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())  # (fp32: JS compares rows)
         k = k.repeat_interleave(heads // kv_heads, dim=1)  # (each query head reads its group's key)

@@ -26,7 +26,34 @@ def qwen2():
                                         tie_word_embeddings=True))
 
 
-FAMILIES = {"qwen2": qwen2}
+def qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                        max_position_embeddings=256, tie_word_embeddings=True))
+
+
+def llama3():  # Llama-3.1 / 3.2: RoPE scaling "llama3", tied embeddings (3.2-1B / 3B)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                                        tie_word_embeddings=True, rope_theta=500000.0,
+                                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 64}))
+
+
+def mistral():  # sliding-window attention (windows shorter than the test's sequences)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                                            sliding_window=8))
+
+
+FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "llama3": llama3, "mistral": mistral}
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -72,7 +99,9 @@ def test_removing_units_equals_zeroing_them_and_reloads_equal(family, tmp_path):
             for block in adapter.blocks()[: 1 if kind == "kv_group" else None]:
                 adapter.remove_units(block, kind, kept)
     first = model.model.layers[0].self_attn
-    assert first.q_proj.bias.shape[0] == first.k_proj.bias.shape[0] * 2 == 2 * first.head_dim
+    assert first.q_proj.out_features == first.k_proj.out_features * 2 == 2 * first.head_dim  # one KV group of two
+    if first.q_proj.bias is not None:
+        assert first.q_proj.bias.shape[0] == first.k_proj.bias.shape[0] * 2 == 2 * first.head_dim
     checkpoint.save_pruned(model, None, tmp_path, adapter)
     reloaded, _ = checkpoint.load_pruned(tmp_path)
     with torch.no_grad():
@@ -91,6 +120,28 @@ def test_a_local_folder_of_the_family_runs_through_the_runner(family, tmp_path):
     common = ["model=local", f"model.path={tmp_path / name}", "model.seqlen=64", "calib.nsamples=4",
               "eval.ppl.max_windows=2", f"output_root={tmp_path / 'out'}", "wandb.mode=disabled", "progress=false"]
     record = execute(compose(*common, "pruner=sparsegpt"))
-    assert record["model"]["model_type"] == name and record["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert record["model"]["model_type"] == model.config.model_type and record["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
     record = execute(compose(*common, "pruner=numerical", "sparsity=structured", "speed.mode=never"))
     assert record["structure"]["parameters_after"] < record["structure"]["parameters_before"]
+
+
+def test_attention_probabilities_reproduce_the_attention_output(family):
+    """GOA's head similarity: the probabilities the adapter computes from the q / k projections, applied to the
+    values, give the attention's own output (rotary scaling, Qwen3's q_norm / k_norm included). (Mistral's sliding
+    window is not applied there: its windows are longer than calibration windows; here the model's windows are 8.)"""
+    name, model, adapter = family
+    if name == "mistral":
+        pytest.skip("sliding window shorter than the sequence (see the docstring)")
+    block = adapter.blocks()[1]
+    attn = block.self_attn
+    x = torch.randn(2, 12, 64)
+    positions = torch.arange(12).unsqueeze(0)
+    pe = model.model.rotary_emb(x, positions)
+    q_name, k_name = adapter.query_key(block)
+    q, k = block.get_submodule(q_name)(x), block.get_submodule(k_name)(x)
+    probs = adapter.attention_probabilities(block, q, k, {"position_embeddings": pe})
+    heads, kv_heads, d = adapter.head_layout(block)
+    v = attn.v_proj(x).view(2, 12, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    out = attn.o_proj((probs @ v).transpose(1, 2).reshape(2, 12, heads * d))
+    expected = attn(x, position_embeddings=pe, attention_mask=None)[0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
