@@ -594,6 +594,17 @@ def markdown_allocation(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _speed_rows(rows: list[dict]) -> pd.DataFrame:
+    """Speed rows ordered by model, pattern, method (as the other tables), then batch size."""
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows)
+    order = {(m, pt): i for i, (m, pt) in enumerate((m, pt) for pt in pattern_order(table.pattern)
+                                                    for m in method_order(table.method))}
+    return table.assign(_o=[order[(m, pt)] for m, pt in zip(table.method, table.pattern, strict=True)]) \
+        .sort_values(["model", "_o", "batch"], kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
 def speed_table(records: list[dict]) -> pd.DataFrame:
     """Runs that measured speed (structured runs by default): size and decode / prefill time, dense vs pruned,
     each pair taken in the same process."""
@@ -617,13 +628,7 @@ def speed_table(records: list[dict]) -> pd.DataFrame:
                          "prefill speedup": x["prefill"],
                          "setup": "{device}, {dtype}, {threads} threads, batch {batch_size}, prompt {prompt_len}, "
                                   "{new_tokens} new tokens".format(**p["setup"])})
-    if not rows:
-        return pd.DataFrame()
-    table = pd.DataFrame(rows)
-    order = {(m, pt): i for i, (m, pt) in enumerate((m, pt) for pt in pattern_order(table.pattern)
-                                                    for m in method_order(table.method))}
-    return table.assign(_o=[order[(m, pt)] for m, pt in zip(table.method, table.pattern, strict=True)]) \
-        .sort_values(["model", "_o", "batch"], kind="stable").drop(columns="_o").reset_index(drop=True)
+    return _speed_rows(rows)
 
 
 def image_speed_table(records: list[dict]) -> pd.DataFrame:
@@ -646,13 +651,7 @@ def image_speed_table(records: list[dict]) -> pd.DataFrame:
                          "speedup": speedup(d, p)["generate"], "peak device MB": p.get("peak_device_mb"),
                          "setup": "{device}, {dtype}, {threads} threads, {tokens_per_image} tokens per image, guidance "
                                   "{cfg_scale}".format(**p["setup"])})
-    if not rows:
-        return pd.DataFrame()
-    table = pd.DataFrame(rows)
-    order = {(m, pt): i for i, (m, pt) in enumerate((m, pt) for pt in pattern_order(table.pattern)
-                                                    for m in method_order(table.method))}
-    return table.assign(_o=[order[(m, pt)] for m, pt in zip(table.method, table.pattern, strict=True)]) \
-        .sort_values(["model", "_o", "batch"], kind="stable").drop(columns="_o").reset_index(drop=True)
+    return _speed_rows(rows)
 
 
 def markdown_image_speed(table: pd.DataFrame) -> str:
