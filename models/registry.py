@@ -8,8 +8,10 @@ from .llama import LlamaAdapter
 from .llamagen_adapter import LlamaGenAdapter
 from .mamba import MambaAdapter
 from .opt import OPTAdapter
+from .phi3 import Phi3Adapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (OPTAdapter, LlamaAdapter, MambaAdapter, GPT2Adapter, LlamaGenAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (OPTAdapter, LlamaAdapter, MambaAdapter, GPT2Adapter, LlamaGenAdapter,
+                                       Phi3Adapter)
 
 
 class UnsupportedModelError(ValueError):
