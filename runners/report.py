@@ -1033,6 +1033,18 @@ def plot_vs_sparsity(frame: pd.DataFrame, metric: str, dataset: str | None, ylab
 # the command
 
 
+def _published_note(published: str | None, report_cfg: dict, maps: tuple[str, ...]) -> str:
+    """The caption's sentence naming the published numbers and, for tiny stand-ins, the ``maps`` that place them."""
+    if not published:
+        return ""
+    note = f" Published numbers: conf/experiment/{published}.published.csv"
+    pairs = {k: v for m in maps for k, v in (report_cfg.get(m) or {}).items()}
+    if pairs:
+        note += (" (shape check only: the paper's numbers shown beside stand-ins: "
+                 + ", ".join(f"{k} <- {v}" for k, v in pairs.items()) + ")")
+    return note + "."
+
+
 def build_report(folder: Path, out: Path | None = None, published: str | None = None,
                  wandb_mode: str | None = None, include_stale: bool = False, columns_: list[str] | None = None,
                  baseline: str | None = None) -> dict:
@@ -1074,13 +1086,7 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
     ppl = ppl_table(frame, paper)
     if not ppl.empty:
         caption = "Protocols: " + _captions(frame, lambda f: f.metric == "ppl") + "." + note
-        if published:
-            caption += f" Published numbers: conf/experiment/{published}.published.csv"
-            maps = {**(report_cfg.get("model_map") or {}), **(report_cfg.get("dataset_map") or {})}
-            if maps:
-                pairs = ", ".join(f"{k} <- {v}" for k, v in maps.items())
-                caption += f" (shape check only: the paper's numbers shown beside stand-ins: {pairs})"
-            caption += "."
+        caption += _published_note(published, report_cfg, ("model_map", "dataset_map"))
         (out / "ppl.md").write_text(markdown_ppl(ppl, caption))
         ppl.to_csv(out / "ppl.csv", index=False)
         (out / "ppl.tex").write_text(latex(ppl, "Perplexity. " + caption, "tab:ppl"))
@@ -1114,12 +1120,7 @@ def build_report(folder: Path, out: Path | None = None, published: str | None = 
     images = image_table(frame, paper)
     if not images.empty:
         caption = "Samples: " + _captions(frame, lambda f: f.metric == "fid") + "." + note
-        if published:
-            caption += f" Published numbers: conf/experiment/{published}.published.csv"
-            if report_cfg.get("model_map"):
-                pairs = ", ".join(f"{k} <- {v}" for k, v in report_cfg["model_map"].items())
-                caption += f" (shape check only: the paper's numbers shown beside stand-ins: {pairs})"
-            caption += "."
+        caption += _published_note(published, report_cfg, ("model_map",))
         (out / "image.md").write_text(markdown_image(images, caption))
         images.to_csv(out / "image.csv", index=False)
         (out / "image.tex").write_text(latex(images, "Image generation. " + caption, "tab:image"))
