@@ -177,9 +177,21 @@ class Adapter(abc.ABC):
                 return name
         raise RuntimeError("blocks are not a submodule of the model")
 
+    def block_kind(self, block: nn.Module):
+        """What decides the kwargs a block receives from the model (its mask, its rotary embeddings), where blocks
+        differ in it (e.g. Gemma's ``"sliding_attention"`` / ``"full_attention"`` layers); default: all alike."""
+        return None
+
+    def block_kwargs(self, block: nn.Module, kwargs: dict) -> dict:
+        """The captured kwargs that ``block`` receives: of its kind, where they were captured by kind
+        (:class:`models.blocks.PerKind`)."""
+        from .blocks import PerKind
+
+        return kwargs[self.block_kind(block)] if isinstance(kwargs, PerKind) else kwargs
+
     def call_block(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """Run one block alone with the kwargs captured at block 0 (transformers 4 returns tuples, 5 tensors)."""
-        out = block(hidden, **kwargs)
+        """Run one block alone with the kwargs captured for it (transformers 4 returns tuples, 5 tensors)."""
+        out = block(hidden, **self.block_kwargs(block, kwargs))
         return out[0] if isinstance(out, tuple) else out
 
     # --- structured removal (docs/methods.md §1.4) ------------------------------------------------
@@ -291,11 +303,15 @@ def _sync_sizes(module: nn.Module) -> None:
             module.in_channels = module.groups = channels
 
 
-def causal_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension in fp32 with every key after the query masked (unpadded windows)."""
+def causal_softmax(scores: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Softmax over the last dimension in fp32 with every key after the query masked (unpadded windows), and with
+    a sliding ``window``, every key ``window`` or more positions before it (query i reads keys i - window < j <= i,
+    as transformers' sliding-window masks)."""
     s = scores.shape[-1]
-    future = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
-    return torch.softmax(scores.float().masked_fill(future, float("-inf")), dim=-1)
+    masked = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
+    if window is not None:
+        masked |= torch.ones(s, s, dtype=torch.bool, device=scores.device).tril(-window)
+    return torch.softmax(scores.float().masked_fill(masked, float("-inf")), dim=-1)
 
 
 def zero_rows(linear: nn.Linear, index: torch.Tensor) -> torch.Tensor:

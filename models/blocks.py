@@ -2,7 +2,9 @@
 
 - :func:`capture_block_inputs`: embed once and record what block 0 receives (hidden states and
   whatever kwargs the installed transformers passes: attention mask, position ids, rotary
-  embeddings, cache position...), batch by batch.
+  embeddings, cache position...), batch by batch; where blocks differ in kind (Gemma's sliding-window
+  and global attention layers get different masks and rotary embeddings), the kwargs of each kind
+  (:class:`PerKind`, resolved by :meth:`models.base.Adapter.call_block`).
 - :func:`run_block`: call one block alone on those inputs (through the adapter).
 - :func:`run_blocks`: every block in order, one at a time on the device (sequential placement).
 - :func:`on_device`: the whole model on the device for a ``with`` body, moved back afterwards.
@@ -26,21 +28,36 @@ class _Caught(Exception):
     pass
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0: records its input and kwargs, then stops the forward."""
+class _Recorder(nn.Module):
+    """Stands in for the first block of a kind when blocks differ in kind: records the kwargs it receives and
+    passes the hidden states on unchanged (or stops the forward, as the last one needed)."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, seen: dict, kind, stop: bool):
         super().__init__()
-        self.block = block
+        self.block, self.seen, self.kind, self.stop = block, seen, kind, stop
 
     def forward(self, hidden, *args, **kwargs):
-        raise _Caught(hidden, args, kwargs)
+        self.seen[self.kind] = (hidden, args, kwargs)
+        if self.stop:
+            raise _Caught(hidden, args, kwargs)
+        return hidden
 
     def __getattr__(self, name):  # models may read attributes of their layers (e.g. attention_type)
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.block, name)
+
+
+class _Passthrough(_Recorder):
+    """Stands in for a block between two recorders: nothing to record, the hidden states pass on."""
+
+    def forward(self, hidden, *args, **kwargs):
+        return hidden
+
+
+class PerKind(dict):
+    """The kwargs of a model whose blocks differ in kind, by kind (:meth:`models.base.Adapter.block_kind`)."""
 
 
 @dataclass
@@ -82,28 +99,45 @@ def _named(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) ->
 
 @torch.no_grad()
 def capture_block_inputs(model, adapter: Adapter, ids: torch.Tensor, device, batch_size: int) -> BlockInputs:
-    """Run the embeddings on ``device`` and capture what block 0 receives, batch by batch."""
+    """Run the embeddings on ``device`` and capture what block 0 receives, batch by batch (and, where blocks differ
+    in kind, what the first block of every kind receives: :class:`PerKind` kwargs)."""
     blocks = adapter.blocks()
     pre = adapter.pre_block_modules()
     for module in pre:
         module.to(device)
-    original = blocks[0]
-    blocks[0] = _Catcher(original)
+    first_of: dict = {}  # kind -> index of its first block
+    for index, block in enumerate(blocks):
+        first_of.setdefault(adapter.block_kind(block), index)
+    last = max(first_of.values())
+    kind_at = {index: kind for kind, index in first_of.items()}
+    originals = [blocks[i] for i in range(last + 1)]
+    seen: dict = {}
+    for index, original in enumerate(originals):
+        if index in kind_at:
+            blocks[index] = _Recorder(original, seen, kind_at[index], stop=index == last)
+        else:
+            blocks[index] = _Passthrough(original, seen, None, stop=False)
     captured = BlockInputs([])
     try:
         for start in range(0, ids.shape[0], batch_size):
             batch = ids[start : start + batch_size].to(device)
+            seen.clear()
             try:
                 model(input_ids=batch, use_cache=False)
-            except _Caught as caught:
-                hidden, args, kwargs = caught.args
-                if args:
-                    kwargs = _named(original, hidden, args, kwargs)
-                captured.batches.append(hidden)
-                # windows are fixed-length and unpadded, so kwargs depend only on the batch size
-                captured.kwargs_by_batch_size.setdefault(hidden.shape[0], kwargs)
+            except _Caught:
+                pass
+            by_kind = {}
+            for kind, (hidden, args, kwargs) in seen.items():
+                block = originals[first_of[kind]]
+                by_kind[kind] = _named(block, hidden, args, kwargs) if args else kwargs
+            hidden = seen[kind_at[0]][0]
+            captured.batches.append(hidden)
+            # windows are fixed-length and unpadded, so kwargs depend only on the batch size
+            captured.kwargs_by_batch_size.setdefault(
+                hidden.shape[0], by_kind[kind_at[0]] if len(by_kind) == 1 else PerKind(by_kind))
     finally:
-        blocks[0] = original
+        for index, original in enumerate(originals):
+            blocks[index] = original
         _off_device(pre, device)
     return captured
 

@@ -97,12 +97,23 @@ class LlamaAdapter(Adapter):
         groups.append(UnitGroup("mlp_neuron", inter, owned, reader="mlp.down_proj"))
         return groups
 
+    def block_kind(self, block):
+        """The attention's layer type where the config mixes them (``config.layer_types``: Qwen2's, Gemma's
+        sliding-window and full attention layers receive different masks)."""
+        return getattr(block.self_attn, "layer_type", None)
+
     def query_key(self, block):
         return "self_attn.q_proj", "self_attn.k_proj"
+
+    def attention_window(self, block) -> int | None:
+        """The layer's sliding window: its own (Qwen2, Gemma), else the model's (Mistral: every layer)."""
+        attn = block.self_attn
+        return attn.sliding_window if hasattr(attn, "sliding_window") else getattr(self.config, "sliding_window", None)
 
     def attention_probabilities(self, block, q, k, kwargs):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+        kwargs = self.block_kwargs(block, kwargs)
         heads, kv_heads, head_dim = self.head_layout(block)
         b, s, _ = q.shape
         q = q.view(b, s, heads, head_dim)
@@ -114,7 +125,11 @@ class LlamaAdapter(Adapter):
         cos, sin = kwargs["position_embeddings"]
         q, k = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())  # (fp32: JS compares rows)
         k = k.repeat_interleave(heads // kv_heads, dim=1)  # (each query head reads its group's key)
-        return causal_softmax(q @ k.transpose(-1, -2) * block.self_attn.scaling)
+        scores = q @ k.transpose(-1, -2) * attn.scaling
+        cap = getattr(attn, "attn_logit_softcapping", None)
+        if cap is not None:  # Gemma-2: cap * tanh(scores / cap)
+            scores = torch.tanh(scores / cap) * cap
+        return causal_softmax(scores, self.attention_window(block))
 
     def zero_output_units(self, block, group):
         """A KV group whose value rows (and biases) are zero puts out zero in every query head that reads it; a

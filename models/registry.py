@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Adapter
+from .gemma import GemmaAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .llamagen_adapter import LlamaGenAdapter
@@ -11,7 +12,7 @@ from .opt import OPTAdapter
 from .phi3 import Phi3Adapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (OPTAdapter, LlamaAdapter, MambaAdapter, GPT2Adapter, LlamaGenAdapter,
-                                       Phi3Adapter)
+                                       Phi3Adapter, GemmaAdapter)
 
 
 class UnsupportedModelError(ValueError):

@@ -13,12 +13,9 @@ CUDA), its console output goes to the log at debug level. Its code knows OPT and
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import io
 import logging
 import os
-import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,32 +25,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import ModuleResult, Pruner, register
-from .masks import PackedMask, Pattern
+from .masks import Pattern
+from .reference import checkout_root, import_from_checkout, prune_masks
 from .settings import EngineSettings
 from .surgeon import script_defaults
-from .taps import model_on_device, prunable_modules
+from .taps import model_on_device
 
 log = logging.getLogger("prunelab")
 MODULES = ("attention", "utils", "curvature", "threshold", "modelutils", "pruner", "sparsify")
 
 
 def load_reference(path: str | Path) -> dict[str, types.ModuleType]:
-    """The reference's modules, imported from the checkout at ``path`` (``pynvml`` stubbed if missing)."""
-    root = Path(path).expanduser().resolve()
-    if not (root / "sparsify.py").is_file() or not (root / "curvature.py").is_file():
-        raise ValueError(f"pruner.path={path} is not a checkout of Qualcomm-AI-research/llm-surgeon "
-                         f"(no sparsify.py / curvature.py there)")
-    if "pynvml" not in sys.modules and importlib.util.find_spec("pynvml") is None:
-        sys.modules["pynvml"] = types.ModuleType("pynvml")
-    for name in MODULES:  # its flat module names: drop any earlier import from elsewhere
-        module = sys.modules.get(name)
-        if module is not None and Path(getattr(module, "__file__", "") or "").parent != root:
-            del sys.modules[name]
-    sys.path.insert(0, str(root))
-    try:
-        return {name: importlib.import_module(name) for name in MODULES}
-    finally:
-        sys.path.remove(str(root))
+    """The reference's modules, imported from the checkout at ``path``."""
+    return import_from_checkout(checkout_root(path, ("sparsify.py", "curvature.py"),
+                                              "Qualcomm-AI-research/llm-surgeon"), MODULES)
 
 
 class _Collate:
@@ -127,8 +112,4 @@ class SurgeonReference(Pruner):
                                                    False)
                     curvature.free()
                 log.debug("%s shot %d:\n%s", self.name, shot, out.getvalue())
-        results = {}
-        for name, linear in prunable_modules(adapter).items():
-            mask = linear.weight.detach() == 0
-            results[name] = ModuleResult(int(mask.sum()), mask.numel(), mask=PackedMask.pack(mask.cpu()))
-        return results
+        return prune_masks(adapter)

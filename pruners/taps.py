@@ -107,8 +107,8 @@ def _cast(value, dtype: torch.dtype):
         return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, (tuple, list)):
         return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, dict):  # (a dict's own type kept: models.blocks.PerKind)
+        return type(value)({k: _cast(v, dtype) for k, v in value.items()})
     return value
 
 

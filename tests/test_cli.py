@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, compose
 
 FAST = ["calib.nsamples=8", "eval.ppl.max_windows=4", "progress=false", "wandb.mode=disabled"]
 
@@ -238,10 +238,10 @@ def test_ctrl_c_prints_one_line_and_keeps_what_finished(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     common = ["pruner=magnitude", "dense_baseline=false", "sweep=s", "progress=false", "wandb.mode=disabled"]
-    probe = tmp_path / "probe"  # the second job's run id (output_root and sweep are not part of it)
-    subprocess.run([sys.executable, "-m", "runners.run", *common, "sparsity.ratio=0.4", f"output_root={probe}"],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
-    (second,) = [p.parent.name for p in probe.glob("s/*/result.json")]
+    from runners.run import execute
+
+    # the second job's run id (output_root is not part of it), from the same run in this process
+    second = execute(compose(*common, "sparsity.ratio=0.4", f"output_root={tmp_path / 'probe'}"))["run_id"]
     root = tmp_path / "out"
     held, release = threading.Event(), threading.Event()
 

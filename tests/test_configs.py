@@ -16,11 +16,28 @@ NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"]
          ("pruner", "unit_baseline"): ["sparsity=structured"], ("pruner", "wanda_sp"): ["sparsity=structured"],
          ("pruner", "llm_pruner"): ["sparsity=structured"], ("sparsity", "heads"): ["pruner=flap"],
          ("sparsity", "rowcol"): ["pruner=surgeon"],  # rows + columns: the Kronecker-factored methods only
-         ("pruner", "surgeon_reference"): ["pruner.path={checkout}"],  # a (stand-in) checkout of the reference code
+         # a (stand-in) checkout of the reference code
+         **{("pruner", p): ["pruner.path={checkout}"] for p in ("surgeon_reference", "sparsegpt_reference",
+                                                                "wanda_reference")},
          # image generators: their own samples as calibration data, image metrics (and only they)
          **{("model", m): ["calib=generated", "eval=image"] for m in ("tiny-imagegen", "llamagen-xxl", "llamagen-3b")},
          ("calib", "generated"): ["model=tiny-imagegen", "eval=image"],
          ("eval", "image"): ["model=tiny-imagegen", "calib=generated"]}
+
+
+REFERENCE_FILES = {"PRUNELAB_SURGEON_REFERENCE": ("sparsify.py", "curvature.py"),
+                   "PRUNELAB_SPARSEGPT_REFERENCE": ("sparsegpt.py", "llama.py", "opt.py"),
+                   "PRUNELAB_WANDA_REFERENCE": ("lib/prune.py", "lib/prune_opt.py")}
+
+
+def stand_in_checkouts(folder, monkeypatch=None) -> None:
+    """Empty files where the reference checkouts have theirs (one folder for all), named by their variables."""
+    for variable, names in REFERENCE_FILES.items():
+        for name in names:
+            (folder / name).parent.mkdir(exist_ok=True)
+            (folder / name).touch()
+        if monkeypatch is not None:
+            monkeypatch.setenv(variable, str(folder))
 
 
 def test_groups_are_the_documented_ones():
@@ -30,8 +47,7 @@ def test_groups_are_the_documented_ones():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_shipped_option_composes_and_validates(group, option, tmp_path):
-    for name in ("sparsify.py", "curvature.py"):
-        (tmp_path / name).touch()
+    stand_in_checkouts(tmp_path)
     cfg = compose(f"{group}={option}", *(o.format(checkout=tmp_path) for o in NEEDS.get((group, option), [])))
     # hub checkpoints (and the optional SmolLM2 package) are validated without reading their config.json
     # (and the hub datasets without checking the cache: test_cli covers what an offline run says)
@@ -89,6 +105,8 @@ def test_paper_defaults():
     (["pruner=surgeon", "sparsity=2of4", "eval.shots_every=2"], "intermediate shots of a nm run are not nm"),
     (["eval.shots_every=-1"], "eval.shots_every"),
     (["pruner=surgeon_reference", "pruner.path=/nowhere"], "pruner.path=/nowhere is not a checkout"),
+    (["pruner=sparsegpt_reference"], "pruner.path: set it"),
+    (["pruner=wanda_reference", "pruner.path=/nowhere"], "pruner.path=/nowhere is not a checkout of locuslab/wanda"),
     (["pruner=numerical", "sparsity=structured", "pruner.solver=lbfgs"], "pruner.solver='lbfgs' is not one of"),
     (["pruner=numerical", "sparsity=structured", "pruner.allocation=owl"], "pruner.allocation='owl' is not one of"),
     (["pruner=flap", "sparsity=structured", "pruner.metric=L1"], "pruner.metric='L1' is not one of"),
@@ -150,9 +168,7 @@ def preset_jobs(name: str) -> list:
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_experiment_preset_expands_to_valid_jobs(name, tmp_path, monkeypatch):
-    for stand_in in ("sparsify.py", "curvature.py"):  # the reference code a comparison preset runs beside ours
-        (tmp_path / stand_in).touch()
-    monkeypatch.setenv("PRUNELAB_SURGEON_REFERENCE", str(tmp_path))
+    stand_in_checkouts(tmp_path, monkeypatch)  # the reference code a comparison preset runs beside ours
     jobs = preset_jobs(name)
     assert len(jobs) >= 2
     for cfg in jobs:
@@ -242,9 +258,7 @@ def test_a_key_of_the_pruners_a_preset_sweeps_is_checked_per_job(tmp_path, monke
     such key, the swept ones have; a key none of them has is still refused."""
     from runners.cli import prevalidate
 
-    for stand_in in ("sparsify.py", "curvature.py"):
-        (tmp_path / stand_in).touch()
-    monkeypatch.setenv("PRUNELAB_SURGEON_REFERENCE", str(tmp_path))
+    stand_in_checkouts(tmp_path, monkeypatch)
     out = f"output_root={tmp_path / 'out'}"
     assert prevalidate(["+experiment=bench-surgeon-reference", "sparsity=rowcol", "pruner.shots=8", out]) is None
     assert "pruner.blah: unknown key" in prevalidate(["+experiment=bench-surgeon-reference", "pruner.blah=8", out])
@@ -401,9 +415,7 @@ def test_every_command_a_preset_documents_composes_and_validates(name, tmp_path,
     cpu here; hub models and data not read)."""
     import itertools
 
-    for stand_in in ("sparsify.py", "curvature.py"):
-        (tmp_path / stand_in).touch()
-    monkeypatch.setenv("PRUNELAB_SURGEON_REFERENCE", str(tmp_path))
+    stand_in_checkouts(tmp_path, monkeypatch)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

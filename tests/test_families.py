@@ -1,7 +1,7 @@
 """The adapter contract on small random configs built here (no trained checkpoint), for the families that need no
 bundled model: every linear grouped and valid 2:4 masks, removing units equals zeroing them (logits and cached
-generation), pruned checkpoints reload equal, runs through the runner from a local folder, and GOA's attention
-probabilities reproduce the attention output."""
+generation), pruned checkpoints reload equal, blocks run alone give the model's logits, runs through the runner from
+a local folder, and GOA's attention probabilities reproduce the attention output."""
 
 from __future__ import annotations
 
@@ -62,7 +62,27 @@ def phi3():  # fused qkv_proj and gate_up_proj (partial rotary, as Phi-3.5 has n
                                       partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2))
 
 
-FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "llama3": llama3, "mistral": mistral, "phi3": phi3}
+def gemma2():  # GeGLU, pre + post norms, soft-capped scores and logits, sliding (window 8) and global layers
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                          max_position_embeddings=256, sliding_window=8, query_pre_attn_scalar=16,
+                                          layer_types=["sliding_attention", "full_attention"]))
+
+
+def gemma3():  # q_norm / k_norm, local layers with their own rotary base, a global layer with the long one
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                              intermediate_size=128, max_position_embeddings=256, sliding_window=8,
+                                              query_pre_attn_scalar=16,
+                                              layer_types=["sliding_attention", "full_attention"]))
+
+
+FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "llama3": llama3, "mistral": mistral, "phi3": phi3, "gemma2": gemma2,
+            "gemma3": gemma3}
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -138,24 +158,39 @@ def test_a_local_folder_of_the_family_runs_through_the_runner(family, tmp_path):
     assert record["structure"]["parameters_after"] < record["structure"]["parameters_before"]
 
 
+def test_blocks_run_alone_give_the_model_s_own_logits(family):
+    """The path statistics are captured on is the one that runs: block 0's input and the kwargs each block receives
+    (per kind where layers differ: Gemma's sliding-window and global layers, windows of 8 in 16 tokens), every block
+    called alone, then the head, give the model's logits."""
+    from models.blocks import capture_block_inputs, run_blocks
+
+    _, model, adapter = family
+    batch = ids(2)
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, adapter, batch, "cpu", batch_size=2)
+        logits = adapter.head(run_blocks(adapter, inputs, "cpu", progress=False)[0])
+        torch.testing.assert_close(logits, model(input_ids=batch).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_probabilities_reproduce_the_attention_output(family):
     """GOA's head similarity: the probabilities the adapter computes from the q / k projections, applied to the
-    values, give the attention's own output (rotary scaling, Qwen3's q_norm / k_norm included). (Mistral's sliding
-    window is not applied there: its windows are longer than calibration windows; here the model's windows are 8.)"""
+    values, give the attention's own output, with the mask and rotary embeddings the layer really receives (rotary
+    scaling, Qwen3's and Gemma-3's q_norm / k_norm, Gemma-2's soft-capping, sliding windows of 8 in 12 tokens)."""
+    from models.blocks import capture_block_inputs
+
     name, model, adapter = family
-    if name == "mistral":
-        pytest.skip("sliding window shorter than the sequence (see the docstring)")
-    block = adapter.blocks()[1]
-    attn = block.self_attn
-    x = torch.randn(2, 12, 64)
-    positions = torch.arange(12).unsqueeze(0)
-    pe = model.model.rotary_emb(x, positions)
-    q_name, k_name = adapter.query_key(block)
-    q, k = block.get_submodule(q_name)(x), block.get_submodule(k_name)(x)
-    probs = adapter.attention_probabilities(block, q, k, {"position_embeddings": pe})
-    heads, kv_heads, d = adapter.head_layout(block)
-    values = q[..., (heads + kv_heads) * d :] if q_name == k_name else attn.v_proj(x)  # (fused: the last rows)
-    v = values.view(2, 12, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
-    out = attn.o_proj((probs @ v).transpose(1, 2).reshape(2, 12, heads * d))
-    expected = attn(x, position_embeddings=pe, attention_mask=None)[0]
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        captured = capture_block_inputs(model, adapter, ids(2, 12), "cpu", batch_size=2)
+    for block in adapter.blocks():
+        kwargs = adapter.block_kwargs(block, captured.kwargs_by_batch_size[2])
+        attn = block.self_attn
+        x = torch.randn(2, 12, 64)
+        q_name, k_name = adapter.query_key(block)
+        q, k = block.get_submodule(q_name)(x), block.get_submodule(k_name)(x)
+        probs = adapter.attention_probabilities(block, q, k, captured.kwargs_by_batch_size[2])
+        heads, kv_heads, d = adapter.head_layout(block)
+        values = q[..., (heads + kv_heads) * d :] if q_name == k_name else attn.v_proj(x)  # (fused: the last rows)
+        v = values.view(2, 12, kv_heads, d).transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+        out = attn.o_proj((probs @ v).transpose(1, 2).reshape(2, 12, heads * d))
+        expected = attn(x, position_embeddings=kwargs["position_embeddings"], attention_mask=kwargs["attention_mask"])[0]
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,76 @@
+"""``pruner=wanda_reference``: Wanda's own code (locuslab/wanda) on a PruneLab run's model and calibration windows,
+beside ``pruner=wanda`` in a benchmark preset (docs/methods.md §3.10).
+
+Its ``prune_wanda`` as ``main.py`` / ``main_opt.py`` call it (``lib/prune.py`` for LLaMA-family adapters,
+``lib/prune_opt.py`` for OPT): one window at a time, per-row unstructured or N:M, not its ``--use_variant``. Shims
+(:mod:`pruners.reference`): its ``get_loaders`` returns our windows, an empty ``hf_device_map`` (one device),
+``position_embeddings`` for its bare block calls under transformers 5. Its calibration buffer holds 128 windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import ModuleResult, Pruner, register
+from .masks import Pattern
+from .reference import (
+    checkout_root,
+    cuda_calls_on_cpu,
+    import_from_checkout,
+    prune_masks,
+    quiet,
+    rotary_for_bare_calls,
+)
+from .settings import EngineSettings
+
+REPOSITORY = "locuslab/wanda"
+MODULES = {"llama": "lib.prune", "opt": "lib.prune_opt"}  # the adapter family -> its module
+
+
+@register
+@dataclass
+class WandaReference(Pruner):
+    name = "wanda_reference"
+    needs_calibration = True
+    scope = "model"
+    patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
+    path: str | None = None  # a checkout of locuslab/wanda; null: $PRUNELAB_WANDA_REFERENCE
+
+    @property
+    def checkout(self) -> str | None:
+        return self.path or os.environ.get("PRUNELAB_WANDA_REFERENCE") or None
+
+    def check(self, pattern: Pattern) -> None:
+        super().check(pattern)
+        if not self.checkout:
+            raise ValueError(f"pruner.path: set it (or $PRUNELAB_WANDA_REFERENCE) to a checkout of {REPOSITORY} "
+                             f"(git clone https://github.com/{REPOSITORY})")
+        checkout_root(self.checkout, ("lib/prune.py", "lib/prune_opt.py"), REPOSITORY)
+
+    def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
+                    ) -> dict[str, ModuleResult]:
+        if adapter.family not in MODULES:
+            raise ValueError(f"the {REPOSITORY} code drives {', '.join(MODULES)} models, not {adapter.family}")
+        if len(calib_ids) > 128:
+            raise ValueError(f"calib.nsamples={len(calib_ids)}: the {REPOSITORY} code holds 128 windows at most")
+        root = checkout_root(self.checkout, ("lib/prune.py", "lib/prune_opt.py"), REPOSITORY)
+        module = import_from_checkout(root, (MODULES[adapter.family],))[MODULES[adapter.family]]
+        windows = [(window.unsqueeze(0), None) for window in calib_ids]
+        module.get_loaders = lambda *args, **kwargs: (windows, None)
+        nm = pattern.kind == "nm"
+        args = argparse.Namespace(nsamples=len(calib_ids), seed=0, sparsity_ratio=pattern.ratio if not nm else 0.5,
+                                  use_variant=False)
+        model.seqlen = calib_ids.shape[1]
+        model.hf_device_map = {}
+        try:
+            with quiet(self.name), rotary_for_bare_calls(adapter), cuda_calls_on_cpu(settings.device):
+                module.prune_wanda(args, model, None, torch.device(settings.device),
+                                   prune_n=pattern.n if nm else 0, prune_m=pattern.m if nm else 0)
+        finally:
+            del model.hf_device_map
+        return prune_masks(adapter)
