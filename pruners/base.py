@@ -95,6 +95,12 @@ class Pruner:
     def config_keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    @classmethod
+    def resumable(cls) -> bool:
+        """Layer-wise methods that go block by block through :func:`pruners.engine.prune_sequential`: a prune killed
+        after block k can go on from there (``engine.resume``, :mod:`pruners.resume`)."""
+        return cls.scope == "block" and cls.prune is Pruner.prune
+
     def extra_windows(self) -> int:
         """Calibration windows the method needs beyond ``calib.nsamples``, drawn after them from the same source
         and appended to ``calib_ids`` (GOA's recovery set); 0 for most methods."""

@@ -22,6 +22,7 @@ from models.blocks import BlockInputs, capture_block_inputs, run_block
 
 from .allocation import LayerRatios
 from .masks import Pattern
+from .resume import BlockProgress
 from .settings import EngineSettings
 
 if TYPE_CHECKING:  # (annotations only: pruners/base.py imports this module, never the other way round)
@@ -52,7 +53,8 @@ def _hook(module: nn.Module, tap, stat):
 
 
 def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of, statistic,
-                settings: EngineSettings | None = None, propagate: str = "pruned", desc: str = "blocks"):
+                settings: EngineSettings | None = None, propagate: str = "pruned", desc: str = "blocks",
+                start: int = 0, start_batches: list[torch.Tensor] | None = None, after_block=None):
     """Yield ``(index, block, stats)`` for every block in order, the block on ``settings.device``.
 
     ``taps_of(block)`` maps keys to ``(Tap, width)``: each gets a ``statistic(width, device, stats_dtype)``
@@ -65,7 +67,10 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
     device, batch_size, stats_dtype, progress = settings.device, settings.batch_size, settings.stats_dtype, settings.progress
     blocks = adapter.blocks()
     inputs = capture_block_inputs(model, adapter, calib_ids, device, batch_size) if calib_ids is not None else None
-    for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
+    if inputs is not None and start_batches is not None:  # (the kwargs depend on the windows only)
+        inputs = BlockInputs([b.to(device) for b in start_batches], inputs.kwargs_by_batch_size)
+    for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress, initial=start,
+                      total=len(blocks)):
         block = blocks[index]
         block.to(device)
         stats, dense_outputs = {}, None
@@ -90,6 +95,8 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
         if str(device) != "cpu":
             block.to("cpu")
             torch.cuda.empty_cache()
+        if after_block is not None:
+            after_block(index, block, inputs.batches if inputs is not None else None)
 
 
 @torch.no_grad()
@@ -112,8 +119,18 @@ def prune_sequential(model, adapter: Adapter, pruner: Pruner, pattern: Pattern, 
                 for group in adapter.linear_groups(block)}
 
     results: dict[str, ModuleResult] = {}
+    start, start_batches, after_block = 0, None, None
+    if settings.resume_dir is not None:  # keep each done block; go on after the last one kept (pruners/resume.py)
+        kept = BlockProgress(settings.resume_dir, settings.resume_key, len(adapter.blocks()))
+        start, start_batches, results = kept.restore(adapter.blocks())
+
+        def after_block(index, block, next_batches):
+            done = {name: r for name, r in results.items() if name.startswith(f"{prefix}.{index}.")}
+            kept.save(index, block, done, next_batches)
+
     blocks = walk_blocks(model, adapter, calib_ids if pruner.needs_calibration else None, taps_of, pruner.statistic,
-                         settings, pruner.propagate, desc=f"{pruner.name} {pattern.describe()}")
+                         settings, pruner.propagate, desc=f"{pruner.name} {pattern.describe()}", start=start,
+                         start_batches=start_batches, after_block=after_block)
     for index, block, stats in blocks:
         for group in adapter.linear_groups(block):
             for group_pattern, names in _by_ratio(group.names, pattern, ratios, f"{prefix}.{index}."):

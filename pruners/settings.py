@@ -23,7 +23,8 @@ class EngineSettings:
     ``offload_dir``: a folder for what the gradient methods keep off the device (block inputs, Kronecker factors),
     null = host memory; ``on_shot``: a multi-shot method calls ``on_shot(shot, shots)`` after each
     shot but the last, the model holding that shot's weights (the runner evaluates and records it:
-    ``eval.shots_every``).
+    ``eval.shots_every``); ``resume_dir``: layer-wise methods keep each done block there and a run started again
+    goes on after the last one kept (:mod:`pruners.resume`; ``resume_key`` names the run: its prune id).
     """
 
     device: str | torch.device = "cpu"
@@ -32,6 +33,8 @@ class EngineSettings:
     progress: bool = True
     grad_windows: int = 0
     offload_dir: str | None = None
+    resume_dir: str | None = None
+    resume_key: str = ""
     on_shot: Callable[[int, int], None] | None = field(default=None, compare=False)
 
     @classmethod

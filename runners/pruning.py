@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,11 +58,13 @@ def _timed(timings: dict, key: str, start: float) -> float:
     return now
 
 
-def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
+def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, resume: tuple[Path, str] | None = None) -> Pruned:
     """Prune ``loaded.model`` in place as ``cfg`` / ``plan`` say, then measure what it did; phase times go to
     ``timings`` (``calibration_data``, ``allocation``, ``prune``, ``shrink``). ``on_shot(shot, shots, calibration)``
     (:func:`runners.results.shot_recorder`): called by a multi-shot method after each shot but the last
-    (:class:`pruners.settings.EngineSettings`); its evaluation time (``on_shot.eval_s``) is not pruning time."""
+    (:class:`pruners.settings.EngineSettings`); its evaluation time (``on_shot.eval_s``) is not pruning time.
+    ``resume``: ``(folder, prune id)`` where ``engine.resume`` keeps each pruned block of a layer-wise method
+    (:mod:`pruners.resume`); the folder goes once the prune is done."""
     model, adapter = loaded.model, loaded.adapter
     prunes = plan.pruner.removes_weights
     before = unit_counts(model, adapter, plan.pattern.attention_only) if prunes and plan.pattern.removes_units else None
@@ -82,6 +86,8 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
     settings = EngineSettings.from_config(cfg.engine, plan.device, bool(cfg.progress))
     if on_shot is not None:
         settings = dataclasses.replace(settings, on_shot=lambda shot, shots: on_shot(shot, shots, calibration))
+    if resume is not None and cfg.engine.get("resume") and plan.pruner.resumable():
+        settings = dataclasses.replace(settings, resume_dir=str(resume[0]), resume_key=resume[1])
     try:  # a target glob that selects nothing, an OWL sparsity >= 1: bad input, found once the model is known
         ratios = allocate(model, adapter, plan.pruner, plan.pattern, plan.allocation, calib_ids, settings) if prunes else None
     except ValueError as err:
@@ -91,6 +97,8 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None) -> Pruned:
     module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids if plan.pruner.needs_calibration else None,
                                        settings, ratios)
     _timed(timings, "prune", t)
+    if settings.resume_dir is not None:  # done: the kept blocks are not needed any more
+        shutil.rmtree(settings.resume_dir, ignore_errors=True)
     if getattr(on_shot, "eval_s", 0.0):
         timings["prune"] = round(timings["prune"] - on_shot.eval_s, 3)
         timings["shot_evals"] = round(on_shot.eval_s, 3)

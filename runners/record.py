@@ -24,6 +24,8 @@ from omegaconf import OmegaConf
 # whether an existing record (or kept pruned model: runners/prune_cache.py) is reused
 NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline", "wandb", "report",
                    "cache_pruned", "cache_pruned_max_params")
+# engine keys that change where or how a prune runs, not what it computes
+ENGINE_NON_RESULT_KEYS = ("offload_dir", "resume")
 # the keys that determine the pruned weights (:func:`prune_config`): not eval, speed, save_model, nor the above
 PRUNE_KEYS = ("model", "calib", "pruner", "sparsity", "engine", "seed", "device")
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,8 +229,8 @@ def result_config(config: dict, prunes: bool = True, calibrates: bool = True) ->
     out = {k: v for k, v in config.items() if k not in ignored}
     if isinstance(out.get("eval"), dict):  # which intermediate shots are also recorded: not this run's result
         out["eval"] = {k: v for k, v in out["eval"].items() if k != "shots_every"}
-    if isinstance(out.get("engine"), dict):  # where offloaded tensors wait: not what they are
-        out["engine"] = {k: v for k, v in out["engine"].items() if k != "offload_dir"}
+    if isinstance(out.get("engine"), dict):  # where offloaded tensors wait, whether blocks are kept: not what they are
+        out["engine"] = {k: v for k, v in out["engine"].items() if k not in ENGINE_NON_RESULT_KEYS}
     if isinstance(out.get("sparsity"), dict):
         out["sparsity"] = semantic_sparsity(out["sparsity"])
     return out
@@ -305,7 +307,7 @@ def prune_config(config: dict, calibrates: bool = True) -> dict:
     nor where or how the run is written: runs that differ only in those share their pruned model."""
     out = {k: config.get(k) for k in PRUNE_KEYS if calibrates or k != "calib"}
     if isinstance(out.get("engine"), dict):  # (as in result_config)
-        out["engine"] = {k: v for k, v in out["engine"].items() if k != "offload_dir"}
+        out["engine"] = {k: v for k, v in out["engine"].items() if k not in ENGINE_NON_RESULT_KEYS}
     return out
 
 

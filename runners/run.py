@@ -143,7 +143,8 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
     info = None
     if kept is None:  # calibration, allocation, the method, and what it did to the model
         on_shot = shot_recorder(cfg, plan, config, loaded, ident, out_path, task_dict, timings) if write else None
-        pruned = pruning.prune(cfg, plan, loaded, timings, on_shot)
+        pruned = pruning.prune(cfg, plan, loaded, timings, on_shot,
+                               resume=(out_path.parent / "partial", pid) if write and prunes else None)
         if prunes:
             info = prune_cache.meta(pid, run_id=rid, sweep=sweep, record=out_path, source=loaded.source,
                                     device=plan.device, prune_config=prune_config(config, plan.calibrates),

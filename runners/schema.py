@@ -144,6 +144,7 @@ class EngineConfig:
     stats_dtype: str = req(choices=("float32", "float64"))
     grad_windows: int = req(**NON_NEGATIVE)
     offload_dir: str | None = req()
+    resume: bool = req()
 
 
 @dataclass

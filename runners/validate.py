@@ -131,6 +131,12 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
         if pattern.kind not in ("unstructured", "rowcol"):
             raise ConfigError(f"eval.shots_every={every}: the intermediate shots of a {pattern.kind} run are not "
                               f"{pattern.kind} patterns (unstructured and rowcol only)")
+    if cfg.engine.get("resume") and pruner.removes_weights and not pruner.resumable():
+        from pruners import PRUNERS
+
+        resumable = ", ".join(sorted(n for n, c in PRUNERS.items() if c.resumable() and c.removes_weights))
+        raise ConfigError(f"engine.resume=true: pruner '{pruner.name}' does not go block by block through the "
+                          f"sequential engine ({resumable} do)")
     if zeroshot_tasks and cfg.eval.zeroshot.get("backend") == "cli" and pattern.removes_units \
             and pruner.removes_weights:
         raise ConfigError("eval.zeroshot.backend=cli: lm_eval loads the saved model with from_pretrained, which cannot "

@@ -1,0 +1,101 @@
+"""Resumable layer-wise prunes (docs/architecture.md §1.1): after each block, what a run killed there needs to go on
+from the next one, kept in a folder (``engine.resume`` on: ``<run folder>/partial``):
+
+- ``block-<k>.pt``: block k's pruned weights (its state dict) and the per-linear results (masks as bits);
+- ``inputs-<k>.pt``: the hidden states entering block k (the kwargs are captured again: they depend on the
+  windows only);
+- ``progress.json``: how many blocks are done, for which run (``key``), written last, by rename.
+
+A run started again with the same folder and key loads the done blocks into the model and the inputs of the next,
+and goes on from there: the same weights and masks as a run that was never stopped (the engine is deterministic on
+the same inputs). Each file is written to a temporary name and renamed, so a kill at any moment leaves either the
+previous state or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+from .masks import PackedMask
+
+log = logging.getLogger("prunelab")
+# fault injection for the kill-and-resume test: SIGKILL this process once block k is kept
+FAULT_VARIABLE = "PRUNELAB_KILL_AFTER_BLOCK"
+
+
+def _write(path: Path, save) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save(tmp)
+    os.replace(tmp, path)
+
+
+def _result_state(result) -> dict:
+    state = {"pruned": result.pruned, "total": result.total, "loss": result.loss, "unit_kind": result.unit_kind,
+             "kept_units": result.kept_units, "mask": None}
+    if result.mask is not None:
+        state["mask"] = {"bits": result.mask.bits, "shape": list(result.mask.shape), "pruned": result.mask.pruned}
+    return state
+
+
+def _result(state: dict):
+    from .base import ModuleResult
+
+    mask = state.pop("mask")
+    if mask is not None:
+        mask = PackedMask(mask["bits"], tuple(mask["shape"]), mask["pruned"])
+    return ModuleResult(**state, mask=mask)
+
+
+class BlockProgress:
+    """The kept state of one run's layer-wise prune, in ``folder``; ``key`` names the run (its prune id)."""
+
+    def __init__(self, folder: str | Path, key: str, blocks: int):
+        self.folder, self.key, self.blocks = Path(folder), str(key), blocks
+
+    def _progress(self) -> dict | None:
+        path = self.folder / "progress.json"
+        if not path.is_file():
+            return None
+        progress = json.loads(path.read_text())
+        if progress.get("key") != self.key or progress.get("blocks") != self.blocks:
+            log.warning("%s holds the progress of another run (%s): starting from block 0", self.folder,
+                        progress.get("key"))
+            return None
+        return progress
+
+    def restore(self, model_blocks) -> tuple[int, list[torch.Tensor] | None, dict]:
+        """``(first block to prune, its input batches or None, the results of the done blocks)``, the done blocks'
+        pruned weights loaded into ``model_blocks``; ``(0, None, {})`` when there is nothing to resume."""
+        progress = self._progress()
+        if progress is None or progress["done"] == 0:
+            return 0, None, {}
+        done, results = progress["done"], {}
+        for index in range(done):
+            kept = torch.load(self.folder / f"block-{index:04d}.pt", weights_only=True)
+            model_blocks[index].load_state_dict(kept["state"])
+            results.update({name: _result(state) for name, state in kept["results"].items()})
+        inputs_path = self.folder / f"inputs-{done:04d}.pt"
+        batches = torch.load(inputs_path, weights_only=True) if inputs_path.is_file() else None
+        log.info("resuming the prune at block %d of %d (%s)", done, self.blocks, self.folder)
+        return done, batches, results
+
+    def save(self, index: int, block, results: dict, next_batches: list[torch.Tensor] | None) -> None:
+        """Keep block ``index`` (pruned), its results and the next block's inputs; then mark it done."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"state": {k: v.detach().cpu() for k, v in block.state_dict().items()},
+                 "results": {name: _result_state(r) for name, r in results.items()}}
+        _write(self.folder / f"block-{index:04d}.pt", lambda p: torch.save(state, p))
+        if next_batches is not None:
+            batches = [b.detach().cpu() for b in next_batches]
+            _write(self.folder / f"inputs-{index + 1:04d}.pt", lambda p: torch.save(batches, p))
+        progress = {"key": self.key, "blocks": self.blocks, "done": index + 1}
+        _write(self.folder / "progress.json", lambda p: p.write_text(json.dumps(progress)))
+        (self.folder / f"inputs-{index:04d}.pt").unlink(missing_ok=True)  # (the inputs it was pruned on)
+        if os.environ.get(FAULT_VARIABLE) == str(index):
+            os.kill(os.getpid(), signal.SIGKILL)
