@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import corpora
 from models.blocks import capture_block_inputs, on_device, run_blocks
+from models.onload import store_of
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def choose_mode(model, device, mode: str) -> str:
     """``full`` (whole model on the device) when it fits, else ``sequential`` (one block at a time)."""
+    if store_of(model).onloaded:  # (its blocks exist one at a time)
+        return "sequential"
     if mode != "auto":
         return mode
     if not str(device).startswith("cuda"):

@@ -152,11 +152,15 @@ def run_block(adapter: Adapter, block: nn.Module, inputs: BlockInputs) -> list[t
 def run_blocks(adapter: Adapter, inputs: BlockInputs, device, progress: bool = True, desc: str = "blocks"
                ) -> list[torch.Tensor]:
     """The last block's outputs: every block in order, each moved to ``device`` for its turn only."""
-    batches = inputs.batches
-    for block in tqdm(adapter.blocks(), desc=desc, unit="block", disable=not progress):
+    from .onload import store_of
+
+    batches, store = inputs.batches, store_of(adapter.model)
+    for index, block in enumerate(tqdm(adapter.blocks(), desc=desc, unit="block", disable=not progress)):
+        store.fetch(index, block)  # (an onloaded model's block, read for its turn)
         block.to(device)
         batches = run_block(adapter, block, BlockInputs(batches, inputs.kwargs_by_batch_size))
         _off_device([block], device)
+        store.release(index, block)
     return batches
 
 

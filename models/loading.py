@@ -166,15 +166,23 @@ def load_tokenizer(cfg, path: str | None = None, hf_config=None):
     return AutoTokenizer.from_pretrained(tok_path, **_hf_kwargs(cfg))
 
 
-def load(cfg, device: str = "cpu") -> LoadedModel:
-    """Load model (on CPU; the engine moves blocks to ``device``), tokenizer and adapter."""
+def load(cfg, device: str = "cpu", onload: bool = False) -> LoadedModel:
+    """Load model (on CPU; the engine moves blocks to ``device``), tokenizer and adapter. ``onload``: every block
+    left on ``meta``, read from the checkpoint's shards for its turn (:mod:`models.onload`)."""
     from transformers import AutoModelForCausalLM
 
     path, hf_config, adapter_cls = inspect_model(cfg)
     dtype = torch_dtype(cfg.get("dtype", "auto"), device)
     kwargs = _hf_kwargs(cfg)
     structure = None
-    if checkpoint.is_pruned_checkpoint(path):  # structurally pruned: block sizes from the structure file
+    if onload:
+        from .onload import load_onloaded
+
+        if checkpoint.is_pruned_checkpoint(path):
+            raise ValueError(f"model.path={cfg.path}: a structurally pruned checkpoint cannot be onloaded "
+                             f"(engine.onload=true); load it whole")
+        model = load_onloaded(path, dtype, cfg.get("attn_implementation") or None, adapter_cls, kwargs)
+    elif checkpoint.is_pruned_checkpoint(path):  # structurally pruned: block sizes from the structure file
         model, structure = checkpoint.load_pruned(path, dtype, cfg.get("attn_implementation") or None,
                                                   kwargs["trust_remote_code"])
     else:

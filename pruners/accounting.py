@@ -4,6 +4,7 @@ the structure section (parameters and units before / after, which units each blo
 
 from __future__ import annotations
 
+from models.onload import each_block
 from models.shrink import shrink_silent_units
 
 from .allocation import Allocation
@@ -16,7 +17,7 @@ def sparsity_section(adapter, pattern: Pattern, allocation: Allocation, prunes: 
     linears the allocation targets (``sparsity.targets`` / ``ignore``; all by default), as its ratios are."""
     per_module, per_block, zeros, total = {}, [], 0, 0
     prefix = adapter.blocks_prefix()
-    for index, block in enumerate(adapter.blocks()):
+    for index, block in each_block(adapter):  # (an onloaded model's blocks, read one at a time)
         block_zeros, block_total = 0, 0
         for name, linear in adapter.prunable_linears(block).items():
             value = measured_sparsity(linear.weight)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from models import Adapter
 from models.blocks import BlockInputs, capture_block_inputs, run_block
+from models.onload import store_of
 
 from .allocation import LayerRatios
 from .masks import Pattern
@@ -62,16 +63,23 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
     calibration data). The consumer may change the block (prune it, remove units) before asking for
     the next one; the next block's inputs are then this block's outputs after the change
     (``propagate="pruned"``) or before it (``"dense"``). Used under ``torch.no_grad()``.
+
+    Resuming (:mod:`pruners.resume`): ``start`` skips the blocks before it (already done), ``start_batches`` are the
+    hidden states entering block ``start``; ``after_block(index, block, next_batches)`` is called once a block is
+    done, back off the device and released (an onloaded block, :mod:`models.onload`: written out, then on
+    ``meta``), with the next block's inputs (None without calibration data).
     """
     settings = settings or EngineSettings()
     device, batch_size, stats_dtype, progress = settings.device, settings.batch_size, settings.stats_dtype, settings.progress
     blocks = adapter.blocks()
+    store = store_of(model)  # (onloaded models: each block read for its turn and written out after it)
     inputs = capture_block_inputs(model, adapter, calib_ids, device, batch_size) if calib_ids is not None else None
     if inputs is not None and start_batches is not None:  # (the kwargs depend on the windows only)
         inputs = BlockInputs([b.to(device) for b in start_batches], inputs.kwargs_by_batch_size)
     for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress, initial=start,
                       total=len(blocks)):
         block = blocks[index]
+        store.fetch(index, block)
         block.to(device)
         stats, dense_outputs = {}, None
         if inputs is not None:
@@ -95,6 +103,7 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
         if str(device) != "cpu":
             block.to("cpu")
             torch.cuda.empty_cache()
+        store.release(index, block)  # (an onloaded block: written out, before it counts as done)
         if after_block is not None:
             after_block(index, block, inputs.batches if inputs is not None else None)
 
@@ -126,7 +135,7 @@ def prune_sequential(model, adapter: Adapter, pruner: Pruner, pattern: Pattern, 
 
         def after_block(index, block, next_batches):
             done = {name: r for name, r in results.items() if name.startswith(f"{prefix}.{index}.")}
-            kept.save(index, block, done, next_batches)
+            kept.save(index, block, done, next_batches, with_weights=not store_of(model).onloaded)
 
     blocks = walk_blocks(model, adapter, calib_ids if pruner.needs_calibration else None, taps_of, pruner.statistic,
                          settings, pruner.propagate, desc=f"{pruner.name} {pattern.describe()}", start=start,

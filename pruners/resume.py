@@ -78,17 +78,21 @@ class BlockProgress:
         done, results = progress["done"], {}
         for index in range(done):
             kept = torch.load(self.folder / f"block-{index:04d}.pt", weights_only=True)
-            model_blocks[index].load_state_dict(kept["state"])
+            if kept["state"]:  # (an onloaded model's pruned blocks are in its pruned checkpoint already)
+                model_blocks[index].load_state_dict(kept["state"])
             results.update({name: _result(state) for name, state in kept["results"].items()})
         inputs_path = self.folder / f"inputs-{done:04d}.pt"
         batches = torch.load(inputs_path, weights_only=True) if inputs_path.is_file() else None
         log.info("resuming the prune at block %d of %d (%s)", done, self.blocks, self.folder)
         return done, batches, results
 
-    def save(self, index: int, block, results: dict, next_batches: list[torch.Tensor] | None) -> None:
-        """Keep block ``index`` (pruned), its results and the next block's inputs; then mark it done."""
+    def save(self, index: int, block, results: dict, next_batches: list[torch.Tensor] | None,
+             with_weights: bool = True) -> None:
+        """Keep block ``index`` (pruned; its weights unless ``with_weights`` is False: an onloaded model writes them to
+        its pruned checkpoint anyway), its results and the next block's inputs; then mark it done."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"state": {k: v.detach().cpu() for k, v in block.state_dict().items()},
+        weights = block.state_dict() if with_weights else {}
+        state = {"state": {k: v.detach().cpu() for k, v in weights.items()},
                  "results": {name: _result_state(r) for name, r in results.items()}}
         _write(self.folder / f"block-{index:04d}.pt", lambda p: torch.save(state, p))
         if next_batches is not None:

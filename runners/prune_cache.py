@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 import models
 from models.checkpoint import is_pruned_checkpoint
+from models.onload import store_of
 
 from .record import read_record, write_atomic
 
@@ -80,6 +81,11 @@ def keep(cfg, loaded, info: dict | None, kept: Kept | None, run_dir: Path, prune
     small enough. Returns (saved model folder, where the pruned weights are kept), each None where there is none."""
     t = time.perf_counter()
     kept_at = str(kept.path) if kept is not None else None
+    if store_of(loaded.model).onloaded:  # pruned block by block into <run folder>/model already (models/onload.py)
+        if kept is None and info is not None and (run_dir / "model").is_dir():
+            write_atomic(run_dir / "model" / META_FILE, info)
+            return str(run_dir / "model"), str(run_dir / "model")
+        return None, kept_at
     if cfg.save_model and kept_at == str(run_dir / "model"):  # this run's own, its record lost
         return kept_at, kept_at
     if cfg.save_model:

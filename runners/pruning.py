@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import shutil
 import time
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 import corpora
+from models.onload import ShardedBlocks, each_block, store_of
 from pruners.accounting import account, shrink_section, unit_counts
 from pruners.allocation import allocate
 from pruners.masks import MaskState, check_masks_against_weights
@@ -58,13 +60,16 @@ def _timed(timings: dict, key: str, start: float) -> float:
     return now
 
 
-def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, resume: tuple[Path, str] | None = None) -> Pruned:
+def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | None = None, prune_id: str = ""
+          ) -> Pruned:
     """Prune ``loaded.model`` in place as ``cfg`` / ``plan`` say, then measure what it did; phase times go to
     ``timings`` (``calibration_data``, ``allocation``, ``prune``, ``shrink``). ``on_shot(shot, shots, calibration)``
     (:func:`runners.results.shot_recorder`): called by a multi-shot method after each shot but the last
     (:class:`pruners.settings.EngineSettings`); its evaluation time (``on_shot.eval_s``) is not pruning time.
-    ``resume``: ``(folder, prune id)`` where ``engine.resume`` keeps each pruned block of a layer-wise method
-    (:mod:`pruners.resume`); the folder goes once the prune is done."""
+    ``run_dir`` (a run that writes its record): ``engine.resume`` keeps each pruned block of a layer-wise method in
+    ``<run_dir>/partial`` (:mod:`pruners.resume`; the folder goes once the prune is done); an onloaded model
+    (``engine.onload``, :mod:`models.onload`) writes its pruned blocks to ``<run_dir>/partial/model``, moved to
+    ``<run_dir>/model`` once complete, from which it is read from then on."""
     model, adapter = loaded.model, loaded.adapter
     prunes = plan.pruner.removes_weights
     before = unit_counts(model, adapter, plan.pattern.attention_only) if prunes and plan.pattern.removes_units else None
@@ -86,8 +91,13 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, resume: tuple[Pa
     settings = EngineSettings.from_config(cfg.engine, plan.device, bool(cfg.progress))
     if on_shot is not None:
         settings = dataclasses.replace(settings, on_shot=lambda shot, shots: on_shot(shot, shots, calibration))
-    if resume is not None and cfg.engine.get("resume") and plan.pruner.resumable():
-        settings = dataclasses.replace(settings, resume_dir=str(resume[0]), resume_key=resume[1])
+    store = store_of(model)
+    if run_dir is not None and cfg.engine.get("resume") and plan.pruner.resumable():
+        settings = dataclasses.replace(settings, resume_dir=str(run_dir / "partial"), resume_key=prune_id)
+    if store.onloaded and prunes:  # the pruned blocks, written out one by one
+        if run_dir is None:
+            raise ValueError("an onloaded model prunes into a run folder (engine.onload=true needs a written run)")
+        store = model.prunelab_blocks = ShardedBlocks(store.source, store.prefix, run_dir / "partial" / "model")
     try:  # a target glob that selects nothing, an OWL sparsity >= 1: bad input, found once the model is known
         ratios = allocate(model, adapter, plan.pruner, plan.pattern, plan.allocation, calib_ids, settings) if prunes else None
     except ValueError as err:
@@ -96,13 +106,25 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, resume: tuple[Pa
         t = _timed(timings, "allocation", t)
     module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids if plan.pruner.needs_calibration else None,
                                        settings, ratios)
+    if store.onloaded and prunes:  # complete the pruned checkpoint, read the blocks from it from now on
+        store.finish(model, loaded.tokenizer)
+        final = run_dir / "model"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(store.target, final)
+        model.prunelab_blocks = ShardedBlocks(final, store.prefix)
     _timed(timings, "prune", t)
-    if settings.resume_dir is not None:  # done: the kept blocks are not needed any more
-        shutil.rmtree(settings.resume_dir, ignore_errors=True)
+    if settings.resume_dir is not None or (store.onloaded and prunes):  # done: the kept blocks are not needed
+        shutil.rmtree(run_dir / "partial", ignore_errors=True)
     if getattr(on_shot, "eval_s", 0.0):
         timings["prune"] = round(timings["prune"] - on_shot.eval_s, 3)
         timings["shot_evals"] = round(on_shot.eval_s, 3)
-    check_masks_against_weights(model, MaskState.from_results(module_results))  # every removed weight is zero
+    masks = MaskState.from_results(module_results)
+    prefix = adapter.blocks_prefix()
+    for index, block in each_block(adapter):  # every removed weight is zero (block by block: onloaded models)
+        inside, own = f"{prefix}.{index}.", MaskState()
+        own.masks = {n[len(inside):]: m for n, m in masks.masks.items() if n.startswith(inside)}
+        check_masks_against_weights(block, own)
     structure, sparsity = account(model, adapter, plan.pattern, plan.allocation, prunes, before, module_results, ratios)
     if prunes and plan.pattern.kind == "rowcol":  # zeroed rows / columns that free whole units: cut out
         t = time.perf_counter()

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline", "wandb", "report",
                    "cache_pruned", "cache_pruned_max_params")
 # engine keys that change where or how a prune runs, not what it computes
-ENGINE_NON_RESULT_KEYS = ("offload_dir", "resume")
+ENGINE_NON_RESULT_KEYS = ("offload_dir", "resume", "onload")
 # the keys that determine the pruned weights (:func:`prune_config`): not eval, speed, save_model, nor the above
 PRUNE_KEYS = ("model", "calib", "pruner", "sparsity", "engine", "seed", "device")
 ROOT = Path(__file__).resolve().parent.parent

@@ -59,7 +59,7 @@ def _speed_wanted(cfg: DictConfig, plan: Plan) -> bool:
 
 def _load(cfg: DictConfig, plan: Plan):
     try:
-        return models.load(cfg.model, plan.device)
+        return models.load(cfg.model, plan.device, onload=bool(cfg.engine.get("onload")))
     except ValueError as err:  # weights that do not fit the config (models.loading.check_loading_info)
         if str(err).startswith("model."):
             raise ConfigError(str(err)) from None
@@ -124,7 +124,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
     if plan.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(plan.device))
     kept = None  # a kept pruned model of this prune id: evaluate it instead of pruning
-    if write and prunes and not cfg.force:
+    if write and prunes and not cfg.force and not cfg.engine.get("onload"):  # (onloaded: never the whole model)
         dtype = str(models.loading.torch_dtype(cfg.model.get("dtype", "auto"), plan.device)).replace("torch.", "")
         kept = prune_cache.find(root, pid, dtype, plan.device)
     speed_wanted = _speed_wanted(cfg, plan)
@@ -144,7 +144,7 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
     if kept is None:  # calibration, allocation, the method, and what it did to the model
         on_shot = shot_recorder(cfg, plan, config, loaded, ident, out_path, task_dict, timings) if write else None
         pruned = pruning.prune(cfg, plan, loaded, timings, on_shot,
-                               resume=(out_path.parent / "partial", pid) if write and prunes else None)
+                               run_dir=out_path.parent if write and prunes else None, prune_id=pid or "")
         if prunes:
             info = prune_cache.meta(pid, run_id=rid, sweep=sweep, record=out_path, source=loaded.source,
                                     device=plan.device, prune_config=prune_config(config, plan.calibrates),

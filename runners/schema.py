@@ -145,6 +145,7 @@ class EngineConfig:
     grad_windows: int = req(**NON_NEGATIVE)
     offload_dir: str | None = req()
     resume: bool = req()
+    onload: bool = req()
 
 
 @dataclass

@@ -131,6 +131,8 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
         if pattern.kind not in ("unstructured", "rowcol"):
             raise ConfigError(f"eval.shots_every={every}: the intermediate shots of a {pattern.kind} run are not "
                               f"{pattern.kind} patterns (unstructured and rowcol only)")
+    if cfg.engine.get("onload"):
+        _check_onload(cfg, pruner, zeroshot_tasks)
     if cfg.engine.get("resume") and pruner.removes_weights and not pruner.resumable():
         from pruners import PRUNERS
 
@@ -163,6 +165,8 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"model.path={cfg.model.path}: cannot load the model config ({first})") from None
         model_type = hf_config.model_type
+        if cfg.engine.get("onload"):
+            _check_onload_model(cfg, models.adapter_class(model_type), model_path)
         _check_modality(cfg, models.adapter_class(model_type).modality, hf_config,
                         pruner.needs_calibration or allocation.needs_calibration, protocols, zeroshot_tasks, calib_seqlen,
                         pruner)
@@ -248,6 +252,37 @@ def _check_speed(section) -> int:
     else:
         _positive_int(sizes, "speed.batch_size")
     return 0 if section.mode == "never" else int(section.prompt_len) + int(section.new_tokens)
+
+
+def _check_onload(cfg, pruner, zeroshot_tasks) -> None:
+    """``engine.onload=true`` (models/onload.py): what can run with one block materialised at a time."""
+    if pruner.removes_weights and not pruner.resumable():
+        from pruners import PRUNERS
+
+        layerwise = ", ".join(sorted(n for n, c in PRUNERS.items() if c.resumable() and c.removes_weights))
+        raise ConfigError(f"engine.onload=true: pruner '{pruner.name}' does not go block by block through the "
+                          f"sequential engine ({layerwise} do)")
+    if zeroshot_tasks:
+        raise ConfigError("engine.onload=true: eval.zeroshot needs the whole model; evaluate the pruned checkpoint "
+                          "(<run dir>/model) with model=local in a run without onloading")
+    if str(cfg.speed.mode) == "always":
+        raise ConfigError("engine.onload=true: speed.mode=always needs the whole model on the device")
+    if cfg.model.get("gguf_file"):
+        raise ConfigError("engine.onload=true: model.gguf_file: onloading reads safetensors checkpoints (save the "
+                          "model with save_pretrained first)")
+
+
+def _check_onload_model(cfg, adapter_cls, model_path: str) -> None:
+    from models.base import Adapter
+
+    if adapter_cls.modality != "text" or adapter_cls.native_state is not Adapter.native_state:
+        raise ConfigError(f"engine.onload=true: {adapter_cls.family} models cannot be onloaded yet (their "
+                          f"checkpoints are not stored as their modules are)")
+    from models.checkpoint import is_pruned_checkpoint
+
+    if is_pruned_checkpoint(model_path):
+        raise ConfigError(f"engine.onload=true: model.path={cfg.model.path} is a structurally pruned checkpoint; "
+                          f"load it whole")
 
 
 def _check_report(section) -> None:

@@ -1,0 +1,82 @@
+"""Layer-wise onloading (``engine.onload=true``, models/onload.py): blocks read from the checkpoint's shards one at a
+time and the pruned ones written out shard by shard give the run an in-memory model gives (same run id, weights,
+sparsity, perplexity), with at most one block real at any moment; what cannot run that way is refused before work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from models import adapter_for
+from models.loading import TINY_DIR
+from models.onload import ShardedBlocks, load_onloaded
+from runners.run import execute
+from runners.validate import ConfigError, validate
+
+from .conftest import compose
+
+COMMON = ["calib.nsamples=8", "eval.ppl.max_windows=4", "progress=false", "wandb.mode=disabled", "sweep=o"]
+
+
+def folder_weights(folder):
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt"])
+def test_an_onloaded_prune_equals_the_in_memory_one(model, tmp_path):
+    args = [*COMMON, f"model={model}", "pruner=sparsegpt", "dense_baseline=true", "save_model=true"]
+    whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
+    onloaded = execute(compose(*args, "engine.onload=true", f"output_root={tmp_path / 'onloaded'}"))
+    assert onloaded["run_id"] == whole["run_id"]
+    assert onloaded["metrics"]["ppl"] == whole["metrics"]["ppl"] and onloaded["sparsity"] == whole["sparsity"]
+    dense = [execute(compose(*args, "pruner=dense", f"output_root={tmp_path / k}", *extra))["metrics"]["ppl"]
+             for k, extra in (("whole", []), ("onloaded", ["engine.onload=true"]))]
+    assert dense[0] == dense[1]
+    folder = tmp_path / "onloaded" / "o" / onloaded["run_id"] / "model"
+    assert not (folder.parent / "partial").exists()
+    # the pruned checkpoint, written block by block, reloads with plain from_pretrained, equal to the in-memory one
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "o" / whole["run_id"] / "model",
+                                                 dtype=torch.float32).state_dict()
+    assert reloaded.keys() == saved.keys() and all(torch.equal(reloaded[k], saved[k]) for k in saved)
+
+
+def test_at_most_one_block_is_real_at_a_time(tmp_path):
+    from evaluators.ppl import perplexity
+    from models.registry import adapter_class
+    from pruners import Pattern, build_pruner
+    from pruners.settings import EngineSettings
+
+    real = []
+
+    class Counting(ShardedBlocks):
+        def fetch(self, index, block):
+            real.append(sum(not next(b.parameters()).is_meta for b in adapter.blocks()))
+            super().fetch(index, block)
+
+    model = load_onloaded(TINY_DIR / "tiny-llama", torch.float32, None, adapter_class("llama"))
+    adapter = adapter_for(model)
+    model.prunelab_blocks = Counting(TINY_DIR / "tiny-llama", adapter.blocks_prefix(), tmp_path / "pruned")
+    assert all(p.is_meta for block in adapter.blocks() for p in block.parameters())
+    ids = torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(0))
+    build_pruner({"name": "wanda"}).prune(model, adapter, Pattern("unstructured", 0.5), ids,
+                                          EngineSettings(progress=False, batch_size=2))
+    model.prunelab_blocks.finish(model)
+    model.prunelab_blocks = Counting(tmp_path / "pruned", adapter.blocks_prefix())
+    perplexity(model, adapter, ids, progress=False)
+    assert len(real) == 8 and max(real) == 0  # every fetch: no other block real
+    assert set(folder_weights(tmp_path / "pruned")) >= {f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["pruner=surgeon"], "engine.onload=true: pruner 'surgeon' does not go block by block"),
+    (["pruner=numerical", "sparsity=structured"], "engine.onload=true: pruner 'numerical' does not go block by block"),
+    (["eval=tiny-zeroshot"], "engine.onload=true: eval.zeroshot needs the whole model"),
+    (["model=tiny-gpt2"], "engine.onload=true: gpt2 models cannot be onloaded yet"),
+    (["model=smollm2"], "engine.onload=true: model.gguf_file"),
+])
+def test_what_cannot_run_onloaded_is_refused_before_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose("engine.onload=true", *overrides))
