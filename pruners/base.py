@@ -187,13 +187,20 @@ class InverseHessianPruner(Pruner):
         """Return (pruned weight, prune mask, the method's loss estimate)."""
         raise NotImplementedError
 
+    def prune_weights(self, weights: list[torch.Tensor], U: torch.Tensor, pattern: Pattern) -> list[tuple]:
+        """:meth:`prune_weight` for each of a group's weights (a method may do them in one pass: SparseGPT)."""
+        return [self.prune_weight(weight, U, pattern) for weight in weights]
+
     def prune_group(self, modules, stat, pattern):
         U, dead = damped_inverse_cholesky(stat.matrix.float(), self.percdamp)
         results = {}
-        for name, module in modules.items():
+        weights = []
+        for module in modules.values():
             weight = module.weight.data.float()
             weight[:, dead] = 0
-            pruned, mask, loss = self.prune_weight(weight, U, pattern)
+            weights.append(weight)
+        for (name, module), (pruned, mask, loss) in zip(modules.items(), self.prune_weights(weights, U, pattern),
+                                                        strict=True):
             module.weight.data.copy_(pruned.to(module.weight.dtype))
             results[name] = ModuleResult(pruned=int(mask.sum()), total=mask.numel(), loss=loss,
                                          mask=PackedMask.pack(mask))

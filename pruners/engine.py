@@ -47,15 +47,39 @@ def drive(pruner: Pruner, model, adapter: Adapter, pattern: Pattern, calib_ids, 
     return prune_sequential(model, adapter, pruner, pattern, calib_ids, settings, ratios)
 
 
-def _hook(module: nn.Module, tap, stat):
+class _Enough(Exception):
+    """Raised by the last statistic's hook: the rest of the block's forward is not needed (its outputs are
+    recomputed after pruning)."""
+
+
+def _hook(module: nn.Module, tap, stat, stop: bool = False):
     if tap.where == "input":
-        return module.register_forward_pre_hook(lambda m, args: stat.add(tap.select(args, None)))
+        def record(m, args):
+            stat.add(tap.select(args, None))
+            if stop:
+                raise _Enough
+
+        return module.register_forward_pre_hook(record)
     return module.register_forward_hook(lambda m, args, out: stat.add(tap.select(args, out)))
+
+
+def _statistics_pass(adapter: Adapter, block: nn.Module, inputs: BlockInputs, stopped: bool) -> list | None:
+    """The calibration batches through ``block`` for its statistics: its outputs, or (``stopped``: the last
+    statistic's hook ends each forward) None."""
+    if not stopped:
+        return run_block(adapter, block, inputs)
+    for hidden in inputs.batches:
+        try:
+            adapter.call_block(block, hidden, inputs.kwargs(hidden))
+        except _Enough:
+            pass
+    return None
 
 
 def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of, statistic,
                 settings: EngineSettings | None = None, propagate: str = "pruned", desc: str = "blocks",
-                start: int = 0, start_batches: list[torch.Tensor] | None = None, after_block=None):
+                start: int = 0, start_batches: list[torch.Tensor] | None = None, after_block=None,
+                stop_after=None):
     """Yield ``(index, block, stats)`` for every block in order, the block on ``settings.device``.
 
     ``taps_of(block)`` maps keys to ``(Tap, width)``: each gets a ``statistic(width, device, stats_dtype)``
@@ -68,6 +92,11 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
     hidden states entering block ``start``; ``after_block(index, block, next_batches)`` is called once a block is
     done, back off the device and released (an onloaded block, :mod:`models.onload`: written out, then on
     ``meta``), with the next block's inputs (None without calibration data).
+
+    ``stop_after``: the key of the statistic whose input tap comes last in the block's forward; with
+    ``propagate="pruned"`` the statistics pass stops there (the block's outputs are computed after the change
+    anyway): the same statistics, less of the forward (SparseGPT on SmolLM2: the down projection's product).
+    A tap the stopped forward never reached fails the block as below.
     """
     settings = settings or EngineSettings()
     device, batch_size, stats_dtype, progress = settings.device, settings.batch_size, settings.stats_dtype, settings.progress
@@ -84,11 +113,13 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
         stats, dense_outputs = {}, None
         if inputs is not None:
             handles = []
-            for key, (tap, width) in taps_of(block).items():
+            taps = taps_of(block)
+            stopped = propagate == "pruned" and stop_after in taps and taps[stop_after][0].where == "input"
+            for key, (tap, width) in taps.items():
                 stats[key] = statistic(width, device, stats_dtype)
-                handles.append(_hook(block.get_submodule(tap.module), tap, stats[key]))
+                handles.append(_hook(block.get_submodule(tap.module), tap, stats[key], stop=stopped and key == stop_after))
             try:
-                dense_outputs = run_block(adapter, block, inputs)
+                dense_outputs = _statistics_pass(adapter, block, inputs, stopped)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -137,9 +168,11 @@ def prune_sequential(model, adapter: Adapter, pruner: Pruner, pattern: Pattern, 
             done = {name: r for name, r in results.items() if name.startswith(f"{prefix}.{index}.")}
             kept.save(index, block, done, next_batches, with_weights=not store_of(model).onloaded)
 
+    # (the linear groups come in forward order: the last one's tap ends the statistics pass)
+    last = adapter.linear_groups(adapter.blocks()[0])[-1] if len(adapter.blocks()) else None
     blocks = walk_blocks(model, adapter, calib_ids if pruner.needs_calibration else None, taps_of, pruner.statistic,
                          settings, pruner.propagate, desc=f"{pruner.name} {pattern.describe()}", start=start,
-                         start_batches=start_batches, after_block=after_block)
+                         start_batches=start_batches, after_block=after_block, stop_after=last)
     for index, block, stats in blocks:
         for group in adapter.linear_groups(block):
             for group_pattern, names in _by_ratio(group.names, pattern, ratios, f"{prefix}.{index}."):
