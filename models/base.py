@@ -45,6 +45,8 @@ class LinearGroup:
 
     names: tuple[str, ...]
     tap: Tap
+    # a mixture-of-experts expert's linears: the router may send them no calibration token (models/moe.py)
+    routed: bool = False
 
 
 @dataclass

@@ -61,6 +61,19 @@ class LlamaAdapter(Adapter):
         return heads, kv_heads, head_dim
 
     def unit_groups(self, block):
+        groups = self.attention_unit_groups(block)
+        inter = block.mlp.gate_proj.out_features
+        neurons = _contiguous(inter, 1)
+        owned = {"mlp.gate_proj.weight": (0, neurons), "mlp.up_proj.weight": (0, neurons),
+                 "mlp.down_proj.weight": (1, neurons)}
+        for proj in ("gate_proj", "up_proj"):
+            if getattr(block.mlp, proj).bias is not None:
+                owned[f"mlp.{proj}.bias"] = (0, neurons)
+        groups.append(UnitGroup("mlp_neuron", inter, owned, reader="mlp.down_proj"))
+        return groups
+
+    def attention_unit_groups(self, block):
+        """KV groups (and, under GQA, query heads inside them)."""
         heads, kv_heads, head_dim = self.head_layout(block)
         rep = heads // kv_heads
         attn = block.self_attn
@@ -87,14 +100,6 @@ class LlamaAdapter(Adapter):
             q_owned["self_attn.o_proj.weight"] = (1, q_rows)
             groups.append(UnitGroup("query_head", heads, q_owned, reader="self_attn.o_proj", refines="kv_group",
                                     attention=True))
-        inter = block.mlp.gate_proj.out_features
-        neurons = _contiguous(inter, 1)
-        owned = {"mlp.gate_proj.weight": (0, neurons), "mlp.up_proj.weight": (0, neurons),
-                 "mlp.down_proj.weight": (1, neurons)}
-        for proj in ("gate_proj", "up_proj"):
-            if getattr(block.mlp, proj).bias is not None:
-                owned[f"mlp.{proj}.bias"] = (0, neurons)
-        groups.append(UnitGroup("mlp_neuron", inter, owned, reader="mlp.down_proj"))
         return groups
 
     def block_kind(self, block):
@@ -185,5 +190,7 @@ class LlamaAdapter(Adapter):
     def config_for_counts(self, counts):
         kv_heads = counts["kv_group"]
         heads = counts.get("query_head", kv_heads)  # no query_head group: one query head per KV head
-        return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": self.head_layout()[2],
-                "intermediate_size": counts["mlp_neuron"]}
+        fields = {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": self.head_layout()[2]}
+        if "mlp_neuron" in counts:  # (MoE layers: no MLP neurons as units)
+            fields["intermediate_size"] = counts["mlp_neuron"]
+        return fields

@@ -91,6 +91,9 @@ def account(model, adapter, pattern: Pattern, allocation: Allocation, prunes: bo
     if prunes and pattern.removes_units:
         return structure_section(model, adapter, pattern, before, module_results)
     sparsity = sparsity_section(adapter, pattern, allocation, prunes)
+    uncalibrated = sorted(name for name, r in module_results.items() if getattr(r, "uncalibrated", False))
+    if uncalibrated:  # (MoE experts no calibration token reached: pruned by magnitude, models/moe.py)
+        sparsity["uncalibrated_modules"] = uncalibrated
     if prunes:
         sparsity["allocation"] = ratios.to_record(allocation) if ratios is not None else {"kind": "uniform"}
     return None, sparsity

@@ -73,6 +73,7 @@ class ModuleResult:
     unit_kind: str | None = None  # structured pruning: the kind of unit removed (recorded under its reader)
     kept_units: list[int] | None = None  # ... and the indices of the units kept
     mask: PackedMask | None = None  # unstructured / N:M: the prune mask (True = removed), see MaskState
+    uncalibrated: bool = False  # no calibration token reached it (an MoE expert): pruned by magnitude per row
 
 
 class Pruner:
@@ -169,6 +170,20 @@ class ScoreMaskPruner(Pruner):
             mask = select_prune_mask(self.score(weight, stat), pattern, self.group)
             results[name] = apply_prune_mask(module, weight, mask)
         return results
+
+
+def prune_uncalibrated(modules: dict[str, nn.Linear], pattern: Pattern) -> dict[str, ModuleResult]:
+    """Linears that saw no calibration token (an MoE expert the router never chose, models/moe.py): pruned by
+    ``|W|`` per row at the pattern (Wanda's choice where every input norm is equal), no update; marked so."""
+    from .masks import select_prune_mask
+
+    results = {}
+    for name, module in modules.items():
+        weight = module.weight.data.float()
+        result = apply_prune_mask(module, weight, select_prune_mask(weight.abs(), pattern, "row"))
+        result.uncalibrated = True
+        results[name] = result
+    return results
 
 
 class InverseHessianPruner(Pruner):

@@ -10,6 +10,7 @@ and the calibration activations.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from .allocation import LayerRatios
 from .masks import Pattern
 from .resume import BlockProgress
 from .settings import EngineSettings
+
+log = logging.getLogger("prunelab")
 
 if TYPE_CHECKING:  # (annotations only: pruners/base.py imports this module, never the other way round)
     from .base import ModuleResult, Pruner
@@ -124,6 +127,8 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
                 for handle in handles:
                     handle.remove()
             for key, stat in stats.items():
+                if stat.count == 0 and getattr(key, "routed", False):  # an expert the router sent no token
+                    continue
                 if stat.count == 0:  # e.g. a fused kernel that bypassed the hooked module
                     raise RuntimeError(f"block {index}: tap for {key} never saw an input")
         yield index, block, stats
@@ -177,7 +182,16 @@ def prune_sequential(model, adapter: Adapter, pruner: Pruner, pattern: Pattern, 
         for group in adapter.linear_groups(block):
             for group_pattern, names in _by_ratio(group.names, pattern, ratios, f"{prefix}.{index}."):
                 modules = {name: block.get_submodule(name) for name in names}
-                for name, result in pruner.prune_group(modules, stats.get(group), group_pattern).items():
+                stat = stats.get(group)
+                if stat is not None and stat.count == 0:  # (a routed group no calibration token reached)
+                    log.warning("block %d: %s saw no calibration token: pruned by magnitude per row", index,
+                                ", ".join(names))
+                    from .base import prune_uncalibrated
+
+                    pruned = prune_uncalibrated(modules, group_pattern)
+                else:
+                    pruned = pruner.prune_group(modules, stat, group_pattern)
+                for name, result in pruned.items():
                     results[f"{prefix}.{index}.{name}"] = result
     return results
 

@@ -37,7 +37,7 @@ def _write(path: Path, save) -> None:
 
 def _result_state(result) -> dict:
     state = {"pruned": result.pruned, "total": result.total, "loss": result.loss, "unit_kind": result.unit_kind,
-             "kept_units": result.kept_units, "mask": None}
+             "kept_units": result.kept_units, "uncalibrated": result.uncalibrated, "mask": None}
     if result.mask is not None:
         state["mask"] = {"bits": result.mask.bits, "shape": list(result.mask.shape), "pruned": result.mask.pruned}
     return state

@@ -1,0 +1,132 @@
+"""Mixture-of-experts decoders with LLaMA's attention: Mixtral (``mixtral``) and Qwen3-MoE (``qwen3_moe``)
+(docs/architecture.md §2.1).
+
+transformers 5 holds a layer's experts fused, as 3-D parameters (``experts.gate_up_proj`` ``[E, 2I, H]``,
+``experts.down_proj`` ``[E, H, I]``), which no linear hook sees. When the adapter first meets the model it turns
+each layer's experts into :class:`ExpertLinears`: one ``gate_proj`` / ``up_proj`` / ``down_proj`` ``nn.Linear``
+per expert computing the same function (routing unchanged), so every method prunes an expert's linears like any
+other, with statistics from the tokens the router sends to that expert (the hooks fire on those tokens only).
+:meth:`MoEAdapter.native_state` writes them back fused, so a saved model is an ordinary checkpoint.
+
+By default the router (a parameter of its own module, not a linear) stays dense, and so do Qwen2-MoE-style
+shared experts (not handled here). An expert that saw no calibration token has no statistics: its linears are
+pruned by weight magnitude at the same pattern (per row: Wanda's choice with equal input norms) and listed in the
+record (``sparsity.uncalibrated_modules``). Structural units: the attention's KV groups / query heads (as LLaMA);
+experts' neurons and whole experts are not units yet. Qwen3-MoE layers listed in ``mlp_only_layers`` (or off the
+``decoder_sparse_step``) keep a dense SwiGLU MLP, handled as LLaMA's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LinearGroup, Tap
+from .llama import LlamaAdapter
+
+
+class ExpertLinears(nn.ModuleList):
+    """A layer's experts as ``[i].gate_proj / up_proj / down_proj`` linears; ``forward`` as transformers' fused
+    experts: each expert on the tokens routed to it, weighted by the router, summed."""
+
+    def __init__(self, fused: nn.Module):
+        experts = []
+        gate_up, down = fused.gate_up_proj.detach(), fused.down_proj.detach()
+        inter = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            expert = nn.Module()
+            for name, weight in (("gate_proj", gate_up[e, :inter]), ("up_proj", gate_up[e, inter:]),
+                                 ("down_proj", down[e])):
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+                linear.weight = nn.Parameter(weight.clone(), requires_grad=fused.gate_up_proj.requires_grad)
+                setattr(expert, name, linear)
+            experts.append(expert)
+        super().__init__(experts)
+        self._act = (fused.act_fn,)  # (held outside the module tree: the list's entries are the experts only)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token, position = torch.where(top_k_index == e)
+            if token.numel() == 0:
+                continue
+            x = hidden_states[token]
+            y = expert.down_proj(self._act[0](expert.gate_proj(x)) * expert.up_proj(x))
+            out.index_add_(0, token, (y * top_k_weights[token, position, None]).to(out.dtype))
+        return out
+
+
+class MoEAdapter(LlamaAdapter):
+    family = "moe"
+    model_types = ("mixtral", "qwen3_moe")
+
+    def __init__(self, model):
+        super().__init__(model)
+        for block in self.blocks():
+            experts = getattr(block.mlp, "experts", None)
+            if experts is not None and not isinstance(experts, ExpertLinears):
+                if any(p.is_meta for p in experts.parameters()):
+                    continue  # (a meta skeleton: nothing to convert)
+                block.mlp.experts = ExpertLinears(experts)
+
+    @staticmethod
+    def _experts(block) -> ExpertLinears | None:
+        experts = getattr(block.mlp, "experts", None)
+        return experts if isinstance(experts, ExpertLinears) else None
+
+    def linear_groups(self, block):
+        experts = self._experts(block)
+        if experts is None:  # a dense MLP layer (Qwen3-MoE's mlp_only_layers)
+            return super().linear_groups(block)
+        groups = super().linear_groups(block)[:2]  # q/k/v, o
+        for e in range(len(experts)):
+            p = f"mlp.experts.{e}"
+            groups += [LinearGroup((f"{p}.gate_proj", f"{p}.up_proj"), Tap(f"{p}.gate_proj"), routed=True),
+                       LinearGroup((f"{p}.down_proj",), Tap(f"{p}.down_proj"), routed=True)]
+        return groups
+
+    def unit_groups(self, block):
+        """A MoE layer's units: its attention's (experts' neurons and whole experts are not units yet)."""
+        return super().unit_groups(block) if self._experts(block) is None else self.attention_unit_groups(block)
+
+    def _fused_names(self) -> dict[str, tuple[int, int]]:
+        prefix = self.blocks_prefix()
+        return {f"{prefix}.{i}.mlp.experts": (i, len(self._experts(b))) for i, b in enumerate(self.blocks())
+                if self._experts(b) is not None}
+
+    def native_state(self, state):
+        """The experts fused back, as transformers' checkpoints hold them."""
+        out = dict(state)
+        for path, (_, count) in self._fused_names().items():
+            gate = [out.pop(f"{path}.{e}.gate_proj.weight") for e in range(count)]
+            up = [out.pop(f"{path}.{e}.up_proj.weight") for e in range(count)]
+            down = [out.pop(f"{path}.{e}.down_proj.weight") for e in range(count)]
+            out[f"{path}.gate_up_proj"] = torch.stack([torch.cat([g, u], 0) for g, u in zip(gate, up, strict=True)])
+            out[f"{path}.down_proj"] = torch.stack(down)
+        return out
+
+    def from_native_state(self, state):
+        """A checkpoint's tensors as this model holds them: experts fused (transformers 5 in memory), or per expert as
+        ``save_pretrained`` writes them (Qwen3-MoE: our names; Mixtral: its original ``block_sparse_moe.experts.<e>
+        .w1 / w3 / w2`` for gate / up / down, and ``block_sparse_moe.gate``)."""
+        legacy = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+        out = {}
+        for name, tensor in state.items():
+            parts = name.split(".")
+            if "block_sparse_moe" in parts:
+                at = parts.index("block_sparse_moe")
+                parts[at] = "mlp"
+                if len(parts) > at + 3 and parts[at + 1] == "experts" and parts[at + 3] in legacy:
+                    parts[at + 3] = legacy[parts[at + 3]]
+            out[".".join(parts)] = tensor
+        for path, (_, count) in self._fused_names().items():
+            if f"{path}.gate_up_proj" not in out:
+                continue
+            gate_up, down = out.pop(f"{path}.gate_up_proj"), out.pop(f"{path}.down_proj")
+            inter = gate_up.shape[1] // 2
+            for e in range(count):
+                out[f"{path}.{e}.gate_proj.weight"] = gate_up[e, :inter]
+                out[f"{path}.{e}.up_proj.weight"] = gate_up[e, inter:]
+                out[f"{path}.{e}.down_proj.weight"] = down[e]
+        return out
+
