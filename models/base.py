@@ -99,6 +99,7 @@ class Adapter(abc.ABC):
     family: ClassVar[str]
     unit_scope: ClassVar[str] = "attention+MLP"  # what the removable units make up, in words
     model_types: ClassVar[tuple[str, ...]]  # HF ``config.model_type`` values this adapter handles
+    has_units: ClassVar[bool] = True  # False: no structural units (structured sparsity refused before work)
     modality: ClassVar[str] = "text"  # what the model generates: "text" (a tokenizer's tokens) or "image" (VQ tokens)
 
     def __init_subclass__(cls, **kwargs):

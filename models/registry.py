@@ -8,12 +8,13 @@ from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .llamagen_adapter import LlamaGenAdapter
 from .mamba import MambaAdapter
+from .mamba2 import Mamba2Adapter
 from .moe import MoEAdapter
 from .opt import OPTAdapter
 from .phi3 import Phi3Adapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (OPTAdapter, LlamaAdapter, MambaAdapter, GPT2Adapter, LlamaGenAdapter,
-                                       Phi3Adapter, GemmaAdapter, MoEAdapter)
+                                       Phi3Adapter, GemmaAdapter, MoEAdapter, Mamba2Adapter)
 
 
 class UnsupportedModelError(ValueError):

@@ -165,6 +165,9 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"model.path={cfg.model.path}: cannot load the model config ({first})") from None
         model_type = hf_config.model_type
+        if pattern.removes_units and not models.adapter_class(model_type).has_units:
+            raise ConfigError(f"sparsity.kind={pattern.kind}: {models.adapter_class(model_type).family} models have "
+                              f"no structural units yet (unstructured and N:M only)")
         if cfg.engine.get("onload"):
             _check_onload_model(cfg, models.adapter_class(model_type), model_path)
         _check_modality(cfg, models.adapter_class(model_type).modality, hf_config,
