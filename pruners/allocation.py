@@ -203,9 +203,11 @@ def _targeted_sizes(adapter, chosen: dict[int, list[str]]) -> list[int]:
 
 
 def allocate(model, adapter, pruner, pattern: Pattern, allocation: Allocation, calib_ids: torch.Tensor | None,
-             settings: EngineSettings | None = None) -> LayerRatios | None:
+             settings: EngineSettings | None = None, reuse=None) -> LayerRatios | None:
     """The per-module ratios of ``allocation`` for ``pruner`` at ``pattern``; None for the default (uniform over
-    every linear), so that the engine's plain path is taken. OWL and global walk the dense model once."""
+    every linear), so that the engine's plain path is taken. OWL and global walk the dense model once.
+    ``reuse(kind, parts, compute)``: a cache for what does not depend on the pruning (OWL's outlier ratios, keyed
+    by the parts given here plus the caller's: the model, the windows; runners/reuse.py)."""
     allocation.check(pattern)
     if allocation.is_default:
         return None
@@ -225,7 +227,13 @@ def allocate(model, adapter, pruner, pattern: Pattern, allocation: Allocation, c
     if allocation.kind == "owl":
         if calib_ids is None:
             raise ValueError("sparsity.allocation=owl needs calibration data")
-        outliers = owl_outlier_ratios(model, adapter, calib_ids, allocation, chosen, settings)
+        def outliers_now():
+            return owl_outlier_ratios(model, adapter, calib_ids, allocation, chosen, settings)
+
+        parts = {"owl_m": allocation.owl_m, "targets": chosen,
+                 "stats_dtype": str((settings or EngineSettings()).stats_dtype)}
+        outliers = reuse("owl_outliers", parts, outliers_now) if reuse is not None else outliers_now()
+        outliers = [float(x) for x in outliers]
         per_block = owl_sparsities(outliers, pattern.ratio, allocation.owl_lambda)
         for index, s in enumerate(per_block):
             if s >= 1:

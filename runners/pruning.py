@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 import corpora
 from models.onload import ShardedBlocks, each_block, store_of
@@ -27,6 +28,7 @@ from pruners.allocation import allocate
 from pruners.masks import MaskState, check_masks_against_weights
 from pruners.settings import EngineSettings
 
+from .reuse import Reuse, code_digest
 from .validate import ConfigError, Plan
 
 log = logging.getLogger("prunelab")
@@ -60,8 +62,8 @@ def _timed(timings: dict, key: str, start: float) -> float:
     return now
 
 
-def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | None = None, prune_id: str = ""
-          ) -> Pruned:
+def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | None = None, prune_id: str = "",
+          reuse: Reuse | None = None, identity: dict | None = None) -> Pruned:
     """Prune ``loaded.model`` in place as ``cfg`` / ``plan`` say, then measure what it did; phase times go to
     ``timings`` (``calibration_data``, ``allocation``, ``prune``, ``shrink``). ``on_shot(shot, shots, calibration)``
     (:func:`runners.results.shot_recorder`): called by a multi-shot method after each shot but the last
@@ -69,7 +71,8 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
     ``run_dir`` (a run that writes its record): ``engine.resume`` keeps each pruned block of a layer-wise method in
     ``<run_dir>/partial`` (:mod:`pruners.resume`; the folder goes once the prune is done); an onloaded model
     (``engine.onload``, :mod:`models.onload`) writes its pruned blocks to ``<run_dir>/partial/model``, moved to
-    ``<run_dir>/model`` once complete, from which it is read from then on."""
+    ``<run_dir>/model`` once complete, from which it is read from then on. ``reuse`` (with the run's ``identity``):
+    the sweep cache of calibration windows and OWL's outlier ratios (runners/reuse.py)."""
     model, adapter = loaded.model, loaded.adapter
     prunes = plan.pruner.removes_weights
     before = unit_counts(model, adapter, plan.pattern.attention_only) if prunes and plan.pattern.removes_units else None
@@ -83,9 +86,23 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
             windows = generated_windows(model, nsamples, plan.calib_seqlen, int(cfg.calib.seed), cfg.calib.generate,
                                         bool(cfg.progress), plan.device)
         else:
-            windows = corpora.calibration_windows(
-                loaded.tokenizer, cfg.calib.source, nsamples, plan.calib_seqlen, int(cfg.calib.seed),
-                path=cfg.calib.get("path"), dataset_root=cfg.calib.get("dataset_root"))
+            def sample():
+                found = corpora.calibration_windows(
+                    loaded.tokenizer, cfg.calib.source, nsamples, plan.calib_seqlen, int(cfg.calib.seed),
+                    path=cfg.calib.get("path"), dataset_root=cfg.calib.get("dataset_root"))
+                return {"ids": found.ids, "provenance": found.provenance}
+
+            if reuse is not None:  # (every sweep point of this model and calibration set: sampled once)
+                from .reuse import tokenizer_digest
+
+                parts = {"calib": OmegaConf.to_container(cfg.calib, resolve=True), "nsamples": nsamples,
+                         "seqlen": plan.calib_seqlen, "tokenizer": tokenizer_digest(loaded.tokenizer),
+                         "data": (identity or {}).get("data", {}).get("calib"),
+                         "versions": (identity or {}).get("versions")}
+                found = reuse.get_or_compute("calibration_windows", parts, sample)
+            else:
+                found = sample()
+            windows = corpora.Windows(found["ids"], found["provenance"])
         calib_ids, calibration = windows.ids, windows.provenance
         t = _timed(timings, "calibration_data", t)
     settings = EngineSettings.from_config(cfg.engine, plan.device, bool(cfg.progress))
@@ -99,7 +116,17 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
             raise ValueError("an onloaded model prunes into a run folder (engine.onload=true needs a written run)")
         store = model.prunelab_blocks = ShardedBlocks(store.source, store.prefix, run_dir / "partial" / "model")
     try:  # a target glob that selects nothing, an OWL sparsity >= 1: bad input, found once the model is known
-        ratios = allocate(model, adapter, plan.pruner, plan.pattern, plan.allocation, calib_ids, settings) if prunes else None
+        cached = None
+        if reuse is not None and calibration is not None:  # (the dense model's statistics: shared by the sweep)
+            base = {"checkpoint": (identity or {}).get("checkpoint"), "resolved": (identity or {}).get("resolved"),
+                    "versions": (identity or {}).get("versions"), "tokens": calibration.get("tokens_sha256"),
+                    "code": code_digest(("pruners/allocation.py", "pruners/stats.py", "pruners/engine.py",
+                                         "models/blocks.py"))}
+
+            def cached(kind, parts, compute):
+                return reuse.get_or_compute(kind, {**base, **parts}, compute)
+        ratios = allocate(model, adapter, plan.pruner, plan.pattern, plan.allocation, calib_ids, settings,
+                          reuse=cached) if prunes else None
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if ratios is not None:

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 # keys that do not change a run's result: where it is written, how it is displayed and logged, and
 # whether an existing record (or kept pruned model: runners/prune_cache.py) is reused
 NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline", "wandb", "report",
-                   "cache_pruned", "cache_pruned_max_params")
+                   "cache_pruned", "cache_pruned_max_params", "reuse_cache", "reuse_cache_max_mb")
 # engine keys that change where or how a prune runs, not what it computes
 ENGINE_NON_RESULT_KEYS = ("offload_dir", "resume", "onload")
 # the keys that determine the pruned weights (:func:`prune_config`): not eval, speed, save_model, nor the above

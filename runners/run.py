@@ -39,6 +39,7 @@ from .record import (
     write_atomic,
 )
 from .results import DENSE_PATTERN, assemble, pattern_section, record_dense, shot_recorder
+from .reuse import Reuse
 from .summary import summary
 from .validate import ConfigError, Plan, check_local_data, check_writable, validate
 
@@ -140,11 +141,13 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
         dense_speed = suite.speed(cfg.speed, loaded.model, plan.device, int(cfg.seed))
         t = _timed(timings, "speed/dense", t)
 
-    info = None
+    info, sweep_cache = None, None
     if kept is None:  # calibration, allocation, the method, and what it did to the model
         on_shot = shot_recorder(cfg, plan, config, loaded, ident, out_path, task_dict, timings) if write else None
+        sweep_cache = Reuse(root, float(cfg.reuse_cache_max_mb), bool(cfg.reuse_cache)) if write else None
         pruned = pruning.prune(cfg, plan, loaded, timings, on_shot,
-                               run_dir=out_path.parent if write and prunes else None, prune_id=pid or "")
+                               run_dir=out_path.parent if write and prunes else None, prune_id=pid or "",
+                               reuse=sweep_cache, identity=ident)
         if prunes:
             info = prune_cache.meta(pid, run_id=rid, sweep=sweep, record=out_path, source=loaded.source,
                                     device=plan.device, prune_config=prune_config(config, plan.calibrates),
@@ -176,6 +179,8 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
                       identity=scoped(ident, "run" if prunes else "dense"))
     if pruned.structure is not None:
         record["structure"] = pruned.structure
+    if sweep_cache is not None and sweep_cache.events:  # what this run took from the sweep cache (runners/reuse.py)
+        record["reuse"] = dict(sweep_cache.events)
     if saved is not None:
         record["saved_model"] = saved
     if prunes:

@@ -224,6 +224,8 @@ class Config:
     save_model: bool = req()
     cache_pruned: str = req(choices=("auto", "always", "never"))  # runners/prune_cache.py
     cache_pruned_max_params: int = req(**NON_NEGATIVE)
+    reuse_cache: bool = req()
+    reuse_cache_max_mb: float = req(**NON_NEGATIVE)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

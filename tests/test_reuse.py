@@ -1,0 +1,40 @@
+"""The sweep cache (runners/reuse.py): calibration windows and OWL's outlier ratios computed once per content key
+and reused by the next sweep point, with the result of a run that computes them itself; bounded; clearable."""
+
+from __future__ import annotations
+
+import torch
+
+from runners.reuse import FOLDER, Reuse, main
+from runners.run import execute
+
+from .conftest import compose
+
+COMMON = ["model=tiny-llama", "pruner=wanda", "sparsity.allocation=owl", "calib.nsamples=8", "eval.ppl.max_windows=4",
+          "progress=false", "wandb.mode=disabled", "dense_baseline=false", "sweep=r"]
+
+
+def test_a_second_sweep_point_reuses_windows_and_outlier_ratios_with_the_same_result(tmp_path):
+    first = execute(compose(*COMMON, "sparsity.ratio=0.5", f"output_root={tmp_path}"))
+    second = execute(compose(*COMMON, "sparsity.ratio=0.6", f"output_root={tmp_path}"))
+    alone = execute(compose(*COMMON, "sparsity.ratio=0.6", "reuse_cache=false", f"output_root={tmp_path / 'alone'}"))
+    assert first["reuse"] == {"calibration_windows": "miss", "owl_outliers": "miss"}
+    assert second["reuse"] == {"calibration_windows": "hit", "owl_outliers": "hit"}
+    assert "reuse" not in alone
+    assert second["run_id"] == alone["run_id"]  # (the cache is not part of what a run computes)
+    assert second["metrics"]["ppl"] == alone["metrics"]["ppl"] and second["sparsity"] == alone["sparsity"]
+    assert second["calibration"] == alone["calibration"]
+    assert len(list((tmp_path / FOLDER).glob("*/*.pt"))) == 2
+    other_seed = execute(compose(*COMMON, "sparsity.ratio=0.6", "calib.seed=1", f"output_root={tmp_path}"))
+    assert other_seed["reuse"] == {"calibration_windows": "miss", "owl_outliers": "miss"}  # (new windows: new keys)
+
+
+def test_the_cache_is_bounded_least_recently_used_first_and_clearable(tmp_path, capsys):
+    cache = Reuse(tmp_path, max_mb=1.5)
+    megabyte = torch.zeros(2**18)  # 1 MiB of float32
+    cache.get_or_compute("a", {"k": 1}, lambda: megabyte)
+    cache.get_or_compute("a", {"k": 2}, lambda: megabyte)  # 2 MiB > 1.5: the older entry goes
+    assert cache.events == {"a": "miss"} and len(list((tmp_path / FOLDER).glob("*/*.pt"))) == 1
+    assert Reuse(tmp_path, max_mb=1.5).get_or_compute("a", {"k": 2}, lambda: None) is not None  # (kept: a hit)
+    assert main(["clear", str(tmp_path)]) == 0 and "removed 1 entries" in capsys.readouterr().out
+    assert not list((tmp_path / FOLDER).glob("*/*.pt"))
