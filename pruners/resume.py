@@ -25,7 +25,8 @@ import torch
 from .masks import PackedMask
 
 log = logging.getLogger("prunelab")
-# fault injection for the kill-and-resume test: SIGKILL this process once block k is kept
+# fault injection for the kill-and-resume tests: SIGKILL this process once block k is kept (a run that resumed
+# is not killed again)
 FAULT_VARIABLE = "PRUNELAB_KILL_AFTER_BLOCK"
 
 
@@ -57,6 +58,7 @@ class BlockProgress:
 
     def __init__(self, folder: str | Path, key: str, blocks: int):
         self.folder, self.key, self.blocks = Path(folder), str(key), blocks
+        self.resumed = False
 
     def _progress(self) -> dict | None:
         path = self.folder / "progress.json"
@@ -84,6 +86,7 @@ class BlockProgress:
         inputs_path = self.folder / f"inputs-{done:04d}.pt"
         batches = torch.load(inputs_path, weights_only=True) if inputs_path.is_file() else None
         log.info("resuming the prune at block %d of %d (%s)", done, self.blocks, self.folder)
+        self.resumed = True
         return done, batches, results
 
     def save(self, index: int, block, results: dict, next_batches: list[torch.Tensor] | None,
@@ -101,5 +104,5 @@ class BlockProgress:
         progress = {"key": self.key, "blocks": self.blocks, "done": index + 1}
         _write(self.folder / "progress.json", lambda p: p.write_text(json.dumps(progress)))
         (self.folder / f"inputs-{index:04d}.pt").unlink(missing_ok=True)  # (the inputs it was pruned on)
-        if os.environ.get(FAULT_VARIABLE) == str(index):
+        if os.environ.get(FAULT_VARIABLE) == str(index) and not self.resumed:  # (a run that resumed: not again)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -303,7 +303,8 @@ def test_slurm_launcher_config():
 def test_gpus_launcher_config(monkeypatch):
     cfg, launcher = compose_hydra("hydra/launcher=gpus")
     assert launcher == {"_target_": "hydra_plugins.prunelab_launchers.gpus_launcher.GpusLauncher", "gpus": "auto",
-                        "jobs_per_gpu": 1, "cpu_workers": 1, "threads_per_worker": None, "max_jobs_per_worker": None}
+                        "jobs_per_gpu": 1, "cpu_workers": 1, "threads_per_worker": None, "max_jobs_per_worker": None,
+                        "retries": 1}
     cfg, launcher = compose_hydra("hydra/launcher=gpus", "hydra.launcher.gpus=[0,2]")
     plugin = instantiate(cfg.hydra.launcher)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")

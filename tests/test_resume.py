@@ -58,3 +58,18 @@ def test_resume_is_refused_for_methods_that_do_not_go_block_by_block():
     with pytest.raises(ConfigError, match="engine.resume=true: pruner 'surgeon' does not go block by block"):
         validate(compose("pruner=surgeon", "engine.resume=true"))
     validate(compose("pruner=dense", "engine.resume=true"))  # (prunes nothing: nothing to resume, nothing refused)
+
+
+def test_the_gpus_launcher_runs_a_job_whose_worker_died_again_and_it_resumes(tmp_path):
+    """A worker killed (SIGKILL) after block 1 of its job: the launcher starts a fresh worker on the same job
+    (``retries: 1``), which goes on from block 2 and records the run."""
+    env = {**os.environ, FAULT_VARIABLE: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "runners.run", "-m", "hydra/launcher=gpus", "hydra.launcher.gpus=cpu",
+                           *COMMON, "pruner=sparsegpt", "engine.resume=true", f"output_root={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "exited with code -9 while running job #0; running it again (1 of 1)" in log
+    assert "resuming the prune at block 2 of 4" in log
+    (record,) = (tmp_path / "r").glob("*/result.json")
+    assert json.loads(record.read_text())["sparsity"]["overall"] > 0.49

@@ -24,3 +24,6 @@ class GpusLauncherConf:
     threads_per_worker: int | None = None
     # start a fresh worker after this many jobs (1: a new process per job); null: keep workers
     max_jobs_per_worker: int | None = None
+    # a job whose worker dies (killed, out of memory) runs again this many times in a fresh worker: the same run,
+    # which with engine.resume=true goes on after the last block it kept
+    retries: int = 1

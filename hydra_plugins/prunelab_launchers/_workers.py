@@ -334,8 +334,10 @@ class _Worker:
 
 
 def run_pool(specs: Sequence[WorkerSpec], payload: bytes, jobs: Sequence[tuple[int, list[str]]],
-             max_jobs_per_worker: int | None = None) -> dict[int, JobReturn]:
-    """Run ``jobs`` (``(idx, overrides)``) on one spawned worker per spec; return ``{idx: JobReturn}``."""
+             max_jobs_per_worker: int | None = None, retries: int = 0) -> dict[int, JobReturn]:
+    """Run ``jobs`` (``(idx, overrides)``) on one spawned worker per spec; return ``{idx: JobReturn}``. A job whose
+    worker dies goes back to the front of the queue, up to ``retries`` times, for a fresh worker."""
+    attempts: dict[int, int] = {}
     ctx = get_context("spawn")
     pending = deque(jobs)
     results: dict[int, JobReturn] = {}
@@ -374,13 +376,18 @@ def run_pool(specs: Sequence[WorkerSpec], payload: bytes, jobs: Sequence[tuple[i
                     idx, overrides = w.job
                     error = RuntimeError(f"the {w.spec.name} worker (pid {w.process.pid}) exited with code "
                                          f"{w.process.exitcode} while running job #{idx}")
-                    results[idx] = _failed(overrides, error)
-                    log.error(f"#{idx} failed: {error}")
+                    attempts[idx] = attempts.get(idx, 0) + 1
+                    if attempts[idx] <= retries:  # the same job again, in a fresh worker
+                        log.warning(f"#{idx}: {error}; running it again ({attempts[idx]} of {retries})")
+                        pending.appendleft(w.job)
+                    else:
+                        results[idx] = _failed(overrides, error)
+                        log.error(f"#{idx} failed: {error}")
                     w.job, replace = None, True
                 if replace:
                     w.stop(timeout=30)
                     del workers[slot]
-                    if pending:
+                    if pending:  # (a job sent back for another attempt included)
                         workers[slot] = _Worker(ctx, w.spec, payload)
         finished = True
     finally:

@@ -51,13 +51,14 @@ class GpusLauncher(Launcher):
 
     def __init__(self, gpus: Any = "auto", jobs_per_gpu: int = 1, cpu_workers: int = 1,
                  threads_per_worker: int | None = None,
-                 max_jobs_per_worker: int | None = None) -> None:
+                 max_jobs_per_worker: int | None = None, retries: int = 1) -> None:
         super().__init__()
         self.gpus = OmegaConf.to_container(gpus) if OmegaConf.is_config(gpus) else gpus
         self.jobs_per_gpu = jobs_per_gpu
         self.cpu_workers = cpu_workers
         self.threads_per_worker = threads_per_worker
         self.max_jobs_per_worker = max_jobs_per_worker
+        self.retries = retries
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -92,6 +93,6 @@ class GpusLauncher(Launcher):
             jobs.append((idx, list(overrides)))
         payload = cloudpickle.dumps((self.hydra_context, self.config, Singleton.get_state(),
                                      dump_task(self.task_function)))
-        results = run_pool(specs, payload, jobs, self.max_jobs_per_worker)
+        results = run_pool(specs, payload, jobs, self.max_jobs_per_worker, int(self.retries))
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return [results[idx] for idx, _ in jobs]
