@@ -48,6 +48,14 @@ ARCHS = {
                     rms_norm_eps=1e-5),
         steps=700, batch=8, lr=3e-3,
     ),
+    "tiny-qwen3": dict(
+        family="qwen3",
+        # Qwen3's layout: GQA (4 query / 2 KV heads), q_norm / k_norm over each head's dimensions, tied embeddings
+        config=dict(hidden_size=128, num_hidden_layers=4, intermediate_size=352, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+                    rms_norm_eps=1e-6),
+        steps=700, batch=8, lr=3e-3,
+    ),
     "tiny-gpt2": dict(
         family="gpt2",
         # Conv1D projections, fused c_attn, GELU MLP, learned positions, tied LM head
@@ -107,13 +115,16 @@ def build_model(name: str, tokenizer):
         MambaForCausalLM,
         OPTConfig,
         OPTForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     spec = ARCHS[name]
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     cls = {"opt": (OPTConfig, OPTForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-           "mamba": (MambaConfig, MambaForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel)}[spec["family"]]
+           "mamba": (MambaConfig, MambaForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel),
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[spec["family"]]
     return cls[1](cls[0](**spec["config"], **common))
 
 

@@ -270,6 +270,9 @@ def _check_onload(cfg, pruner, zeroshot_tasks) -> None:
                           "(<run dir>/model) with model=local in a run without onloading")
     if str(cfg.speed.mode) == "always":
         raise ConfigError("engine.onload=true: speed.mode=always needs the whole model on the device")
+    if str(cfg.eval.get("ppl", {}).get("mode", "auto")) == "full":
+        raise ConfigError("engine.onload=true: eval.ppl.mode=full needs the whole model on the device (auto or "
+                          "sequential: one block at a time)")
     if cfg.model.get("gguf_file"):
         raise ConfigError("engine.onload=true: model.gguf_file: onloading reads safetensors checkpoints (save the "
                           "model with save_pretrained first)")

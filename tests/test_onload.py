@@ -76,6 +76,7 @@ def test_at_most_one_block_is_real_at_a_time(tmp_path):
     (["eval=tiny-zeroshot"], "engine.onload=true: eval.zeroshot needs the whole model"),
     (["model=tiny-gpt2"], "engine.onload=true: gpt2 models cannot be onloaded yet"),
     (["model=smollm2"], "engine.onload=true: model.gguf_file"),
+    (["eval.ppl.mode=full"], "engine.onload=true: eval.ppl.mode=full needs the whole model"),
 ])
 def test_what_cannot_run_onloaded_is_refused_before_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
