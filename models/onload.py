@@ -56,7 +56,7 @@ def weight_map(folder: Path) -> dict[str, str]:
         return json.loads(index.read_text())["weight_map"]
     single = folder / "model.safetensors"
     if not single.is_file():
-        raise ValueError(f"model.onload=true: {folder} has no model.safetensors(.index.json): onloading reads "
+        raise ValueError(f"engine.onload=true: {folder} has no model.safetensors(.index.json): onloading reads "
                          f"safetensors checkpoints only")
     from safetensors import safe_open
 
@@ -70,9 +70,19 @@ class ShardedBlocks(BlockStore):
 
     onloaded = True
 
-    def __init__(self, source: Path, prefix: str, target: Path | None = None):
+    def __init__(self, source: Path, prefix: str, target: Path | None = None, read_prefix: str | None = None,
+                 base_prefix: str = "model"):
         self.source, self.prefix, self.target = Path(source), prefix, Path(target) if target else None
         self.map = weight_map(self.source)
+        # the blocks' names in the source: the model's, or (checkpoints saved from the base model, e.g. the
+        # facebook/opt ones: "decoder.layers.<k>") without the base model's prefix
+        if read_prefix is None:
+            read_prefix = prefix
+            stripped = prefix[len(base_prefix) + 1:] if prefix.startswith(f"{base_prefix}.") else None
+            if stripped and not any(n.startswith(f"{prefix}.") for n in self.map) and \
+                    any(n.startswith(f"{stripped}.") for n in self.map):
+                read_prefix = stripped
+        self.read_prefix = read_prefix
         self.written: dict[str, str] = {}
         if self.target is not None and self.target.is_dir():  # blocks written before a kill (engine.resume)
             from safetensors import safe_open
@@ -82,7 +92,7 @@ class ShardedBlocks(BlockStore):
                     self.written.update(dict.fromkeys(f.keys(), shard.name))
 
     def names(self, index: int) -> dict[str, str]:
-        start = f"{self.prefix}.{index}."
+        start = f"{self.read_prefix}.{index}."
         return {name[len(start):]: shard for name, shard in self.map.items() if name.startswith(start)}
 
     def fetch(self, index: int, block: nn.Module) -> None:
@@ -98,7 +108,7 @@ class ShardedBlocks(BlockStore):
             with safe_open(self.source / shard, "pt") as f:
                 for name in names:
                     if name in expected:
-                        state[name] = f.get_tensor(f"{self.prefix}.{index}.{name}").to(expected[name].dtype)
+                        state[name] = f.get_tensor(f"{self.read_prefix}.{index}.{name}").to(expected[name].dtype)
         missing = sorted(set(dict(block.named_parameters())) - set(state))
         if missing:
             raise ValueError(f"{self.source}: block {index} has no tensor for {', '.join(missing[:4])}")
@@ -141,11 +151,14 @@ def load_onloaded(path: str | Path, dtype: torch.dtype, attn_implementation: str
 
     hf_kwargs = hf_kwargs or {}
     path = Path(path)
-    if not path.is_dir():  # (a hub id: its snapshot folder in the local cache)
+    if not path.is_dir():  # (a hub id: its snapshot folder, the weights downloaded unless the hub is offline)
+        import os
+
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(str(path), revision=hf_kwargs.get("revision"), allow_patterns=["*.json",
-                                      "*.safetensors"], local_files_only=True))
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        path = Path(snapshot_download(str(path), revision=hf_kwargs.get("revision"), local_files_only=offline,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
     weight_map(path)  # (safetensors only: one line before any work)
     config = AutoConfig.from_pretrained(path, **hf_kwargs)
     blocks_count = config.num_hidden_layers
@@ -172,9 +185,9 @@ def load_onloaded(path: str | Path, dtype: torch.dtype, attn_implementation: str
     for block in adapter.blocks():
         for name, buffer in block.named_buffers():
             if buffer.is_meta and name.rsplit(".", 1)[-1] in _non_persistent(block):
-                raise ValueError(f"model.onload=true: {type(block).__name__} holds a buffer that is not in the "
+                raise ValueError(f"engine.onload=true: {type(block).__name__} holds a buffer that is not in the "
                                  f"checkpoint ({name}): this family cannot be onloaded")
-    model.prunelab_blocks = ShardedBlocks(path, adapter.blocks_prefix())
+    model.prunelab_blocks = ShardedBlocks(path, adapter.blocks_prefix(), base_prefix=model.base_model_prefix)
     return model
 
 

@@ -274,9 +274,20 @@ def owl_outlier_ratios(model, adapter, calib_ids: torch.Tensor, allocation: Allo
             for name in group.names:
                 if name in chosen[index]:
                     weight = block.get_submodule(name).weight.data.float()
-                    metrics.append(wanda_score(weight, stats[group].norm).flatten().cpu())
+                    metrics.append(wanda_score(weight, _calibrated(stats[group]).norm).flatten().cpu())
         out.append(outlier_ratio(torch.cat(metrics), allocation.owl_m) if metrics else 0.0)
     return out
+
+
+def _calibrated(stat):
+    """``stat``, or, for an MoE expert no calibration token reached (count 0), column squares of ones: its weights
+    are then ranked by magnitude, the rule it is pruned by (models/moe.py), not as all-zero scores."""
+    if stat is None or stat.count > 0 or not isinstance(stat, ColumnSquares):
+        return stat
+    ones = ColumnSquares(stat.dim, stat.device, stat.dtype)
+    ones.mean_sq.fill_(1.0)
+    ones.count = 1
+    return ones
 
 
 @torch.no_grad()
@@ -301,5 +312,6 @@ def method_scores(model, adapter, pruner, calib_ids, chosen: dict[int, list[str]
             for name in group.names:
                 if name in chosen[index]:
                     weight = block.get_submodule(name).weight.data.float()
-                    scores[f"{prefix}.{index}.{name}"] = pruner.score(weight, stats.get(group)).cpu()
+                    stat = stats.get(group)
+                    scores[f"{prefix}.{index}.{name}"] = pruner.score(weight, _calibrated(stat)).cpu()
     return scores

@@ -91,6 +91,8 @@ class Pruner:
     propagate: ClassVar[str] = "pruned"  # the next block is calibrated on the pruned block's outputs | dense
     removes_weights: ClassVar[bool] = True  # False for the dense baseline: its result ignores the pattern
     tf32: ClassVar[bool] = False  # TF32 off, as in the SparseGPT reference
+    families: ClassVar[tuple[str, ...] | None] = None  # the adapter families it can drive (None: all); validated
+    max_windows: ClassVar[int | None] = None  # the most calibration windows it can hold (None: no limit); validated
 
     @classmethod
     def config_keys(cls) -> list[str]:

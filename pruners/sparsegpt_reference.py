@@ -39,6 +39,7 @@ class SparseGPTReference(Pruner):
     needs_calibration = True
     scope = "model"
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
+    families: ClassVar[tuple[str, ...]] = tuple(DRIVERS)
     path: str | None = None  # a checkout of IST-DASLab/sparsegpt; null: $PRUNELAB_SPARSEGPT_REFERENCE
     blocksize: int = 128
     percdamp: float = 0.01
@@ -56,8 +57,6 @@ class SparseGPTReference(Pruner):
 
     def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
                     ) -> dict[str, ModuleResult]:
-        if adapter.family not in DRIVERS:
-            raise ValueError(f"the {REPOSITORY} code drives {', '.join(DRIVERS)} models, not {adapter.family}")
         script, driver = DRIVERS[adapter.family]
         root = checkout_root(self.checkout, ("sparsegpt.py", "llama.py", "opt.py"), REPOSITORY)
         module = import_from_checkout(root, ("sparsegpt", "modelutils", "quant", script))[script]

@@ -27,6 +27,7 @@ from .reference import (
     rotary_for_bare_calls,
 )
 from .settings import EngineSettings
+from .taps import model_on_device
 
 REPOSITORY = "locuslab/wanda"
 MODULES = {"llama": "lib.prune", "opt": "lib.prune_opt"}  # the adapter family -> its module
@@ -39,6 +40,8 @@ class WandaReference(Pruner):
     needs_calibration = True
     scope = "model"
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
+    families: ClassVar[tuple[str, ...]] = tuple(MODULES)
+    max_windows: ClassVar[int] = 128  # its calibration buffer
     path: str | None = None  # a checkout of locuslab/wanda; null: $PRUNELAB_WANDA_REFERENCE
 
     @property
@@ -54,10 +57,6 @@ class WandaReference(Pruner):
 
     def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
                     ) -> dict[str, ModuleResult]:
-        if adapter.family not in MODULES:
-            raise ValueError(f"the {REPOSITORY} code drives {', '.join(MODULES)} models, not {adapter.family}")
-        if len(calib_ids) > 128:
-            raise ValueError(f"calib.nsamples={len(calib_ids)}: the {REPOSITORY} code holds 128 windows at most")
         root = checkout_root(self.checkout, ("lib/prune.py", "lib/prune_opt.py"), REPOSITORY)
         module = import_from_checkout(root, (MODULES[adapter.family],))[MODULES[adapter.family]]
         windows = [(window.unsqueeze(0), None) for window in calib_ids]
@@ -67,8 +66,9 @@ class WandaReference(Pruner):
                                   use_variant=False)
         model.seqlen = calib_ids.shape[1]
         model.hf_device_map = {}
-        try:
-            with quiet(self.name), rotary_for_bare_calls(adapter), cuda_calls_on_cpu(settings.device):
+        try:  # (the whole model on the device: its code expects device_map="auto" and moves nothing)
+            with quiet(self.name), rotary_for_bare_calls(adapter), cuda_calls_on_cpu(settings.device), \
+                    model_on_device(model, settings.device):
                 module.prune_wanda(args, model, None, torch.device(settings.device),
                                    prune_n=pattern.n if nm else 0, prune_m=pattern.m if nm else 0)
         finally:

@@ -9,6 +9,7 @@ whose prune id matches a kept pruned model (``runners/prune_cache.py``) skips th
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import random
@@ -98,7 +99,7 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
                 parts = {"calib": OmegaConf.to_container(cfg.calib, resolve=True), "nsamples": nsamples,
                          "seqlen": plan.calib_seqlen, "tokenizer": tokenizer_digest(loaded.tokenizer),
                          "data": (identity or {}).get("data", {}).get("calib"),
-                         "versions": (identity or {}).get("versions")}
+                         "versions": (identity or {}).get("versions"), "code": code_digest(("corpora/__init__.py",))}
                 found = reuse.get_or_compute("calibration_windows", parts, sample)
             else:
                 found = sample()
@@ -110,18 +111,18 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
         settings = dataclasses.replace(settings, on_shot=lambda shot, shots: on_shot(shot, shots, calibration))
     store = store_of(model)
     if run_dir is not None and cfg.engine.get("resume") and plan.pruner.resumable():
-        settings = dataclasses.replace(settings, resume_dir=str(run_dir / "partial"), resume_key=prune_id)
-    if store.onloaded and prunes:  # the pruned blocks, written out one by one
-        if run_dir is None:
-            raise ValueError("an onloaded model prunes into a run folder (engine.onload=true needs a written run)")
-        store = model.prunelab_blocks = ShardedBlocks(store.source, store.prefix, run_dir / "partial" / "model")
+        # (the key names onloading too: kept blocks are in memory files or in the partial checkpoint)
+        key = f"{prune_id}{'+onload' if store.onloaded else ''}"
+        settings = dataclasses.replace(settings, resume_dir=str(run_dir / "partial"), resume_key=key)
     try:  # a target glob that selects nothing, an OWL sparsity >= 1: bad input, found once the model is known
         cached = None
         if reuse is not None and calibration is not None:  # (the dense model's statistics: shared by the sweep)
+            adapter_file = inspect.getfile(type(adapter))
             base = {"checkpoint": (identity or {}).get("checkpoint"), "resolved": (identity or {}).get("resolved"),
                     "versions": (identity or {}).get("versions"), "tokens": calibration.get("tokens_sha256"),
+                    "batch_size": settings.batch_size,
                     "code": code_digest(("pruners/allocation.py", "pruners/stats.py", "pruners/engine.py",
-                                         "models/blocks.py"))}
+                                         "models/blocks.py", "models/base.py", adapter_file))}
 
             def cached(kind, parts, compute):
                 return reuse.get_or_compute(kind, {**base, **parts}, compute)
@@ -131,6 +132,11 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
         raise ConfigError(str(err)) from None
     if ratios is not None:
         t = _timed(timings, "allocation", t)
+    if store.onloaded and prunes:  # the pruned blocks, written out one by one (after allocation's dense passes)
+        if run_dir is None:
+            raise ValueError("an onloaded model prunes into a run folder (engine.onload=true needs a written run)")
+        store = model.prunelab_blocks = ShardedBlocks(store.source, store.prefix, run_dir / "partial" / "model",
+                                                      read_prefix=store.read_prefix)
     module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids if plan.pruner.needs_calibration else None,
                                        settings, ratios)
     if store.onloaded and prunes:  # complete the pruned checkpoint, read the blocks from it from now on

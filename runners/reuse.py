@@ -3,11 +3,11 @@
 ``<output_root>/.reuse/<kind>/<key>.pt``, where the key hashes everything the value depends on:
 
 - ``calibration_windows``: the tokenised calibration windows and their provenance (tokenizer content, the data's
-  provenance, nsamples, seqlen, seed): every sweep point of a model and a calibration set tokenises and samples
-  them once;
+  provenance, nsamples, seqlen, seed, library versions, the sampling code): every sweep point of a model and a
+  calibration set tokenises and samples them once;
 - ``owl_outliers``: OWL's per-block outlier ratios (a dense pass over the whole model: the model's identity, the
-  windows' tokens, OWL's M, the targeted linears, the engine's statistics dtype): every sparsity ratio and
-  lambda of a sweep reuses them.
+  windows' tokens, OWL's M, the targeted linears, the engine's statistics dtype and batch size, the code that
+  computes them including the family's adapter): every sparsity ratio and lambda of a sweep reuses them.
 
 Bounded (``reuse_cache_max_mb``: least recently used entries go first), off with ``reuse_cache=false``, cleared by
 ``python -m runners.reuse clear <output_root>`` (or deleting the folder). A run's record lists what it reused
@@ -49,10 +49,10 @@ class Reuse:
         if path.is_file():
             try:
                 value = torch.load(path, weights_only=True)["value"]
-            except Exception:  # (an unreadable entry: computed again and replaced)
-                value = None
-            else:
                 os.utime(path)  # (least recently used goes first)
+            except Exception:  # (unreadable, or trimmed by another run meanwhile: computed again and stored)
+                pass
+            else:
                 self.events[kind] = "hit"
                 return value
         value = compute()
@@ -66,12 +66,18 @@ class Reuse:
 
     def trim(self) -> None:
         """Least recently used entries out until the cache fits ``max_mb``."""
-        entries = sorted(self.folder.glob("*/*.pt"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in entries)
-        for entry in entries:
+        sizes = {}
+        for entry in self.folder.glob("*/*.pt"):
+            try:  # (another run of the sweep may trim at the same time)
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue
+            sizes[entry] = (stat.st_mtime, stat.st_size)
+        total = sum(size for _, size in sizes.values())
+        for entry in sorted(sizes, key=lambda e: sizes[e][0]):
             if total <= self.max_bytes:
                 break
-            total -= entry.stat().st_size
+            total -= sizes[entry][1]
             entry.unlink(missing_ok=True)
 
 
@@ -79,8 +85,8 @@ def code_digest(files: tuple[str, ...]) -> str:
     """The content of the repository files a cached value is computed by (a change there: a new key)."""
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for rel in files:
-        digest.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+    for rel in files:  # (repository-relative, or absolute: an adapter's own file)
+        digest.update(Path(rel).name.encode() + b"\0" + (root / rel).read_bytes())
     return digest.hexdigest()[:16]
 
 

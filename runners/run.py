@@ -62,7 +62,7 @@ def _load(cfg: DictConfig, plan: Plan):
     try:
         return models.load(cfg.model, plan.device, onload=bool(cfg.engine.get("onload")))
     except ValueError as err:  # weights that do not fit the config (models.loading.check_loading_info)
-        if str(err).startswith("model."):
+        if str(err).startswith(("model.", "engine.onload")):
             raise ConfigError(str(err)) from None
         raise
 

@@ -131,6 +131,9 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
         if pattern.kind not in ("unstructured", "rowcol"):
             raise ConfigError(f"eval.shots_every={every}: the intermediate shots of a {pattern.kind} run are not "
                               f"{pattern.kind} patterns (unstructured and rowcol only)")
+    if pruner.max_windows is not None and pruner.needs_calibration and int(cfg.calib.nsamples) > pruner.max_windows:
+        raise ConfigError(f"calib.nsamples={cfg.calib.nsamples}: pruner '{pruner.name}' holds {pruner.max_windows} "
+                          f"calibration windows at most")
     if cfg.engine.get("onload"):
         _check_onload(cfg, pruner, zeroshot_tasks)
     if cfg.engine.get("resume") and pruner.removes_weights and not pruner.resumable():
@@ -165,6 +168,10 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"model.path={cfg.model.path}: cannot load the model config ({first})") from None
         model_type = hf_config.model_type
+        family = models.adapter_class(model_type).family
+        if pruner.families is not None and family not in pruner.families:
+            raise ConfigError(f"pruner '{pruner.name}' drives {', '.join(pruner.families)} models, not {family} "
+                              f"(model.path={cfg.model.path})")
         if pattern.removes_units and not models.adapter_class(model_type).has_units:
             raise ConfigError(f"sparsity.kind={pattern.kind}: {models.adapter_class(model_type).family} models have "
                               f"no structural units yet (unstructured and N:M only)")

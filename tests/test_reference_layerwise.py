@@ -65,3 +65,16 @@ def test_sparsegpt_equals_its_reference_on_one_block(family, pattern):
         assert differing <= weight.numel() // 1000, (name, differing)
         if pattern.kind == "nm" and differing == 0:
             torch.testing.assert_close(ours[name], weight, atol=2e-4, rtol=0, msg=name)
+
+
+def test_what_a_reference_cannot_drive_is_refused_before_work(tmp_path):
+    from runners.validate import ConfigError, validate
+
+    from .conftest import compose
+    from .test_configs import stand_in_checkouts
+
+    stand_in_checkouts(tmp_path)
+    with pytest.raises(ConfigError, match="calib.nsamples=200: pruner 'wanda_reference' holds 128 calibration"):
+        validate(compose("pruner=wanda_reference", f"pruner.path={tmp_path}", "calib.nsamples=200"))
+    with pytest.raises(ConfigError, match="pruner 'sparsegpt_reference' drives llama, opt models, not mamba"):
+        validate(compose("pruner=sparsegpt_reference", f"pruner.path={tmp_path}", "model=tiny-mamba"))
