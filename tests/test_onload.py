@@ -83,3 +83,26 @@ def test_at_most_one_block_is_real_at_a_time(tmp_path):
 def test_what_cannot_run_onloaded_is_refused_before_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose("engine.onload=true", *overrides))
+
+
+def test_a_checkpoint_saved_from_the_base_model_is_onloaded(tmp_path):
+    """Tensor names without the base model's prefix (``decoder.layers.<k>...``, as the facebook/opt checkpoints
+    store them): the blocks are found all the same, and perplexity is the in-memory model's."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from evaluators.ppl import perplexity
+    from models.registry import adapter_class
+
+    source = TINY_DIR / "tiny-opt"
+    state = load_file(source / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in state.items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    model = load_onloaded(tmp_path, torch.float32, None, adapter_class("opt"))
+    assert model.prunelab_blocks.read_prefix == "decoder.layers"
+    whole = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+    assert perplexity(model.eval(), adapter_for(model), ids, progress=False) == \
+        perplexity(whole, adapter_for(whole), ids, mode="sequential", progress=False)
