@@ -125,6 +125,7 @@ class ShardedBlocks(BlockStore):
             (self.target / f"{shard}.tmp").replace(self.target / shard)
             self.written.update(dict.fromkeys(state, shard))
         block.to("meta")
+        _return_freed_memory()
 
     def finish(self, model, tokenizer=None) -> None:
         """Complete the target folder: the weights outside the blocks, the index, config and tokenizer."""
@@ -141,6 +142,26 @@ class ShardedBlocks(BlockStore):
         model.config.save_pretrained(self.target)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.target)
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed block back to the OS. glibc raises its mmap threshold after large frees, so block-sized tensors
+    freed and allocated again come from the heap, which it keeps: without a trim a run's resident memory grows by a
+    block per block (measured on SmolLM2-135M: +480 MB, the whole model, over 30 blocks)."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # (not glibc: nothing to do)
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def load_onloaded(path: str | Path, dtype: torch.dtype, attn_implementation: str | None, adapter_cls,

@@ -28,7 +28,7 @@ from pruners.settings import EngineSettings
 from .conftest import TINY, pruned_ppl
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [*TINY, "tiny-qwen3"])
 def test_sparsegpt_beats_magnitude_at_50_percent_and_2_of_4(name):
     for pattern in (Pattern("unstructured", 0.5), Pattern("nm", 0.5, 2, 4)):
         ppl = {p: pruned_ppl(name, p, pattern) for p in ("dense", "magnitude", "sparsegpt")}
