@@ -28,7 +28,7 @@ def weights(record_path):
     return AutoModelForCausalLM.from_pretrained(record_path.parent / "model", dtype=torch.float32).state_dict()
 
 
-@pytest.mark.parametrize("pruner,onload", [("sparsegpt", False), ("wanda", False), ("sparsegpt", True)])
+@pytest.mark.parametrize("pruner,onload", [("sparsegpt", False), ("sparsegpt", True)])  # (Wanda: the same engine path)
 def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstopped_run(pruner, onload, tmp_path,
                                                                                        caplog):
     """(Also onloaded, engine.onload=true: the pruned blocks written before the kill stay in the partial checkpoint.)"""
