@@ -11,14 +11,36 @@ import importlib
 import importlib.util
 import io
 import logging
+import os
 import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 log = logging.getLogger("prunelab")
+
+
+class ReferenceCheckout:
+    """Mixin of a ``pruner=*_reference`` wrapper: where its checkout is (``pruner.path``, else ``$<variable>``) and
+    the check, before work, that it is one. Subclasses set ``repository``, ``variable`` and ``required``."""
+
+    repository: ClassVar[str]
+    variable: ClassVar[str]
+    required: ClassVar[tuple[str, ...]]
+    path: str | None
+
+    @property
+    def checkout(self) -> str | None:
+        return self.path or os.environ.get(self.variable) or None
+
+    def checkout_root(self) -> Path:
+        if not self.checkout:
+            raise ValueError(f"pruner.path: set it (or ${self.variable}) to a checkout of {self.repository} "
+                             f"(git clone https://github.com/{self.repository})")
+        return checkout_root(self.checkout, self.required, self.repository)
 
 
 def checkout_root(path: str | Path, required: tuple[str, ...], repository: str, key: str = "pruner.path") -> Path:

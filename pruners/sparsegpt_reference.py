@@ -11,14 +11,13 @@ sequential) and this run's sparsity. Shims (:mod:`pruners.reference`): our windo
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import ModuleResult, Pruner, register
 from .masks import Pattern
 from .reference import (
-    checkout_root,
+    ReferenceCheckout,
     cuda_calls_on_cpu,
     import_from_checkout,
     prune_masks,
@@ -34,31 +33,25 @@ DRIVERS = {"llama": ("llama", "llama_sequential"), "opt": ("opt", "opt_sequentia
 
 @register
 @dataclass
-class SparseGPTReference(Pruner):
+class SparseGPTReference(ReferenceCheckout, Pruner):
     name = "sparsegpt_reference"
     needs_calibration = True
     scope = "model"
+    repository, variable, required = REPOSITORY, "PRUNELAB_SPARSEGPT_REFERENCE", ("sparsegpt.py", "llama.py", "opt.py")
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
     families: ClassVar[tuple[str, ...]] = tuple(DRIVERS)
     path: str | None = None  # a checkout of IST-DASLab/sparsegpt; null: $PRUNELAB_SPARSEGPT_REFERENCE
     blocksize: int = 128
     percdamp: float = 0.01
 
-    @property
-    def checkout(self) -> str | None:
-        return self.path or os.environ.get("PRUNELAB_SPARSEGPT_REFERENCE") or None
-
     def check(self, pattern: Pattern) -> None:
         super().check(pattern)
-        if not self.checkout:
-            raise ValueError(f"pruner.path: set it (or $PRUNELAB_SPARSEGPT_REFERENCE) to a checkout of {REPOSITORY} "
-                             f"(git clone https://github.com/{REPOSITORY})")
-        checkout_root(self.checkout, ("sparsegpt.py", "llama.py", "opt.py"), REPOSITORY)
+        self.checkout_root()
 
     def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
                     ) -> dict[str, ModuleResult]:
         script, driver = DRIVERS[adapter.family]
-        root = checkout_root(self.checkout, ("sparsegpt.py", "llama.py", "opt.py"), REPOSITORY)
+        root = self.checkout_root()
         module = import_from_checkout(root, ("sparsegpt", "modelutils", "quant", script))[script]
         nm = pattern.kind == "nm"
         module.args = argparse.Namespace(

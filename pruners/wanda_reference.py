@@ -10,7 +10,6 @@ Its ``prune_wanda`` as ``main.py`` / ``main_opt.py`` call it (``lib/prune.py`` f
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,7 +18,7 @@ import torch
 from .base import ModuleResult, Pruner, register
 from .masks import Pattern
 from .reference import (
-    checkout_root,
+    ReferenceCheckout,
     cuda_calls_on_cpu,
     import_from_checkout,
     prune_masks,
@@ -35,29 +34,23 @@ MODULES = {"llama": "lib.prune", "opt": "lib.prune_opt"}  # the adapter family -
 
 @register
 @dataclass
-class WandaReference(Pruner):
+class WandaReference(ReferenceCheckout, Pruner):
     name = "wanda_reference"
     needs_calibration = True
     scope = "model"
+    repository, variable, required = REPOSITORY, "PRUNELAB_WANDA_REFERENCE", ("lib/prune.py", "lib/prune_opt.py")
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")
     families: ClassVar[tuple[str, ...]] = tuple(MODULES)
     max_windows: ClassVar[int] = 128  # its calibration buffer
     path: str | None = None  # a checkout of locuslab/wanda; null: $PRUNELAB_WANDA_REFERENCE
 
-    @property
-    def checkout(self) -> str | None:
-        return self.path or os.environ.get("PRUNELAB_WANDA_REFERENCE") or None
-
     def check(self, pattern: Pattern) -> None:
         super().check(pattern)
-        if not self.checkout:
-            raise ValueError(f"pruner.path: set it (or $PRUNELAB_WANDA_REFERENCE) to a checkout of {REPOSITORY} "
-                             f"(git clone https://github.com/{REPOSITORY})")
-        checkout_root(self.checkout, ("lib/prune.py", "lib/prune_opt.py"), REPOSITORY)
+        self.checkout_root()
 
     def prune_model(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings
                     ) -> dict[str, ModuleResult]:
-        root = checkout_root(self.checkout, ("lib/prune.py", "lib/prune_opt.py"), REPOSITORY)
+        root = self.checkout_root()
         module = import_from_checkout(root, (MODULES[adapter.family],))[MODULES[adapter.family]]
         windows = [(window.unsqueeze(0), None) for window in calib_ids]
         module.get_loaders = lambda *args, **kwargs: (windows, None)
