@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,10 +15,23 @@ from .conftest import ROOT, compose
 FAST = ["calib.nsamples=8", "eval.ppl.max_windows=4", "progress=false", "wandb.mode=disabled"]
 
 
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
 def run_cli(*args, cwd=ROOT):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "runners.run", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "runners.run", *args], cwd=cwd, env=OFFLINE, capture_output=True,
                           text=True, timeout=600)
+
+
+def run_cli_batch(commands: list[list[str]], folder: Path) -> dict[tuple, SimpleNamespace]:
+    """Each command as ``run_cli`` would run it (exit code, stdout, stderr), all from one interpreter start
+    (tests/cli_batch.py: a forked child per command); keyed by the command's arguments."""
+    cases, results = folder / "cases.json", folder / "results.json"
+    cases.write_text(json.dumps([{"args": list(c)} for c in commands]))
+    proc = subprocess.run([sys.executable, "-m", "tests.cli_batch", str(cases), str(results)], cwd=ROOT, env=OFFLINE,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {tuple(c): SimpleNamespace(**r) for c, r in zip(commands, json.loads(results.read_text()), strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +79,7 @@ def test_rerunning_a_sweep_recomputes_nothing(finished_sweep):
     assert {p: p.read_bytes() for p in (out / "cli").glob("*/result.json")} == before
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [
     (["pruner=foo"], "pruner=foo is not an option (choose from: "),
     (["sparsity.ratio=1.0"], "sparsity: sparsity.ratio=1.0 is outside [0, 1)"),
     (["sparsity=nm", "sparsity.n=4", "sparsity.m=2"], "needs 0 < n < m"),
@@ -91,18 +105,31 @@ def test_rerunning_a_sweep_recomputes_nothing(finished_sweep):
      "model.attn_implementation=sdpa: MambaForCausalLM does not support"),
     (["engine.batch_size=true"], "engine.batch_size=True is not an integer"),
     (["calib=text", "calib.path=/tmp/dé x.txt"], "calib.path=/tmp/dé x.txt: Hydra cannot read this value unquoted"),
-])
-def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args, message):
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(finished_sweep, tmp_path_factory):
+    """Every BAD_INPUT command against the finished sweep's output_root, and its records before / after them all."""
     out, _ = finished_sweep
-    before = sorted(p.read_bytes() for p in (out / "cli").glob("*/result.json"))
-    proc = run_cli(*args, f"output_root={out}", "sweep=cli")
+    records = lambda: sorted(p.read_bytes() for p in (out / "cli").glob("*/result.json"))  # noqa: E731
+    before = records()
+    runs = run_cli_batch([[*args, f"output_root={out}", "sweep=cli"] for args, _ in BAD_INPUT],
+                         tmp_path_factory.mktemp("bad-input"))
+    return {key[:-2]: proc for key, proc in runs.items()}, before, records()
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT)
+def test_bad_input_exits_2_with_one_line_and_loses_nothing(bad_input_runs, args, message):
+    runs, before, after = bad_input_runs
+    proc = runs[tuple(args)]
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("prunelab: error:") and message in lines[0], proc.stderr
-    assert sorted(p.read_bytes() for p in (out / "cli").glob("*/result.json")) == before
+    assert after == before  # (no command of the batch changed or added a record)
 
 
-@pytest.mark.parametrize("args,message", [
+UNUSABLE_DATA = [
     (["calib=text", "calib.path={empty}"], "calib.path={empty}: 0 tokens, fewer than one calibration window of 256"),
     (["calib=text", "calib.path={short}"], "calib.path={short}: 2 tokens, fewer than one calibration window"),
     (["calib=text", "calib.path={binary}"], "calib.path={binary}: not UTF-8 text (byte 0xff at position 3)"),
@@ -119,25 +146,39 @@ def test_bad_input_exits_2_with_one_line_and_loses_nothing(finished_sweep, args,
     (["calib=text", "calib.path='{unicode}'"], "calib.path={unicode}: 0 tokens"),  # quoted: the path reaches us
     (["model=local", "model.path={truncated}", "model.seqlen=256"],
      "model.path={truncated}: {truncated}/model.safetensors: 1387168 bytes, its header describes 2774336"),
-])
-def test_unusable_data_exits_2_before_any_record_or_model(tmp_path, args, message):
-    """Calibration and evaluation texts are read and tokenized before the dense baseline or the model: an empty,
-    too short or binary text, or more windows than the text holds, is one line naming the key, and nothing is
-    written under output_root."""
-    files = {"empty": tmp_path / "empty.txt", "short": tmp_path / "short.txt", "binary": tmp_path / "binary.txt",
-             "unicode": tmp_path / "Persuasion é x.txt"}
+]
+
+
+@pytest.fixture(scope="module")
+def unusable_data_runs(tmp_path_factory):
+    """Every UNUSABLE_DATA command, each with an output_root of its own; the files they name."""
+    base = tmp_path_factory.mktemp("unusable-data")
+    files = {"empty": base / "empty.txt", "short": base / "short.txt", "binary": base / "binary.txt",
+             "unicode": base / "Persuasion é x.txt"}
     files["empty"].write_text("")
     files["unicode"].write_text("")
     files["short"].write_text("Emma Woodhouse")
     files["binary"].write_bytes(b"abc\xff\xfe\x00\x01" * 50)
-    names = {k: str(v) for k, v in files.items()} | {"mirror": str(tmp_path / "mirror"),
-                                                      "truncated": str(tmp_path / "truncated")}
-    (tmp_path / "mirror").mkdir()
-    shutil.copytree(ROOT / "models" / "tiny" / "tiny-opt", tmp_path / "truncated")  # half its weights file
-    weights = tmp_path / "truncated" / "model.safetensors"
+    names = {k: str(v) for k, v in files.items()} | {"mirror": str(base / "mirror"), "truncated": str(base / "truncated")}
+    (base / "mirror").mkdir()
+    shutil.copytree(ROOT / "models" / "tiny" / "tiny-opt", base / "truncated")  # half its weights file
+    weights = base / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    out = tmp_path / "outputs"
-    proc = run_cli(*[a.format(**names) for a in args], f"output_root={out}", "sweep=data", "dense_baseline=true")
+    commands = [[*(a.format(**names) for a in args), f"output_root={base / f'out{i}'}", "sweep=data",
+                 "dense_baseline=true"] for i, (args, _) in enumerate(UNUSABLE_DATA)]
+    runs = run_cli_batch(commands, base)
+    by_case = {tuple(args): (runs[tuple(c)], base / f"out{i}") for i, ((args, _), c) in
+               enumerate(zip(UNUSABLE_DATA, commands, strict=True))}
+    return by_case, names
+
+
+@pytest.mark.parametrize("args,message", UNUSABLE_DATA)
+def test_unusable_data_exits_2_before_any_record_or_model(unusable_data_runs, args, message):
+    """Calibration and evaluation texts are read and tokenized before the dense baseline or the model: an empty,
+    too short or binary text, or more windows than the text holds, is one line naming the key, and nothing is
+    written under output_root."""
+    runs, names = unusable_data_runs
+    proc, out = runs[tuple(args)]
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("prunelab: error:") and message.format(**names) in lines[0], \

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import subprocess
 import sys
@@ -29,8 +30,7 @@ def weights(record_path):
 
 
 @pytest.mark.parametrize("pruner,onload", [("sparsegpt", False), ("sparsegpt", True)])  # (Wanda: the same engine path)
-def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstopped_run(pruner, onload, tmp_path,
-                                                                                       caplog):
+def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstopped_run(pruner, onload, tmp_path):
     """(Also onloaded, engine.onload=true: the pruned blocks written before the kill stay in the partial checkpoint.)"""
     args = [*COMMON, f"pruner={pruner}", f"engine.onload={str(onload).lower()}"]
     whole = execute(compose(*args[:-1], f"output_root={tmp_path / 'whole'}"))  # (in memory, not resumable: as usual)
@@ -42,9 +42,18 @@ def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstop
     assert json.loads((partial / "progress.json").read_text())["done"] == 2
     assert not list(partial.parent.glob("result.json"))  # no record from a killed run
 
-    with caplog.at_level(logging.INFO, logger="prunelab"):
+    logger = logging.getLogger("prunelab")  # (its own handler: whatever another test did to propagation or levels)
+    seen = logging.handlers.BufferingHandler(10_000)
+    was = logger.level, logger.disabled
+    logger.addHandler(seen)
+    logger.setLevel(logging.INFO)
+    logger.disabled = False
+    try:
         resumed = execute(compose(*args, "engine.resume=true", f"output_root={tmp_path / 'resumed'}"))
-    assert "resuming the prune at block 2 of 4" in caplog.text
+    finally:
+        logger.removeHandler(seen)
+        logger.level, logger.disabled = was
+    assert any("resuming the prune at block 2 of 4" in r.getMessage() for r in seen.buffer)
     assert not partial.exists()  # done: the kept blocks go
     assert resumed["run_id"] == whole["run_id"]
     assert resumed["metrics"]["ppl"] == whole["metrics"]["ppl"]
