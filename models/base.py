@@ -219,15 +219,40 @@ class Adapter(abc.ABC):
                 raise ValueError(f"sparsity=heads: model family '{self.family}' has no attention heads")
         return groups
 
-    def unit_parameters(self, attention_only: bool = False) -> int:
-        """Parameters owned by removable units, what a structured ``ratio`` counts (:attr:`unit_scope`; the attention
-        units' alone with ``attention_only``, what a ``heads`` ratio counts)."""
+    def unit_parameters(self, scope: str = "all") -> int:
+        """Parameters owned by removable units, what a structured ``ratio`` counts (``scope``, as
+        :attr:`pruners.masks.Pattern.unit_scope`: ``"all"``: :attr:`unit_scope`; ``"attention"``: the attention units'
+        alone, what a ``heads`` ratio counts; ``"experts"``: the MoE layers' experts with their router rows)."""
+        if scope == "experts":
+            return sum(self.expert_parameters(block) for block in self.blocks())
         return sum(g.count * g.params_per_unit(block) for block in self.blocks()
-                   for g in self.structure_groups(block, attention_only=attention_only))
+                   for g in self.structure_groups(block, attention_only=scope == "attention"))
 
     def block_counts(self, block: nn.Module) -> dict[str, int]:
-        """Units of every kind this block has now (after any removal)."""
-        return {g.kind: g.count for g in self.unit_groups(block)}
+        """Units of every kind this block has now (after any removal; MoE layers: ``expert`` too)."""
+        counts = {g.kind: g.count for g in self.unit_groups(block)}
+        if self.expert_count(block):
+            counts["expert"] = self.expert_count(block)
+        return counts
+
+    # --- mixture-of-experts layers (sparsity=experts; models/moe.py) ------------------------------------------
+    def expert_count(self, block: nn.Module) -> int:
+        """How many experts the block's MoE layer has now; 0: no MoE layer (every block of a dense family)."""
+        return 0
+
+    def expert_parameters(self, block: nn.Module) -> int:
+        """Parameters of the block's experts and their router rows (what an ``experts`` ratio counts)."""
+        return 0
+
+    def moe_paths(self, block: nn.Module) -> tuple[str, list[str]] | None:
+        """``(router, [expert 0's output module, ...])``, paths relative to the block, of its MoE layer; None: none.
+        The router returns ``(logits [tokens, experts], applied weights [tokens, k], expert indices [tokens, k])``
+        (transformers 5); expert ``e``'s output module sees the tokens routed to it, in ascending token order."""
+        return None
+
+    def remove_experts(self, block: nn.Module, keep) -> None:
+        """Delete every expert of the block's MoE layer not in ``keep`` (indices), with its router row."""
+        raise NotImplementedError(f"model family '{self.family}' has no experts")
 
     def check_removal(self, block: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
         """Raise ValueError if keeping only ``keep`` of ``group`` leaves an invalid block (family rules)."""

@@ -12,8 +12,11 @@ By default the router (a parameter of its own module, not a linear) stays dense,
 shared experts (not handled here). An expert that saw no calibration token has no statistics: its linears are
 pruned by weight magnitude at the same pattern (per row: Wanda's choice with equal input norms) and listed in the
 record (``sparsity.uncalibrated_modules``). Structural units: the attention's KV groups / query heads (as LLaMA);
-experts' neurons and whole experts are not units yet. Qwen3-MoE layers listed in ``mlp_only_layers`` (or off the
-``decoder_sparse_step``) keep a dense SwiGLU MLP, handled as LLaMA's.
+experts' neurons are not units yet. Whole experts go with ``sparsity=experts`` (:meth:`MoEAdapter.remove_experts`:
+the expert's linears and its router row; docs/methods.md §13): removing an expert is exactly routing as if its router
+logit were ``-inf`` (both the Mixtral / ``norm_topk_prob`` renormalisation over the top-k and Qwen3-MoE's plain
+softmax see the same probabilities over the experts left). Qwen3-MoE layers listed in ``mlp_only_layers`` (or off
+the ``decoder_sparse_step``) keep a dense SwiGLU MLP, handled as LLaMA's.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ class ExpertLinears(nn.ModuleList):
             experts.append(expert)
         super().__init__(experts)
         self._act = (fused.act_fn,)  # (held outside the module tree: the list's entries are the experts only)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the experts ``indices`` (ascending), renumbered ``0..len-1`` in that order."""
+        kept = [self[i] for i in indices]
+        self._modules.clear()
+        for j, expert in enumerate(kept):
+            self._modules[str(j)] = expert
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)
@@ -88,6 +98,61 @@ class MoEAdapter(LlamaAdapter):
     def unit_groups(self, block):
         """A MoE layer's units: its attention's (experts' neurons and whole experts are not units yet)."""
         return super().unit_groups(block) if self._experts(block) is None else self.attention_unit_groups(block)
+
+    def expert_count(self, block):
+        experts = self._experts(block)
+        return 0 if experts is None else len(experts)
+
+    def expert_parameters(self, block):
+        experts = self._experts(block)
+        if experts is None:
+            return 0
+        return sum(p.numel() for p in experts.parameters()) + block.mlp.gate.weight.numel()
+
+    def expert_layout(self) -> tuple[int, int]:
+        """``(experts per MoE layer, experts each token is routed to)`` from the config (a meta model too)."""
+        count = getattr(self.config, "num_local_experts", None) or self.config.num_experts
+        return int(count), int(self.config.num_experts_per_tok)
+
+    def moe_paths(self, block):
+        experts = self._experts(block)
+        if experts is None:
+            return None
+        return "mlp.gate", [f"mlp.experts.{e}.down_proj" for e in range(len(experts))]
+
+    def remove_experts(self, block, keep):
+        experts = self._experts(block)
+        keep = sorted({int(i) for i in torch.as_tensor(keep).flatten().tolist()})
+        if experts is None:
+            raise ValueError("this block has no MoE layer")
+        if keep and (keep[0] < 0 or keep[-1] >= len(experts)):
+            raise ValueError(f"expert indices must be in [0, {len(experts)})")
+        gate = block.mlp.gate
+        if len(keep) < gate.top_k:
+            raise ValueError(f"keeping {len(keep)} experts of a layer that routes every token to {gate.top_k} "
+                             f"is not possible")
+        if len(keep) == len(experts):
+            return
+        index = torch.tensor(keep, device=gate.weight.device)
+        for name, param in list(gate.named_parameters(recurse=False)):  # the router's rows (a bias too, if any)
+            setattr(gate, name, nn.Parameter(param.data.index_select(0, index).contiguous(),
+                                             requires_grad=param.requires_grad))
+        gate.num_experts = len(keep)
+        experts.keep(keep)
+
+    def restructure(self, block, counts):
+        counts = dict(counts)
+        experts = counts.pop("expert", None)
+        if experts is not None and experts != self.expert_count(block):
+            self.remove_experts(block, range(experts))  # (only the count matters: the weights are loaded after)
+        super().restructure(block, counts)
+
+    def config_for_counts(self, counts):
+        fields = super().config_for_counts(counts)
+        if fields is not None and "expert" in counts:
+            key = "num_local_experts" if hasattr(self.config, "num_local_experts") else "num_experts"
+            fields[key] = counts["expert"]
+        return fields
 
     def _fused_names(self) -> dict[str, tuple[int, int]]:
         prefix = self.blocks_prefix()

@@ -52,18 +52,18 @@ def sparsity_deviation(overall: float, target: float, kind: str, uniform: bool, 
     return out
 
 
-def unit_counts(model, adapter, attention_only: bool = False) -> dict:
-    """Parameter and unit counts; ``unit_parameters``: those a structured ratio counts (``attention_only``: the
-    attention units' alone, what a ``heads`` ratio counts)."""
+def unit_counts(model, adapter, scope: str = "all") -> dict:
+    """Parameter and unit counts; ``unit_parameters``: those a structured ratio counts (``scope``:
+    :attr:`pruners.masks.Pattern.unit_scope`: the attention units' alone for ``heads``, the experts for ``experts``)."""
     return {"parameters": sum(p.numel() for p in model.parameters()),
-            "unit_parameters": adapter.unit_parameters(attention_only),
+            "unit_parameters": adapter.unit_parameters(scope),
             "blocks": [adapter.block_counts(block) for block in adapter.blocks()]}
 
 
 def structure_section(model, adapter, pattern: Pattern, before: dict, module_results: dict) -> tuple[dict, dict]:
     """Structured runs: parameter counts before / after, per-block kept units (and which), and the
     sparsity section in the same terms (removed fraction of the unit-owned parameters)."""
-    after = unit_counts(model, adapter, pattern.attention_only)
+    after = unit_counts(model, adapter, pattern.unit_scope)
     removed = 1 - after["unit_parameters"] / before["unit_parameters"]
     prefix = adapter.blocks_prefix()
     blocks = []
@@ -75,7 +75,7 @@ def structure_section(model, adapter, pattern: Pattern, before: dict, module_res
         blocks.append(entry)
     structure = {"parameters_before": before["parameters"], "parameters_after": after["parameters"],
                  "unit_parameters_before": before["unit_parameters"], "unit_parameters_after": after["unit_parameters"],
-                 "unit_scope": "attention" if pattern.attention_only else adapter.unit_scope,
+                 "unit_scope": adapter.unit_scope if pattern.unit_scope == "all" else pattern.unit_scope,
                  "removed_fraction": round(removed, 6), "blocks": blocks}
     sparsity = {"target": pattern.ratio, "overall": round(removed, 6),
                 "prunable_parameters": before["unit_parameters"],

@@ -82,7 +82,7 @@ def _statistics_pass(adapter: Adapter, block: nn.Module, inputs: BlockInputs, st
 def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of, statistic,
                 settings: EngineSettings | None = None, propagate: str = "pruned", desc: str = "blocks",
                 start: int = 0, start_batches: list[torch.Tensor] | None = None, after_block=None,
-                stop_after=None):
+                stop_after=None, observe=None):
     """Yield ``(index, block, stats)`` for every block in order, the block on ``settings.device``.
 
     ``taps_of(block)`` maps keys to ``(Tap, width)``: each gets a ``statistic(width, device, stats_dtype)``
@@ -100,6 +100,10 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
     ``propagate="pruned"`` the statistics pass stops there (the block's outputs are computed after the change
     anyway): the same statistics, less of the forward (SparseGPT on SmolLM2: the down projection's product).
     A tap the stopped forward never reached fails the block as below.
+
+    ``observe(block)``: hooks of the method's own for the statistics pass, where one statistic pairs several modules'
+    tensors of the same forward (an MoE router's choices with its experts' outputs: :mod:`pruners.expert_drop`);
+    it returns their handles, removed after the pass.
     """
     settings = settings or EngineSettings()
     device, batch_size, stats_dtype, progress = settings.device, settings.batch_size, settings.stats_dtype, settings.progress
@@ -121,6 +125,8 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
             for key, (tap, width) in taps.items():
                 stats[key] = statistic(width, device, stats_dtype)
                 handles.append(_hook(block.get_submodule(tap.module), tap, stats[key], stop=stopped and key == stop_after))
+            if observe is not None:
+                handles += observe(block)
             try:
                 dense_outputs = _statistics_pass(adapter, block, inputs, stopped)
             finally:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-RATIO_KINDS = ("unstructured", "structured", "heads", "rowcol")  # the kinds set by sparsity.ratio
-PATTERN_KINDS = ("unstructured", "nm", "structured", "heads", "rowcol")
+RATIO_KINDS = ("unstructured", "structured", "heads", "rowcol", "experts")  # the kinds set by sparsity.ratio
+PATTERN_KINDS = ("unstructured", "nm", "structured", "heads", "rowcol", "experts")
 UNIT_KINDS = ("structured", "heads")  # the kinds that remove whole units (structured pruners)
-_LABEL_SUFFIX = {"structured": " struct", "heads": " heads", "rowcol": " rowcol"}  # after the percentage
+SHRINKING_KINDS = (*UNIT_KINDS, "experts")  # the kinds whose matrices shrink (experts: whole MoE experts go)
+_LABEL_SUFFIX = {"structured": " struct", "heads": " heads", "rowcol": " rowcol", "experts": " experts"}
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,9 @@ class Pattern:
     attention + MLP parameters removed as whole heads / channels (structured pruners only), heads: ``ratio`` of the
     attention heads (KV groups under GQA) removed, the MLPs untouched (structured pruners), or rowcol: ``ratio`` of
     the targeted weights removed as whole rows and columns of the linears, zeroed (the LLM Surgeon's structured
-    mode)."""
+    mode), or experts: ``ratio`` of every mixture-of-experts layer's experts removed with their router rows."""
 
-    kind: str  # "unstructured" | "nm" | "structured" | "heads" | "rowcol"
+    kind: str  # "unstructured" | "nm" | "structured" | "heads" | "rowcol" | "experts"
     ratio: float = 0.0
     n: int | None = None
     m: int | None = None
@@ -37,8 +38,14 @@ class Pattern:
 
     @property
     def removes_units(self) -> bool:
-        """Whether whole units go (the matrices shrink): structured and heads."""
-        return self.kind in UNIT_KINDS
+        """Whether whole units go (the matrices shrink): structured, heads and experts."""
+        return self.kind in SHRINKING_KINDS
+
+    @property
+    def unit_scope(self) -> str:
+        """What a ratio of removed units counts: ``"all"`` (the attention + MLP units), ``"attention"`` (``heads``)
+        or ``"experts"`` (the MoE layers' experts)."""
+        return {"heads": "attention", "experts": "experts"}.get(self.kind, "all")
 
     @property
     def attention_only(self) -> bool:
@@ -74,7 +81,7 @@ class Pattern:
 
 def pattern_label(kind: str, ratio: float | None = None, n: int | None = None, m: int | None = None) -> str:
     """The one label of a pattern: ``dense``, ``50%`` (unstructured), ``2:4`` (N:M), ``30% struct`` (structured),
-    ``20% heads`` (attention heads only), ``30% rowcol`` (rows and columns).
+    ``20% heads`` (attention heads only), ``30% rowcol`` (rows and columns), ``25% experts`` (MoE experts).
     A ratio prints with as many digits as it has (``69.5%``), so two ratios never share a label."""
     if kind == "dense":
         return "dense"
@@ -111,7 +118,7 @@ def parse_pattern_label(label: str) -> dict:
             raise ValueError
     except ValueError:
         raise ValueError(f"pattern label '{label}' is not one of the forms: dense, 50%, 2:4, 30% struct, "
-                         f"20% heads, 30% rowcol") from None
+                         f"20% heads, 30% rowcol, 25% experts") from None
     out = {"kind": kind, "ratio": ratio, "n": None, "m": None}
     if pattern_label(**out) != text:  # e.g. '050%', '50.0%': not the canonical spelling
         raise ValueError(f"pattern label '{label}': write it as '{pattern_label(**out)}'")
@@ -120,7 +127,7 @@ def parse_pattern_label(label: str) -> dict:
 
 def pattern_slug(label: str) -> str:
     """A label in file and run-id form: ``50pct``, ``2of4``, ``30pct-struct``, ``20pct-heads``, ``30pct-rowcol``,
-    ``dense``."""
+    ``25pct-experts``, ``dense``."""
     return label.replace("%", "pct").replace(":", "of").replace(" ", "-")
 
 

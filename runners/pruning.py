@@ -76,7 +76,7 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
     the sweep cache of calibration windows and OWL's outlier ratios (runners/reuse.py)."""
     model, adapter = loaded.model, loaded.adapter
     prunes = plan.pruner.removes_weights
-    before = unit_counts(model, adapter, plan.pattern.attention_only) if prunes and plan.pattern.removes_units else None
+    before = unit_counts(model, adapter, plan.pattern.unit_scope) if prunes and plan.pattern.removes_units else None
     t = time.perf_counter()
     calib_ids, calibration = None, None
     if plan.calibrates:

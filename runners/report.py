@@ -336,7 +336,7 @@ def method_order(methods) -> list[str]:
 def pattern_order(patterns) -> list[str]:
     """Dense, unstructured by ratio, N:M by ratio (larger groups after), structured by ratio, rows + columns by
     ratio."""
-    rank = {"dense": 0, "unstructured": 1, "nm": 2, "structured": 3, "heads": 4, "rowcol": 5}
+    rank = {"dense": 0, "unstructured": 1, "nm": 2, "structured": 3, "heads": 4, "rowcol": 5, "experts": 6}
 
     def key(p: str):
         parsed = parse_pattern_label(p)

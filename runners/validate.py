@@ -172,7 +172,9 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
         if pruner.families is not None and family not in pruner.families:
             raise ConfigError(f"pruner '{pruner.name}' drives {', '.join(pruner.families)} models, not {family} "
                               f"(model.path={cfg.model.path})")
-        if pattern.removes_units and not models.adapter_class(model_type).has_units:
+        if pattern.kind == "experts":  # whole MoE experts (pruner=expert_drop, MoE families only): keep top-k per layer
+            _check_experts(cfg, pattern)
+        elif pattern.removes_units and not models.adapter_class(model_type).has_units:
             raise ConfigError(f"sparsity.kind={pattern.kind}: {models.adapter_class(model_type).family} models have "
                               f"no structural units yet (unstructured and N:M only)")
         if cfg.engine.get("onload"):
@@ -477,3 +479,14 @@ def check_writable(cfg: DictConfig) -> None:
             pass
     except OSError as err:
         raise ConfigError(f"output_root={cfg.output_root}: cannot write there ({err.strerror or err})") from None
+
+
+def _check_experts(cfg, pattern) -> None:
+    """``sparsity=experts``: a ratio that leaves every MoE layer the experts each token is routed to."""
+    from pruners.expert_drop import experts_removed
+
+    count, top_k = models.loading.meta_adapter(cfg.model).expert_layout()
+    try:
+        experts_removed(pattern.ratio, count, top_k)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

@@ -16,6 +16,9 @@ NEEDS = {("model", "local"): ["model.path=bundled:tiny-opt", "model.seqlen=256"]
          ("pruner", "unit_baseline"): ["sparsity=structured"], ("pruner", "wanda_sp"): ["sparsity=structured"],
          ("pruner", "llm_pruner"): ["sparsity=structured"], ("sparsity", "heads"): ["pruner=flap"],
          ("sparsity", "rowcol"): ["pruner=surgeon"],  # rows + columns: the Kronecker-factored methods only
+         # whole experts: mixture-of-experts models only
+         ("pruner", "expert_drop"): ["sparsity=experts", "model=mixtral-8x7b"],
+         ("sparsity", "experts"): ["pruner=expert_drop", "model=qwen3-30b-a3b"],
          # a (stand-in) checkout of the reference code
          **{("pruner", p): ["pruner.path={checkout}"] for p in ("surgeon_reference", "sparsegpt_reference",
                                                                 "wanda_reference")},

@@ -89,3 +89,126 @@ def test_an_expert_no_token_reaches_is_pruned_by_magnitude_and_reported(moe, cap
     _, sparsity = account(moe, adapter, Pattern("unstructured", 0.5), Allocation(), True, None, results, None)
     assert len(sparsity["uncalibrated_modules"]) == 6 * len(layers)
     assert sparsity["overall"] == pytest.approx(0.5, abs=1e-3)
+
+
+# --- whole experts (sparsity=experts, pruner=expert_drop; pruners/expert_drop.py) -----------------------------------
+
+
+def _route_around(model, adapter, removed: dict):
+    """Hooks that make each router answer as if the experts ``removed[block index]`` had logit -inf (the test's own
+    routing: softmax over all experts, top-k, renormalised where the family does)."""
+    normalise = getattr(model.config, "norm_topk_prob", True)  # (Mixtral always renormalises)
+    handles = []
+    for index, block in enumerate(adapter.blocks()):
+        if index not in removed:
+            continue
+
+        def hook(module, args, out, gone=removed[index]):
+            logits = out[0].masked_fill(torch.isin(torch.arange(out[0].shape[-1]), torch.tensor(gone)), float("-inf"))
+            top, chosen = torch.topk(torch.softmax(logits.float(), -1), module.top_k, dim=-1)
+            if normalise:
+                top = top / top.sum(-1, keepdim=True)
+            return logits, top.to(out[1].dtype), chosen
+
+        handles.append(block.mlp.gate.register_forward_hook(hook))
+    return handles
+
+
+def test_removing_experts_routes_as_if_their_logits_were_minus_infinity_and_reloads_equal(moe, tmp_path):
+    """Removal with the router's rows is exact (logits and KV-cached generation), with a different expert count per
+    layer (Mixtral: 2 and 3 of 4 kept; Qwen3-MoE: its one MoE layer, beside a dense one), and the pruned checkpoint
+    reloads equal."""
+    from models import checkpoint
+
+    adapter = adapter_for(moe)
+    moe_blocks = [i for i, b in enumerate(adapter.blocks()) if adapter.expert_count(b)]
+    removed = {i: [1, 3][: 2 - n] for n, i in enumerate(moe_blocks)} if len(moe_blocks) > 1 else {moe_blocks[0]: [0, 2]}
+    prompt = ids(1, 6)
+    with torch.no_grad():
+        handles = _route_around(moe, adapter, removed)
+        expected = moe(input_ids=ids(2)).logits
+        expected_tokens = moe.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for handle in handles:
+            handle.remove()
+        assert not torch.allclose(moe(input_ids=ids(2)).logits, expected)  # (the removal changes the model)
+        for i, gone in removed.items():
+            adapter.remove_experts(adapter.blocks()[i], [e for e in range(4) if e not in gone])
+        torch.testing.assert_close(moe(input_ids=ids(2)).logits, expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(moe.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), expected_tokens)
+    counts = [adapter.block_counts(b).get("expert") for b in adapter.blocks()]
+    assert counts == ([2, 3] if len(moe_blocks) > 1 else [None, 2])
+    assert [adapter.blocks()[i].mlp.gate.weight.shape[0] for i in moe_blocks] == [c for c in counts if c]
+    checkpoint.save_pruned(moe, None, tmp_path, adapter)
+    reloaded, _ = checkpoint.load_pruned(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids(2)).logits, moe(input_ids=ids(2)).logits)
+    with pytest.raises(ValueError, match="keeping 1 experts of a layer that routes every token to 2"):
+        adapter.remove_experts(adapter.blocks()[moe_blocks[-1]], [0])
+
+
+def test_expert_saliency_equals_a_token_by_token_computation(moe):
+    """REAP, frequency, routing weight and EAN from the hooks equal a direct loop over every token and its top-k
+    experts: the router's softmax probability times the norm of the expert's own output on that token."""
+    from pruners.expert_drop import ExpertSaliency, observe_experts
+
+    adapter = adapter_for(moe)
+    index = next(i for i, b in enumerate(adapter.blocks()) if adapter.expert_count(b))
+    block = adapter.blocks()[index]
+    inputs = []
+    saliency: dict = {}
+    handles = observe_experts(adapter, block, saliency)
+    handles.append(block.mlp.register_forward_pre_hook(lambda m, args: inputs.append(args[0])))
+    with torch.no_grad():
+        moe(input_ids=ids(3))
+        for handle in handles:
+            handle.remove()
+        x = inputs[0].reshape(-1, inputs[0].shape[-1])
+        probs = torch.softmax(torch.nn.functional.linear(x, block.mlp.gate.weight).double(), -1)
+        chosen = torch.topk(probs, block.mlp.gate.top_k, dim=-1).indices
+        expected = ExpertSaliency(4)
+        for t in range(x.shape[0]):
+            for e in chosen[t].tolist():
+                expert = block.mlp.experts[e]
+                y = expert.down_proj(torch.nn.functional.silu(expert.gate_proj(x[t])) * expert.up_proj(x[t]))
+                norm = y.double().norm()
+                expected.count[e] += 1
+                expected.prob[e] += probs[t, e]
+                expected.norm[e] += norm
+                expected.weighted_norm[e] += probs[t, e] * norm
+    assert int(saliency[0].count.sum()) == x.shape[0] * 2
+    for criterion in ("reap", "frequency", "routing_weight", "ean"):
+        torch.testing.assert_close(saliency[0].scores(criterion), expected.scores(criterion), rtol=1e-5, atol=1e-7)
+
+
+def test_expert_drop_through_the_runner_and_what_it_refuses(tmp_path):
+    """pruner=expert_drop sparsity=experts from a local Mixtral folder: half of every layer's experts go, the lowest
+    REAP scores, recorded as units; refused before work: a family without experts, a ratio leaving fewer experts than
+    each token is routed to, a pruner that cannot remove experts (every other one)."""
+    from transformers import AutoTokenizer
+
+    from models.loading import TINY_DIR
+    from runners.run import execute
+    from runners.validate import ConfigError, validate
+
+    from .conftest import compose
+
+    torch.manual_seed(0)
+    folder = tmp_path / "mixtral"
+    model = mixtral()
+    model.save_pretrained(folder, state_dict=adapter_for(model).native_state(model.state_dict()))
+    AutoTokenizer.from_pretrained(TINY_DIR / "tiny-llama").save_pretrained(folder)
+    common = ["model=local", f"model.path={folder}", "model.seqlen=64", "calib.nsamples=4", "eval.ppl.max_windows=2",
+              f"output_root={tmp_path / 'out'}", "wandb.mode=disabled", "progress=false", "speed.mode=never"]
+    record = execute(compose(*common, "pruner=expert_drop", "sparsity=experts", "sparsity.ratio=0.5"))
+    structure = record["structure"]
+    assert record["pattern"]["label"] == "50% experts" and structure["unit_scope"] == "experts"
+    assert [b["expert"]["kept"] for b in structure["blocks"]] == [2, 2]
+    assert all(len(b["expert"]["kept_units"]) == 2 for b in structure["blocks"])
+    assert structure["removed_fraction"] == pytest.approx(0.5)
+    assert structure["parameters_before"] - structure["parameters_after"] == 2 * 2 * (3 * 64 * 128 + 64)
+    with pytest.raises(ConfigError, match="sparsity.ratio=0.75 removes 3 of 4 experts per layer, leaving fewer than"):
+        validate(compose(*common, "pruner=expert_drop", "sparsity=experts", "sparsity.ratio=0.75"))
+    with pytest.raises(ConfigError, match="pruner 'flap' does not support sparsity kind 'experts'"):
+        validate(compose(*common, "pruner=flap", "sparsity=experts"))
+    with pytest.raises(ConfigError, match="pruner 'expert_drop' drives moe models, not llama"):
+        validate(compose("model=tiny-llama", "pruner=expert_drop", "sparsity=experts"))

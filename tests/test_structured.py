@@ -248,7 +248,7 @@ def test_heads_pattern_removes_attention_units_only(family, pruner):
     loaded = load_tiny(family)
     adapter = loaded.adapter
     before = [adapter.block_counts(b) for b in adapter.blocks()]
-    attention_before = adapter.unit_parameters(attention_only=True)
+    attention_before = adapter.unit_parameters("attention")
     calib = corpora.calibration_windows(loaded.tokenizer, "bundled", 4, 64, seed=0).ids
     keys = {"allocation": "uniform"} if pruner in ("flap", "numerical") else {}  # (per block, to count)
     build_pruner({"name": pruner, **keys}).prune(loaded.model, adapter, Pattern("heads", 0.5), calib,
@@ -258,7 +258,7 @@ def test_heads_pattern_removes_attention_units_only(family, pruner):
         assert now["mlp_neuron"] == was["mlp_neuron"]
         attention = "kv_group" if "kv_group" in was else "attention_head"
         assert now[attention] == was[attention] // 2
-    assert adapter.unit_parameters(attention_only=True) == attention_before // 2
+    assert adapter.unit_parameters("attention") == attention_before // 2
     assert torch.isfinite(logits(loaded.model)).all()
 
 
