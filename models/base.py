@@ -223,6 +223,8 @@ class Adapter(abc.ABC):
         """Parameters owned by removable units, what a structured ``ratio`` counts (``scope``, as
         :attr:`pruners.masks.Pattern.unit_scope`: ``"all"``: :attr:`unit_scope`; ``"attention"``: the attention units'
         alone, what a ``heads`` ratio counts; ``"experts"``: the MoE layers' experts with their router rows)."""
+        if scope not in ("all", "attention", "experts"):
+            raise ValueError(f"unit scope '{scope}' is not one of: all, attention, experts")
         if scope == "experts":
             return sum(self.expert_parameters(block) for block in self.blocks())
         return sum(g.count * g.params_per_unit(block) for block in self.blocks()
@@ -306,6 +308,12 @@ class Adapter(abc.ABC):
 
     def resized(self, block: nn.Module, kind: str, count: int) -> None:  # noqa: B027 (an optional hook)
         """Family hook: update per-layer size attributes after ``kind`` now has ``count`` units."""
+
+    def config_update(self, blocks: list[dict[str, int]]) -> dict | None:
+        """Config fields that make a fresh model of this family have the unit counts ``blocks`` (one dict per block,
+        :meth:`block_counts`), or None where its config cannot express them: here, every block alike
+        (:meth:`config_for_counts`)."""
+        return self.config_for_counts(blocks[0]) if all(c == blocks[0] for c in blocks) else None
 
     def config_for_counts(self, counts: dict[str, int]) -> dict | None:
         """Config fields that make a fresh model of this family have ``counts`` units in every block,

@@ -33,8 +33,7 @@ def structure_of(adapter: Adapter) -> dict:
     added = [f"{prefix}.{i}.{name}" for i, block in enumerate(adapter.blocks())
              for name, module in block.named_modules() if getattr(module, "prunelab_added_bias", False)]
     blocks = [adapter.block_counts(block) for block in adapter.blocks()]
-    uniform = all(counts == blocks[0] for counts in blocks)
-    config_update = adapter.config_for_counts(blocks[0]) if uniform and not added else None
+    config_update = adapter.config_update(blocks) if not added else None
     return {"format": FORMAT, "model_type": adapter.config.model_type, "family": adapter.family,
             "blocks": blocks, "added_biases": added, "plain_from_pretrained": config_update is not None,
             "config_update": config_update}

@@ -96,7 +96,8 @@ class MoEAdapter(LlamaAdapter):
         return groups
 
     def unit_groups(self, block):
-        """A MoE layer's units: its attention's (experts' neurons and whole experts are not units yet)."""
+        """A MoE layer's units: its attention's (experts' neurons are not units yet; whole experts go with
+        :meth:`remove_experts`, ``sparsity=experts``)."""
         return super().unit_groups(block) if self._experts(block) is None else self.attention_unit_groups(block)
 
     def expert_count(self, block):
@@ -139,6 +140,12 @@ class MoEAdapter(LlamaAdapter):
                                              requires_grad=param.requires_grad))
         gate.num_experts = len(keep)
         experts.keep(keep)
+        counts = {self.expert_count(b) for b in self.blocks() if self._experts(b) is not None}
+        if len(counts) == 1:  # every MoE layer alike again: the config says so (the load-balancing loss reads it)
+            setattr(self.config, self._expert_field(), counts.pop())
+
+    def _expert_field(self) -> str:
+        return "num_local_experts" if hasattr(self.config, "num_local_experts") else "num_experts"
 
     def restructure(self, block, counts):
         counts = dict(counts)
@@ -150,9 +157,23 @@ class MoEAdapter(LlamaAdapter):
     def config_for_counts(self, counts):
         fields = super().config_for_counts(counts)
         if fields is not None and "expert" in counts:
-            key = "num_local_experts" if hasattr(self.config, "num_local_experts") else "num_experts"
-            fields[key] = counts["expert"]
+            fields[self._expert_field()] = counts["expert"]
         return fields
+
+    def config_update(self, blocks):
+        """As every family's, with Qwen3-MoE's dense layers (``mlp_only_layers``) beside its MoE layers: the config
+        expresses one count of MLP neurons for the dense layers, one of experts for the MoE layers, and one attention
+        layout for all."""
+        moe = [c for c in blocks if "expert" in c]
+        dense = [c for c in blocks if "expert" not in c]
+        if not moe or not dense:
+            return super().config_update(blocks)
+        if any(c != moe[0] for c in moe) or any(c != dense[0] for c in dense):
+            return None
+        attention = {k: v for k, v in moe[0].items() if k != "expert"}
+        if {k: v for k, v in dense[0].items() if k != "mlp_neuron"} != attention:
+            return None
+        return self.config_for_counts({**dense[0], "expert": moe[0]["expert"]})
 
     def _fused_names(self) -> dict[str, tuple[int, int]]:
         prefix = self.blocks_prefix()

@@ -34,7 +34,7 @@ def shrink_silent_units(model: nn.Module, adapter: Adapter) -> dict:
     blocks = []
     for block in adapter.blocks():
         counts = adapter.block_counts(block)
-        for kind in list(counts):
+        for kind in [g.kind for g in adapter.unit_groups(block)]:  # (not an MoE layer's experts: never silent here)
             group = adapter.unit_group(block, kind)  # as the block is after the removals before it
             silent = silent_units(adapter, block, group)
             if not silent.any():

@@ -334,8 +334,8 @@ def method_order(methods) -> list[str]:
 
 
 def pattern_order(patterns) -> list[str]:
-    """Dense, unstructured by ratio, N:M by ratio (larger groups after), structured by ratio, rows + columns by
-    ratio."""
+    """Dense, unstructured by ratio, N:M by ratio (larger groups after), structured, heads, rows + columns, then
+    whole experts, each by ratio."""
     rank = {"dense": 0, "unstructured": 1, "nm": 2, "structured": 3, "heads": 4, "rowcol": 5, "experts": 6}
 
     def key(p: str):

@@ -173,7 +173,7 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
             raise ConfigError(f"pruner '{pruner.name}' drives {', '.join(pruner.families)} models, not {family} "
                               f"(model.path={cfg.model.path})")
         if pattern.kind == "experts":  # whole MoE experts (pruner=expert_drop, MoE families only): keep top-k per layer
-            _check_experts(cfg, pattern)
+            _check_experts(cfg, pattern, pruner, model_path)
         elif pattern.removes_units and not models.adapter_class(model_type).has_units:
             raise ConfigError(f"sparsity.kind={pattern.kind}: {models.adapter_class(model_type).family} models have "
                               f"no structural units yet (unstructured and N:M only)")
@@ -481,12 +481,19 @@ def check_writable(cfg: DictConfig) -> None:
         raise ConfigError(f"output_root={cfg.output_root}: cannot write there ({err.strerror or err})") from None
 
 
-def _check_experts(cfg, pattern) -> None:
-    """``sparsity=experts``: a ratio that leaves every MoE layer the experts each token is routed to."""
+def _check_experts(cfg, pattern, pruner, model_path) -> None:
+    """``sparsity=experts``: a ratio that leaves every MoE layer the experts each token is routed to (a pruned
+    checkpoint: its layers' counts now, from its structure file)."""
+    import json
+
+    from models.checkpoint import STRUCTURE_FILE, is_pruned_checkpoint
     from pruners.expert_drop import experts_removed
 
     count, top_k = models.loading.meta_adapter(cfg.model).expert_layout()
+    if model_path is not None and is_pruned_checkpoint(model_path):
+        blocks = json.loads((Path(model_path) / STRUCTURE_FILE).read_text())["blocks"]
+        count = min((b["expert"] for b in blocks if "expert" in b), default=count)
     try:
-        experts_removed(pattern.ratio, count, top_k)
+        experts_removed(pattern.ratio, count, top_k, getattr(pruner, "rounding", "floor"))
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -138,17 +138,29 @@ def test_removing_experts_routes_as_if_their_logits_were_minus_infinity_and_relo
     counts = [adapter.block_counts(b).get("expert") for b in adapter.blocks()]
     assert counts == ([2, 3] if len(moe_blocks) > 1 else [None, 2])
     assert [adapter.blocks()[i].mlp.gate.weight.shape[0] for i in moe_blocks] == [c for c in counts if c]
-    checkpoint.save_pruned(moe, None, tmp_path, adapter)
+    structure = checkpoint.save_pruned(moe, None, tmp_path, adapter)
     reloaded, _ = checkpoint.load_pruned(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids(2)).logits, moe(input_ids=ids(2)).logits)
+    # one count in every MoE layer (Qwen3-MoE: beside its dense layer): the config says it, in memory and on disk
+    assert structure["plain_from_pretrained"] == (len(moe_blocks) == 1)
+    if len(moe_blocks) == 1:
+        from transformers import AutoModelForCausalLM
+
+        assert moe.config.num_experts == 2
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(input_ids=ids(2)).logits, moe(input_ids=ids(2)).logits)
     with pytest.raises(ValueError, match="keeping 1 experts of a layer that routes every token to 2"):
         adapter.remove_experts(adapter.blocks()[moe_blocks[-1]], [0])
 
 
-def test_expert_saliency_equals_a_token_by_token_computation(moe):
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_expert_saliency_equals_a_token_by_token_computation(moe, renormalize):
     """REAP, frequency, routing weight and EAN from the hooks equal a direct loop over every token and its top-k
-    experts: the router's softmax probability times the norm of the expert's own output on that token."""
+    experts: the router's softmax probability (renormalised: divided by the token's top-k sum) times the norm of the
+    expert's own output on that token."""
+    from models.shrink import shrink_silent_units
     from pruners.expert_drop import ExpertSaliency, observe_experts
 
     adapter = adapter_for(moe)
@@ -156,7 +168,7 @@ def test_expert_saliency_equals_a_token_by_token_computation(moe):
     block = adapter.blocks()[index]
     inputs = []
     saliency: dict = {}
-    handles = observe_experts(adapter, block, saliency)
+    handles = observe_experts(adapter, block, saliency, renormalize)
     handles.append(block.mlp.register_forward_pre_hook(lambda m, args: inputs.append(args[0])))
     with torch.no_grad():
         moe(input_ids=ids(3))
@@ -167,6 +179,8 @@ def test_expert_saliency_equals_a_token_by_token_computation(moe):
         chosen = torch.topk(probs, block.mlp.gate.top_k, dim=-1).indices
         expected = ExpertSaliency(4)
         for t in range(x.shape[0]):
+            if renormalize:
+                probs[t] /= probs[t, chosen[t]].sum()
             for e in chosen[t].tolist():
                 expert = block.mlp.experts[e]
                 y = expert.down_proj(torch.nn.functional.silu(expert.gate_proj(x[t])) * expert.up_proj(x[t]))
@@ -178,6 +192,9 @@ def test_expert_saliency_equals_a_token_by_token_computation(moe):
     assert int(saliency[0].count.sum()) == x.shape[0] * 2
     for criterion in ("reap", "frequency", "routing_weight", "ean"):
         torch.testing.assert_close(saliency[0].scores(criterion), expected.scores(criterion), rtol=1e-5, atol=1e-7)
+    # (the rows + columns methods' shrink step walks the unit groups, not the experts: nothing silent, nothing cut)
+    before = [adapter.block_counts(b) for b in adapter.blocks()]
+    assert [{k: v["kept"] for k, v in b.items()} for b in shrink_silent_units(moe, adapter)["blocks"]] == before
 
 
 def test_expert_drop_through_the_runner_and_what_it_refuses(tmp_path):
@@ -199,7 +216,7 @@ def test_expert_drop_through_the_runner_and_what_it_refuses(tmp_path):
     AutoTokenizer.from_pretrained(TINY_DIR / "tiny-llama").save_pretrained(folder)
     common = ["model=local", f"model.path={folder}", "model.seqlen=64", "calib.nsamples=4", "eval.ppl.max_windows=2",
               f"output_root={tmp_path / 'out'}", "wandb.mode=disabled", "progress=false", "speed.mode=never"]
-    record = execute(compose(*common, "pruner=expert_drop", "sparsity=experts", "sparsity.ratio=0.5"))
+    record = execute(compose(*common, "pruner=expert_drop", "sparsity=experts", "sparsity.ratio=0.5", "save_model=true"))
     structure = record["structure"]
     assert record["pattern"]["label"] == "50% experts" and structure["unit_scope"] == "experts"
     assert [b["expert"]["kept"] for b in structure["blocks"]] == [2, 2]
@@ -208,6 +225,9 @@ def test_expert_drop_through_the_runner_and_what_it_refuses(tmp_path):
     assert structure["parameters_before"] - structure["parameters_after"] == 2 * 2 * (3 * 64 * 128 + 64)
     with pytest.raises(ConfigError, match="sparsity.ratio=0.75 removes 3 of 4 experts per layer, leaving fewer than"):
         validate(compose(*common, "pruner=expert_drop", "sparsity=experts", "sparsity.ratio=0.75"))
+    pruned = [f"model.path={tmp_path / 'out' / 'default' / record['run_id'] / 'model'}", *common[2:]]
+    with pytest.raises(ConfigError, match="removes 1 of 2 experts per layer"):  # (its layers' counts now)
+        validate(compose("model=local", *pruned, "pruner=expert_drop", "sparsity=experts", "sparsity.ratio=0.5"))
     with pytest.raises(ConfigError, match="pruner 'flap' does not support sparsity kind 'experts'"):
         validate(compose(*common, "pruner=flap", "sparsity=experts"))
     with pytest.raises(ConfigError, match="pruner 'expert_drop' drives moe models, not llama"):

@@ -140,7 +140,8 @@ def test_declared_needs_keep_every_existing_pruner_as_it_was():
     needs = {name: cls.needs_calibration for name, cls in PRUNERS.items()}
     assert needs == {"dense": False, "magnitude": False, "wanda": True, "sparsegpt": True, "apt": True,
                      "numerical": True, "flap": True, "goa": True, "unit_baseline": False, "wanda_sp": True, "llm_pruner": True, "surgeon": True, "kobd": True, "lobd": True,
-                     "surgeon_reference": True, "sparsegpt_reference": True, "wanda_reference": True}
+                     "surgeon_reference": True, "sparsegpt_reference": True, "wanda_reference": True,
+                     "expert_drop": True}
     # gradients through the whole model: the Kronecker-factored methods and LLM-Pruner's Taylor importance
     whole_model = {"surgeon", "kobd", "lobd", "surgeon_reference", "llm_pruner"}
     # the layer-wise references run their own sequential drivers: whole-model scope, no gradients
@@ -151,7 +152,8 @@ def test_declared_needs_keep_every_existing_pruner_as_it_was():
     assert all(PRUNERS[n].scope == "model" and not PRUNERS[n].needs_gradients for n in references)
     assert {name: cls.propagate for name, cls in PRUNERS.items() if name not in whole_model | references} == {
         "dense": "pruned", "magnitude": "pruned", "wanda": "pruned", "sparsegpt": "pruned", "apt": "pruned",
-        "numerical": "dense", "flap": "dense", "goa": "pruned", "unit_baseline": "dense", "wanda_sp": "pruned"}
+        "numerical": "dense", "flap": "dense", "goa": "pruned", "unit_baseline": "dense", "wanda_sp": "pruned",
+        "expert_drop": "dense"}  # (expert_drop: its default; pruner.sequential=true scores on the pruned layers)
 
 
 def test_scope_model_without_driver_and_block_gradients_are_refused():
