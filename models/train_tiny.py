@@ -8,7 +8,7 @@ runner loads them as fp32), the shared byte-level BPE tokenizer, ``train_log.jso
 Usage::
 
     python -m models.train_tiny tokenizer            # (re)train the shared BPE tokenizer (~2 s)
-    python -m models.train_tiny tiny-opt              # train one model (run times in models/tiny/README.md)
+    python -m models.train_tiny tiny-opt              # train one model (run times in docs/environment.md §3)
     python -m models.train_tiny all
 """
 
@@ -55,6 +55,15 @@ ARCHS = {
                     num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
                     rms_norm_eps=1e-6),
         steps=700, batch=8, lr=3e-3,
+    ),
+    "tiny-mixtral": dict(
+        family="mixtral",
+        # a mixture of experts: 8 SwiGLU experts per layer, each token routed to 2 (Mixtral's router, trained with its
+        # load-balancing loss), GQA attention (4 query / 2 KV heads); what sparsity=experts and routed statistics need
+        config=dict(hidden_size=128, num_hidden_layers=4, intermediate_size=96, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02,
+                    max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-5),
+        steps=700, batch=8, lr=3e-3, train_kwargs=dict(output_router_logits=True),  # (training only: the aux loss)
     ),
     "tiny-gpt2": dict(
         family="gpt2",
@@ -113,6 +122,8 @@ def build_model(name: str, tokenizer):
         LlamaForCausalLM,
         MambaConfig,
         MambaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
         OPTConfig,
         OPTForCausalLM,
         Qwen3Config,
@@ -124,7 +135,7 @@ def build_model(name: str, tokenizer):
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     cls = {"opt": (OPTConfig, OPTForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
            "mamba": (MambaConfig, MambaForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel),
-           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[spec["family"]]
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM)}[spec["family"]]
     return cls[1](cls[0](**spec["config"], **common))
 
 
@@ -164,7 +175,7 @@ def train(name: str) -> dict:
     for step in range(steps):
         starts = torch.randint(0, train_ids.numel() - SEQLEN - 1, (spec["batch"],), generator=gen)
         x = torch.stack([train_ids[s : s + SEQLEN] for s in starts.tolist()])
-        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss = model(input_ids=x, labels=x, use_cache=False, **spec.get("train_kwargs", {})).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -814,14 +814,14 @@ def runs_table(records: list[dict], specs, baseline: str | None = None) -> tuple
 
 
 def _num(value) -> str:
-    """A table cell: integers with thousands separators, values below 1 with 4 significant digits, others with 2
-    decimals (1 from 1000 up)."""
+    """A table cell: integers (and whole numbers from 1000 up) with thousands separators, values below 1 with 4
+    significant digits, others with 2 decimals (1 from 1000 up)."""
     if value is None or isinstance(value, float) and math.isnan(value):
         return "-"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
+    if isinstance(value, int) or abs(value) >= 1000 and float(value).is_integer():  # (counts a mean made floats)
+        return f"{int(value):,}"
     return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}" if abs(value) < 1000 else f"{value:,.1f}"
 
 

@@ -122,7 +122,7 @@ def test_unsupported_architecture_is_rejected_from_its_config_alone(tmp_path):
 
 def test_bundled_models_are_real_language_models():
     """Model cards: dense test perplexity far below the vocabulary and the untrained model."""
-    for name in ("tiny-opt", "tiny-llama", "tiny-mamba", "tiny-gpt2", "tiny-qwen3"):
+    for name in ("tiny-opt", "tiny-llama", "tiny-mamba", "tiny-gpt2", "tiny-qwen3", "tiny-mixtral"):
         card = json.loads((models.loading.TINY_DIR / name / "train_log.json").read_text())
         assert card["test_ppl_dense"] < card["vocab_size"] / 5
         assert card["test_ppl_dense"] < card["test_ppl_untrained"] / 5
