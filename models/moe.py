@@ -74,9 +74,7 @@ class MoEAdapter(LlamaAdapter):
         super().__init__(model)
         for block in self.blocks():
             experts = getattr(block.mlp, "experts", None)
-            if experts is not None and not isinstance(experts, ExpertLinears):
-                if any(p.is_meta for p in experts.parameters()):
-                    continue  # (a meta skeleton: nothing to convert)
+            if experts is not None and not isinstance(experts, ExpertLinears):  # (a meta skeleton too: onloading)
                 block.mlp.experts = ExpertLinears(experts)
 
     @staticmethod
@@ -184,6 +182,8 @@ class MoEAdapter(LlamaAdapter):
         """The experts fused back, as transformers' checkpoints hold them."""
         out = dict(state)
         for path, (_, count) in self._fused_names().items():
+            if f"{path}.0.gate_proj.weight" not in out:  # (a part of the model: one onloaded block)
+                continue
             gate = [out.pop(f"{path}.{e}.gate_proj.weight") for e in range(count)]
             up = [out.pop(f"{path}.{e}.up_proj.weight") for e in range(count)]
             down = [out.pop(f"{path}.{e}.down_proj.weight") for e in range(count)]

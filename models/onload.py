@@ -71,8 +71,11 @@ class ShardedBlocks(BlockStore):
     onloaded = True
 
     def __init__(self, source: Path, prefix: str, target: Path | None = None, read_prefix: str | None = None,
-                 base_prefix: str = "model"):
+                 base_prefix: str = "model", adapter: Adapter | None = None):
         self.source, self.prefix, self.target = Path(source), prefix, Path(target) if target else None
+        # the family's checkpoint layout (MoE experts fused, GPT-2's Conv1D transposed): read and written as the
+        # family's checkpoints hold it (Adapter.from_native_state / native_state, one block's tensors at a time)
+        self.adapter = adapter
         self.map = weight_map(self.source)
         # the blocks' names in the source: the model's, or (checkpoints saved from the base model, e.g. the
         # facebook/opt ones: "decoder.layers.<k>") without the base model's prefix
@@ -101,14 +104,18 @@ class ShardedBlocks(BlockStore):
         if not any(p.is_meta for p in block.parameters()):
             return  # (already real: fetched by an earlier pass that did not release it)
         expected = {**dict(block.named_parameters()), **dict(block.named_buffers())}
-        state, by_shard = {}, {}
+        native, by_shard = {}, {}
         for name, shard in self.names(index).items():
             by_shard.setdefault(shard, []).append(name)
         for shard, names in by_shard.items():
             with safe_open(self.source / shard, "pt") as f:
                 for name in names:
-                    if name in expected:
-                        state[name] = f.get_tensor(f"{self.read_prefix}.{index}.{name}").to(expected[name].dtype)
+                    native[f"{self.prefix}.{index}.{name}"] = f.get_tensor(f"{self.read_prefix}.{index}.{name}")
+        if self.adapter is not None:
+            native = self.adapter.from_native_state(native)
+        start = f"{self.prefix}.{index}."
+        state = {name[len(start):]: tensor for name, tensor in native.items()}
+        state = {name: tensor.to(expected[name].dtype) for name, tensor in state.items() if name in expected}
         missing = sorted(set(dict(block.named_parameters())) - set(state))
         if missing:
             raise ValueError(f"{self.source}: block {index} has no tensor for {', '.join(missing[:4])}")
@@ -121,6 +128,8 @@ class ShardedBlocks(BlockStore):
             self.target.mkdir(parents=True, exist_ok=True)
             shard = f"block-{index:05d}.safetensors"
             state = {f"{self.prefix}.{index}.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+            if self.adapter is not None:
+                state = {k: v.contiguous() for k, v in self.adapter.native_state(state).items()}
             save_file(state, self.target / f"{shard}.tmp", metadata={"format": "pt"})
             (self.target / f"{shard}.tmp").replace(self.target / shard)
             self.written.update(dict.fromkeys(state, shard))
@@ -208,7 +217,8 @@ def load_onloaded(path: str | Path, dtype: torch.dtype, attn_implementation: str
             if buffer.is_meta and name.rsplit(".", 1)[-1] in _non_persistent(block):
                 raise ValueError(f"engine.onload=true: {type(block).__name__} holds a buffer that is not in the "
                                  f"checkpoint ({name}): this family cannot be onloaded")
-    model.prunelab_blocks = ShardedBlocks(path, adapter.blocks_prefix(), base_prefix=model.base_model_prefix)
+    model.prunelab_blocks = ShardedBlocks(path, adapter.blocks_prefix(), base_prefix=model.base_model_prefix,
+                                          adapter=adapter)
     return model
 
 

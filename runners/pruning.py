@@ -136,7 +136,7 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
         if run_dir is None:
             raise ValueError("an onloaded model prunes into a run folder (engine.onload=true needs a written run)")
         store = model.prunelab_blocks = ShardedBlocks(store.source, store.prefix, run_dir / "partial" / "model",
-                                                      read_prefix=store.read_prefix)
+                                                      read_prefix=store.read_prefix, adapter=store.adapter)
     module_results = plan.pruner.prune(model, adapter, plan.pattern, calib_ids if plan.pruner.needs_calibration else None,
                                        settings, ratios)
     if store.onloaded and prunes:  # complete the pruned checkpoint, read the blocks from it from now on
@@ -145,7 +145,7 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
         if final.exists():
             shutil.rmtree(final)
         os.replace(store.target, final)
-        model.prunelab_blocks = ShardedBlocks(final, store.prefix)
+        model.prunelab_blocks = ShardedBlocks(final, store.prefix, adapter=store.adapter)
     _timed(timings, "prune", t)
     if settings.resume_dir is not None or (store.onloaded and prunes):  # done: the kept blocks are not needed
         shutil.rmtree(run_dir / "partial", ignore_errors=True)

@@ -24,10 +24,11 @@ def folder_weights(folder):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("model,extra", [("tiny-llama", []), ("tiny-opt", []),
+@pytest.mark.parametrize("model,extra", [("tiny-llama", []), ("tiny-opt", []), ("tiny-mixtral", []), ("tiny-gpt2", []),
                                          ("tiny-llama", ["pruner=wanda", "sparsity.allocation=owl"])])
 def test_an_onloaded_prune_equals_the_in_memory_one(model, extra, tmp_path):
-    """(With OWL: its dense pass reads the blocks and writes nothing.)"""
+    """(With OWL: its dense pass reads the blocks and writes nothing. tiny-mixtral: experts fused in the checkpoint,
+    one linear per expert in memory; tiny-gpt2: Conv1D weights in the checkpoint, linears in memory.)"""
     args = [*COMMON, f"model={model}", "pruner=sparsegpt", "dense_baseline=true", "save_model=true", *extra]
     whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
     onloaded = execute(compose(*args, "engine.onload=true", f"output_root={tmp_path / 'onloaded'}"))
@@ -76,7 +77,7 @@ def test_at_most_one_block_is_real_at_a_time(tmp_path):
     (["pruner=surgeon"], "engine.onload=true: pruner 'surgeon' does not go block by block"),
     (["pruner=numerical", "sparsity=structured"], "engine.onload=true: pruner 'numerical' does not go block by block"),
     (["eval=tiny-zeroshot"], "engine.onload=true: eval.zeroshot needs the whole model"),
-    (["model=tiny-gpt2"], "engine.onload=true: gpt2 models cannot be onloaded yet"),
+    (["model=tiny-imagegen", "calib=generated", "eval=image"], "engine.onload=true: llamagen models cannot be onloaded"),
     (["model=smollm2"], "engine.onload=true: model.gguf_file"),
     (["eval.ppl.mode=full"], "engine.onload=true: eval.ppl.mode=full needs the whole model"),
 ])
@@ -102,6 +103,38 @@ def test_a_checkpoint_saved_from_the_base_model_is_onloaded(tmp_path):
     shutil.copy(source / "config.json", tmp_path / "config.json")
     model = load_onloaded(tmp_path, torch.float32, None, adapter_class("opt"))
     assert model.prunelab_blocks.read_prefix == "decoder.layers"
+    whole = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+    assert perplexity(model.eval(), adapter_for(model), ids, progress=False) == \
+        perplexity(whole, adapter_for(whole), ids, mode="sequential", progress=False)
+
+
+def test_a_mixtral_checkpoint_in_its_hub_names_is_onloaded(tmp_path):
+    """Mixtral's hub checkpoints name each expert's linears ``block_sparse_moe.experts.<e>.w1 / w3 / w2`` (transformers
+    5 holds them fused): read block by block through the adapter, the onloaded model's perplexity is the in-memory
+    one's."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from evaluators.ppl import perplexity
+    from models.registry import adapter_class
+
+    source = TINY_DIR / "tiny-mixtral"
+    legacy = {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            base, inter = name.replace("mlp.experts.gate_up_proj", "block_sparse_moe.experts"), tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                legacy[f"{base}.{e}.w1.weight"], legacy[f"{base}.{e}.w3.weight"] = tensor[e, :inter], tensor[e, inter:]
+        elif name.endswith("mlp.experts.down_proj"):
+            base = name.replace("mlp.experts.down_proj", "block_sparse_moe.experts")
+            legacy.update({f"{base}.{e}.w2.weight": tensor[e] for e in range(tensor.shape[0])})
+        else:
+            legacy[name.replace("mlp.gate.", "block_sparse_moe.gate.")] = tensor
+    save_file({k: v.contiguous() for k, v in legacy.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    model = load_onloaded(tmp_path, torch.float32, None, adapter_class("mixtral"))
     whole = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
     assert perplexity(model.eval(), adapter_for(model), ids, progress=False) == \
