@@ -129,6 +129,11 @@ class Adapter(abc.ABC):
     def linear_groups(self, block: nn.Module) -> list[LinearGroup]:
         """Prunable linears of a block, grouped by shared input, in forward order."""
 
+    def untouched_linears(self, block: nn.Module) -> tuple[str, ...]:
+        """Linears of a block that no method prunes, by the family's rule (in no linear group; e.g. Qwen2-MoE's
+        shared expert): with :meth:`linear_groups`, every linear of the block is accounted for. Default: none."""
+        return ()
+
     def applied_weights(self, block: nn.Module) -> tuple[str, ...]:
         """Prunable linears that the installed forward applies by their weight (``weight @ x``, features along
         dim -2) instead of calling the module, so that a hook on the module never fires: the gradient taps read

@@ -111,9 +111,16 @@ class LlamaAdapter(Adapter):
         return "self_attn.q_proj", "self_attn.k_proj"
 
     def attention_window(self, block) -> int | None:
-        """The layer's sliding window: its own (Qwen2, Gemma), else the model's (Mistral: every layer)."""
+        """The layer's sliding window: its own (Qwen2, Gemma), else none where the config's ``layer_types`` make it a
+        full-attention layer (Qwen2-MoE sets a window on its sliding layers only), else the model's (Mistral: every
+        layer); 0 or None: no window."""
         attn = block.self_attn
-        return attn.sliding_window if hasattr(attn, "sliding_window") else getattr(self.config, "sliding_window", None)
+        if hasattr(attn, "sliding_window"):
+            return attn.sliding_window or None
+        types, index = getattr(self.config, "layer_types", None), getattr(attn, "layer_idx", None)
+        if types is not None and index is not None and types[index] != "sliding_attention":
+            return None
+        return getattr(self.config, "sliding_window", None) or None
 
     def attention_probabilities(self, block, q, k, kwargs):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

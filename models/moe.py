@@ -1,5 +1,5 @@
-"""Mixture-of-experts decoders with LLaMA's attention: Mixtral (``mixtral``) and Qwen3-MoE (``qwen3_moe``)
-(docs/architecture.md §2.1).
+"""Mixture-of-experts decoders with LLaMA's attention: Mixtral (``mixtral``), Qwen3-MoE (``qwen3_moe``) and Qwen2-MoE
+(``qwen2_moe``: q/k/v biases, a shared expert beside the routed ones) (docs/architecture.md §2.1).
 
 transformers 5 holds a layer's experts fused, as 3-D parameters (``experts.gate_up_proj`` ``[E, 2I, H]``,
 ``experts.down_proj`` ``[E, H, I]``), which no linear hook sees. When the adapter first meets the model it turns
@@ -8,8 +8,8 @@ per expert computing the same function (routing unchanged), so every method prun
 other, with statistics from the tokens the router sends to that expert (the hooks fire on those tokens only).
 :meth:`MoEAdapter.native_state` writes them back fused, so a saved model is an ordinary checkpoint.
 
-By default the router (a parameter of its own module, not a linear) stays dense, and so do Qwen2-MoE-style
-shared experts (not handled here). An expert that saw no calibration token has no statistics: its linears are
+The router (a parameter of its own module, not a linear) stays dense, and so do Qwen2-MoE's shared expert and its
+gate (:meth:`MoEAdapter.untouched_linears`). An expert that saw no calibration token has no statistics: its linears are
 pruned by weight magnitude at the same pattern (per row: Wanda's choice with equal input norms) and listed in the
 record (``sparsity.uncalibrated_modules``). Structural units: the attention's KV groups / query heads (as LLaMA);
 experts' neurons are not units yet. Whole experts go with ``sparsity=experts`` (:meth:`MoEAdapter.remove_experts`:
@@ -68,7 +68,7 @@ class ExpertLinears(nn.ModuleList):
 
 class MoEAdapter(LlamaAdapter):
     family = "moe"
-    model_types = ("mixtral", "qwen3_moe")
+    model_types = ("mixtral", "qwen3_moe", "qwen2_moe")
 
     def __init__(self, model):
         super().__init__(model)
@@ -92,6 +92,14 @@ class MoEAdapter(LlamaAdapter):
             groups += [LinearGroup((f"{p}.gate_proj", f"{p}.up_proj"), Tap(f"{p}.gate_proj"), routed=True),
                        LinearGroup((f"{p}.down_proj",), Tap(f"{p}.down_proj"), routed=True)]
         return groups
+
+    def untouched_linears(self, block):
+        """Qwen2-MoE's shared expert (an MLP every token goes through) and its sigmoid gate stay dense (the issue's
+        default; docs/methods.md §13)."""
+        if self._experts(block) is None or not hasattr(block.mlp, "shared_expert"):
+            return ()
+        return ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj",
+                "mlp.shared_expert_gate")
 
     def unit_groups(self, block):
         """A MoE layer's units: its attention's (experts' neurons are not units yet; whole experts go with

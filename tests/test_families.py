@@ -98,8 +98,18 @@ def qwen3_moe():  # experts in layer 1, a dense MLP in layer 0 (mlp_only_layers)
                                               num_experts_per_tok=2, mlp_only_layers=[0], max_position_embeddings=256))
 
 
+def qwen2_moe():  # q/k/v biases, a shared expert with its sigmoid gate beside 4 routed experts (top-2)
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                              moe_intermediate_size=128, shared_expert_intermediate_size=128,
+                                              num_experts=4, num_experts_per_tok=2, max_position_embeddings=256))
+
+
 FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "llama3": llama3, "mistral": mistral, "phi3": phi3, "gemma2": gemma2,
-            "gemma3": gemma3, "mixtral": mixtral, "qwen3_moe": qwen3_moe}
+            "gemma3": gemma3, "mixtral": mixtral, "qwen3_moe": qwen3_moe,
+            "qwen2_moe": qwen2_moe}
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -119,10 +129,15 @@ def ids(n=4, seqlen=16):
 
 def test_every_linear_grouped_and_n_m_masks_valid(family):
     _, model, adapter = family
-    for block in adapter.blocks():
+    untouched = {}
+    for index, block in enumerate(adapter.blocks()):
         grouped = sorted(name for group in adapter.linear_groups(block) for name in group.names)
-        assert grouped == sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
+        untouched[index] = {n: block.get_submodule(n).weight.clone() for n in adapter.untouched_linears(block)}
+        assert sorted(grouped + list(untouched[index])) == \
+            sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
     prune_sequential(model, adapter, build_pruner({"name": "sparsegpt"}), Pattern("nm", n=2, m=4), ids(), QUIET)
+    for index, block in enumerate(adapter.blocks()):  # (Qwen2-MoE's shared expert: dense, as it was)
+        assert all(torch.equal(block.get_submodule(n).weight, w) for n, w in untouched[index].items())
     for block in adapter.blocks():
         for name in adapter.prunable_linears(block):
             assert satisfies_n_of_m(block.get_submodule(name).weight, 2, 4)
@@ -238,10 +253,15 @@ def test_mamba2_prunes_unstructured_and_n_m_and_refuses_structured(tmp_path):
         inputs = capture_block_inputs(model, adapter, ids(2), "cpu", batch_size=2)
         logits = adapter.head(run_blocks(adapter, inputs, "cpu", progress=False)[0])
         torch.testing.assert_close(logits, model(input_ids=ids(2)).logits, atol=1e-5, rtol=1e-5)
-    for block in adapter.blocks():
+    untouched = {}
+    for index, block in enumerate(adapter.blocks()):
         grouped = sorted(name for group in adapter.linear_groups(block) for name in group.names)
-        assert grouped == sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
+        untouched[index] = {n: block.get_submodule(n).weight.clone() for n in adapter.untouched_linears(block)}
+        assert sorted(grouped + list(untouched[index])) == \
+            sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
     prune_sequential(model, adapter, build_pruner({"name": "sparsegpt"}), Pattern("nm", n=2, m=4), ids(), QUIET)
+    for index, block in enumerate(adapter.blocks()):  # (Qwen2-MoE's shared expert: dense, as it was)
+        assert all(torch.equal(block.get_submodule(n).weight, w) for n, w in untouched[index].items())
     assert all(satisfies_n_of_m(linear.weight, 2, 4) for block in adapter.blocks()
                for linear in adapter.prunable_linears(block).values())
     folder = tmp_path / "mamba2"

@@ -16,15 +16,15 @@ from pruners.masks import select_prune_mask
 from pruners.settings import EngineSettings
 from pruners.stats import Hessian
 
-from .test_families import ids, mixtral, qwen3_moe
+from .test_families import ids, mixtral, qwen2_moe, qwen3_moe
 
 QUIET = EngineSettings(progress=False, batch_size=2)
 
 
-@pytest.fixture(params=["mixtral", "qwen3_moe"])
+@pytest.fixture(params=["mixtral", "qwen3_moe", "qwen2_moe"])
 def moe(request):
     torch.manual_seed(0)
-    return {"mixtral": mixtral, "qwen3_moe": qwen3_moe}[request.param]().eval()
+    return {"mixtral": mixtral, "qwen3_moe": qwen3_moe, "qwen2_moe": qwen2_moe}[request.param]().eval()
 
 
 def test_per_expert_linears_compute_what_the_fused_experts_compute(moe):
