@@ -43,11 +43,18 @@ def save_pruned(model, tokenizer, directory: str | Path, adapter: Adapter | None
     """``save_pretrained`` (+ tokenizer) and the structure file; returns the structure written."""
     directory = Path(directory)
     adapter = adapter or adapter_for(model)
-    structure = structure_of(adapter)
     with _dequantized(model):  # the tensors as the family's checkpoints store them (GPT-2: Conv1D layout)
         model.save_pretrained(directory, state_dict=adapter.native_state(model.state_dict()))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    return write_structure(directory, adapter)
+
+
+def write_structure(directory: str | Path, adapter: Adapter) -> dict:
+    """The structure file of a pruned checkpoint in ``directory`` (and, where the config can say the new counts, its
+    ``config.json`` updated); returns the structure. ``save_pruned`` and an onloaded prune's checkpoint call it."""
+    directory = Path(directory)
+    structure = structure_of(adapter)
     if structure["config_update"]:
         config_path = directory / "config.json"
         config = json.loads(config_path.read_text())

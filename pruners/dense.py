@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Pruner, register
+from .masks import PATTERN_KINDS
 
 
 @register
@@ -13,7 +14,7 @@ class Dense(Pruner):
     name = "dense"
     needs_calibration = False
     removes_weights = False
-    patterns = ("unstructured", "nm", "structured", "heads")  # any: the pattern is ignored
+    patterns = PATTERN_KINDS  # any: the pattern is ignored
 
     def prune_group(self, modules, stat, pattern):
         return {}

@@ -126,6 +126,7 @@ class ExpertDrop(Pruner):
     needs_calibration: ClassVar[bool] = True
     families: ClassVar[tuple[str, ...]] = ("moe",)
     propagate: ClassVar[str] = "dense"  # the default; sequential=true: scored on the pruned layers' outputs
+    walks_blocks: ClassVar[bool] = True  # one pass over the blocks, each pruned in its turn: onloading works
     criterion: str = "reap"
     renormalize: str = "auto"
     rounding: str = "floor"

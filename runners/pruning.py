@@ -141,6 +141,10 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
                                        settings, ratios)
     if store.onloaded and prunes:  # complete the pruned checkpoint, read the blocks from it from now on
         store.finish(model, loaded.tokenizer)
+        if plan.pattern.removes_units:  # (experts removed: the structure file, as save_pruned writes it)
+            from models.checkpoint import write_structure
+
+            write_structure(store.target, adapter)
         final = run_dir / "model"
         if final.exists():
             shutil.rmtree(final)

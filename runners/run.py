@@ -55,7 +55,7 @@ def _timed(timings: dict, key: str, start: float) -> float:
 def _speed_wanted(cfg: DictConfig, plan: Plan) -> bool:
     mode = str(cfg.speed.mode)
     return mode == "always" or (mode == "auto" and (plan.pattern.removes_units or plan.pattern.kind == "rowcol")
-                                and plan.pruner.removes_weights)
+                                and plan.pruner.removes_weights and not cfg.engine.get("onload"))
 
 
 def _load(cfg: DictConfig, plan: Plan):

@@ -268,10 +268,10 @@ def _check_speed(section) -> int:
 
 def _check_onload(cfg, pruner, zeroshot_tasks) -> None:
     """``engine.onload=true`` (models/onload.py): what can run with one block materialised at a time."""
-    if pruner.removes_weights and not pruner.resumable():
+    if pruner.removes_weights and not pruner.onloads():
         from pruners import PRUNERS
 
-        layerwise = ", ".join(sorted(n for n, c in PRUNERS.items() if c.resumable() and c.removes_weights))
+        layerwise = ", ".join(sorted(n for n, c in PRUNERS.items() if c.onloads() and c.removes_weights))
         raise ConfigError(f"engine.onload=true: pruner '{pruner.name}' does not go block by block through the "
                           f"sequential engine ({layerwise} do)")
     if zeroshot_tasks:

@@ -25,15 +25,20 @@ def folder_weights(folder):
 
 
 @pytest.mark.parametrize("model,extra", [("tiny-llama", []), ("tiny-opt", []), ("tiny-mixtral", []), ("tiny-gpt2", []),
-                                         ("tiny-llama", ["pruner=wanda", "sparsity.allocation=owl"])])
+                                         ("tiny-llama", ["pruner=wanda", "sparsity.allocation=owl"]),
+                                         ("tiny-mixtral", ["pruner=expert_drop", "sparsity=experts"])])
 def test_an_onloaded_prune_equals_the_in_memory_one(model, extra, tmp_path):
     """(With OWL: its dense pass reads the blocks and writes nothing. tiny-mixtral: experts fused in the checkpoint,
-    one linear per expert in memory; tiny-gpt2: Conv1D weights in the checkpoint, linears in memory.)"""
+    one linear per expert in memory; tiny-gpt2: Conv1D weights in the checkpoint, linears in memory; expert_drop:
+    2 of 8 experts gone from every block as it passes, the config and structure file written as save_pruned does.)"""
     args = [*COMMON, f"model={model}", "pruner=sparsegpt", "dense_baseline=true", "save_model=true", *extra]
+    if "sparsity=experts" in extra:
+        args.remove("pruner=sparsegpt")
     whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
     onloaded = execute(compose(*args, "engine.onload=true", f"output_root={tmp_path / 'onloaded'}"))
     assert onloaded["run_id"] == whole["run_id"]
     assert onloaded["metrics"]["ppl"] == whole["metrics"]["ppl"] and onloaded["sparsity"] == whole["sparsity"]
+    assert onloaded.get("structure") == whole.get("structure")
     dense = [execute(compose(*args, "pruner=dense", f"output_root={tmp_path / k}", *extra))["metrics"]["ppl"]
              for k, extra in (("whole", []), ("onloaded", ["engine.onload=true"]))]
     assert dense[0] == dense[1]
