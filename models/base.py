@@ -247,6 +247,10 @@ class Adapter(abc.ABC):
         """How many experts the block's MoE layer has now; 0: no MoE layer (every block of a dense family)."""
         return 0
 
+    def expert_layout(self) -> tuple[int, int]:
+        """``(experts per MoE layer, experts each token is routed to)``; ValueError: the family has no experts."""
+        raise ValueError(f"{self.family} models have no mixture-of-experts layers")
+
     def expert_parameters(self, block: nn.Module) -> int:
         """Parameters of the block's experts and their router rows (what an ``experts`` ratio counts)."""
         return 0

@@ -104,8 +104,15 @@ class LlamaAdapter(Adapter):
 
     def block_kind(self, block):
         """The attention's layer type where the config mixes them (``config.layer_types``: Qwen2's, Gemma's
-        sliding-window and full attention layers receive different masks)."""
-        return getattr(block.self_attn, "layer_type", None)
+        sliding-window and full attention layers receive different masks); from the config where the attention does
+        not say (Qwen2-MoE)."""
+        attn = block.self_attn
+        if hasattr(attn, "layer_type"):
+            return attn.layer_type
+        types, index = getattr(self.config, "layer_types", None), getattr(attn, "layer_idx", None)
+        if types is not None and index is not None and len(set(types)) > 1:
+            return types[index]
+        return None
 
     def query_key(self, block):
         return "self_attn.q_proj", "self_attn.k_proj"

@@ -107,14 +107,19 @@ class ShardedBlocks(BlockStore):
         native, by_shard = {}, {}
         for name, shard in self.names(index).items():
             by_shard.setdefault(shard, []).append(name)
+        dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), None)
         for shard, names in by_shard.items():
             with safe_open(self.source / shard, "pt") as f:
                 for name in names:
-                    native[f"{self.prefix}.{index}.{name}"] = f.get_tensor(f"{self.read_prefix}.{index}.{name}")
+                    tensor = f.get_tensor(f"{self.read_prefix}.{index}.{name}")
+                    if dtype is not None and tensor.is_floating_point():  # (cast as read: one copy of the block)
+                        tensor = tensor.to(dtype)
+                    native[f"{self.prefix}.{index}.{name}"] = tensor
         if self.adapter is not None:
             native = self.adapter.from_native_state(native)
         start = f"{self.prefix}.{index}."
         state = {name[len(start):]: tensor for name, tensor in native.items()}
+        del native
         state = {name: tensor.to(expected[name].dtype) for name, tensor in state.items() if name in expected}
         missing = sorted(set(dict(block.named_parameters())) - set(state))
         if missing:
@@ -128,13 +133,19 @@ class ShardedBlocks(BlockStore):
             self.target.mkdir(parents=True, exist_ok=True)
             shard = f"block-{index:05d}.safetensors"
             state = {f"{self.prefix}.{index}.{k}": v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-            if self.adapter is not None:
-                state = {k: v.contiguous() for k, v in self.adapter.native_state(state).items()}
+            if self.adapter is not None:  # (as save_pretrained writes it: e.g. Mixtral's w1 / w3 / w2 per expert)
+                state = {k: v.contiguous() for k, v in self._checkpoint_names(self.adapter.native_state(state)).items()}
             save_file(state, self.target / f"{shard}.tmp", metadata={"format": "pt"})
             (self.target / f"{shard}.tmp").replace(self.target / shard)
             self.written.update(dict.fromkeys(state, shard))
         block.to("meta")
         _return_freed_memory()
+
+    def _checkpoint_names(self, state: dict) -> dict:
+        """``state`` under the names ``save_pretrained`` would write (transformers' own reverse conversion)."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(self.adapter.model, state)
 
     def finish(self, model, tokenizer=None) -> None:
         """Complete the target folder: the weights outside the blocks, the index, config and tokenizer."""

@@ -158,7 +158,8 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
         timings["shot_evals"] = round(on_shot.eval_s, 3)
     masks = MaskState.from_results(module_results)
     prefix = adapter.blocks_prefix()
-    for index, block in each_block(adapter):  # every removed weight is zero (block by block: onloaded models)
+    for index, block in each_block(adapter) if masks.masks else ():  # every removed weight is zero (onloaded: one
+        # block at a time; a run with no masks, e.g. whole experts removed, reads none)
         inside, own = f"{prefix}.{index}.", MaskState()
         own.masks = {n[len(inside):]: m for n, m in masks.masks.items() if n.startswith(inside)}
         check_masks_against_weights(block, own)

@@ -102,8 +102,10 @@ def execute(cfg: DictConfig, plan: Plan | None = None, write: bool = True, _lock
     if write and not cfg.force:
         found = find_record(root, sweep, rid)
         # an intermediate shot's record (eval.shots_every) has no shrink and no speed: a run that wants them computes
-        if found is not None and not (read_record(found).get("shot_of") and (
-                plan.pattern.kind == "rowcol" or _speed_wanted(cfg, plan))):
+        # (and an onloaded run has no speed: a run that wants it computes, engine.onload being no part of the run id)
+        kept = read_record(found) if found is not None else None
+        if found is not None and not ((kept.get("shot_of") and (plan.pattern.kind == "rowcol" or _speed_wanted(cfg, plan)))
+                                      or (_speed_wanted(cfg, plan) and not kept.get("metrics", {}).get("speed"))):
             return reuse(found, out_path, cfg, write)
     if write and not _locked:  # one process computes a run id; another waits, then finds its record above
         def waiting(holder):

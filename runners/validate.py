@@ -172,7 +172,7 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
         if pruner.families is not None and family not in pruner.families:
             raise ConfigError(f"pruner '{pruner.name}' drives {', '.join(pruner.families)} models, not {family} "
                               f"(model.path={cfg.model.path})")
-        if pattern.kind == "experts":  # whole MoE experts (pruner=expert_drop, MoE families only): keep top-k per layer
+        if pattern.kind == "experts" and pruner.removes_weights:  # whole MoE experts: top-k per layer left
             _check_experts(cfg, pattern, pruner, model_path)
         elif pattern.removes_units and not models.adapter_class(model_type).has_units:
             raise ConfigError(f"sparsity.kind={pattern.kind}: {models.adapter_class(model_type).family} models have "
@@ -272,8 +272,8 @@ def _check_onload(cfg, pruner, zeroshot_tasks) -> None:
         from pruners import PRUNERS
 
         layerwise = ", ".join(sorted(n for n, c in PRUNERS.items() if c.onloads() and c.removes_weights))
-        raise ConfigError(f"engine.onload=true: pruner '{pruner.name}' does not go block by block through the "
-                          f"sequential engine ({layerwise} do)")
+        raise ConfigError(f"engine.onload=true: pruner '{pruner.name}' does not go block by block ({layerwise} "
+                          f"do)")
     if zeroshot_tasks:
         raise ConfigError("engine.onload=true: eval.zeroshot needs the whole model; evaluate the pruned checkpoint "
                           "(<run dir>/model) with model=local in a run without onloading")
@@ -487,7 +487,10 @@ def _check_experts(cfg, pattern, pruner, model_path) -> None:
     from models.checkpoint import STRUCTURE_FILE, is_pruned_checkpoint
     from pruners.expert_drop import experts_removed
 
-    count, top_k = models.loading.meta_adapter(cfg.model).expert_layout()
+    try:
+        count, top_k = models.loading.meta_adapter(cfg.model).expert_layout()
+    except ValueError as err:
+        raise ConfigError(f"sparsity.kind=experts: {err}") from None
     if model_path is not None and is_pruned_checkpoint(model_path):
         blocks = json.loads((Path(model_path) / STRUCTURE_FILE).read_text())["blocks"]
         count = min((b["expert"] for b in blocks if "expert" in b), default=count)

@@ -98,13 +98,15 @@ def qwen3_moe():  # experts in layer 1, a dense MLP in layer 0 (mlp_only_layers)
                                               num_experts_per_tok=2, mlp_only_layers=[0], max_position_embeddings=256))
 
 
-def qwen2_moe():  # q/k/v biases, a shared expert with its sigmoid gate beside 4 routed experts (top-2)
+def qwen2_moe():  # q/k/v biases, a shared expert with its sigmoid gate beside 4 routed experts (top-2); layer 0 full
+    # attention, layer 1 a sliding window of 8 (its attention, unlike Qwen2's, does not name its layer type)
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     return Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=4096, hidden_size=64, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                                               moe_intermediate_size=128, shared_expert_intermediate_size=128,
-                                              num_experts=4, num_experts_per_tok=2, max_position_embeddings=256))
+                                              num_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                                              use_sliding_window=True, sliding_window=8, max_window_layers=1))
 
 
 FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "llama3": llama3, "mistral": mistral, "phi3": phi3, "gemma2": gemma2,

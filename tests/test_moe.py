@@ -230,5 +230,6 @@ def test_expert_drop_through_the_runner_and_what_it_refuses(tmp_path):
         validate(compose("model=local", *pruned, "pruner=expert_drop", "sparsity=experts", "sparsity.ratio=0.5"))
     with pytest.raises(ConfigError, match="pruner 'flap' does not support sparsity kind 'experts'"):
         validate(compose(*common, "pruner=flap", "sparsity=experts"))
+    validate(compose("model=tiny-llama", "pruner=dense", "sparsity=experts"))  # (the dense baseline: any pattern)
     with pytest.raises(ConfigError, match="pruner 'expert_drop' drives moe models, not llama"):
         validate(compose("model=tiny-llama", "pruner=expert_drop", "sparsity=experts"))

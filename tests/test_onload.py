@@ -45,6 +45,8 @@ def test_an_onloaded_prune_equals_the_in_memory_one(model, extra, tmp_path):
     folder = tmp_path / "onloaded" / "o" / onloaded["run_id"] / "model"
     assert not (folder.parent / "partial").exists()
     # the pruned checkpoint, written block by block, reloads with plain from_pretrained, equal to the in-memory one
+    # (under the names save_pretrained writes: Mixtral's experts as block_sparse_moe.experts.<e>.w1 / w3 / w2)
+    assert set(folder_weights(folder)) == set(folder_weights(tmp_path / "whole" / "o" / whole["run_id"] / "model"))
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "o" / whole["run_id"] / "model",
                                                  dtype=torch.float32).state_dict()
@@ -114,10 +116,11 @@ def test_a_checkpoint_saved_from_the_base_model_is_onloaded(tmp_path):
         perplexity(whole, adapter_for(whole), ids, mode="sequential", progress=False)
 
 
-def test_a_mixtral_checkpoint_in_its_hub_names_is_onloaded(tmp_path):
-    """Mixtral's hub checkpoints name each expert's linears ``block_sparse_moe.experts.<e>.w1 / w3 / w2`` (transformers
-    5 holds them fused): read block by block through the adapter, the onloaded model's perplexity is the in-memory
-    one's."""
+def test_a_mixtral_checkpoint_with_fused_experts_is_onloaded(tmp_path):
+    """Mixtral's hub checkpoints (and the bundled tiny-mixtral) name each expert's linears
+    ``block_sparse_moe.experts.<e>.w1 / w3 / w2``; transformers 5 also reads the fused layout it holds in memory
+    (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``). That layout, read block by block through the adapter, gives the
+    in-memory perplexity too."""
     import shutil
 
     from safetensors.torch import save_file
@@ -126,21 +129,15 @@ def test_a_mixtral_checkpoint_in_its_hub_names_is_onloaded(tmp_path):
     from models.registry import adapter_class
 
     source = TINY_DIR / "tiny-mixtral"
-    legacy = {}
-    for name, tensor in load_file(source / "model.safetensors").items():
-        if name.endswith("mlp.experts.gate_up_proj"):
-            base, inter = name.replace("mlp.experts.gate_up_proj", "block_sparse_moe.experts"), tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
-                legacy[f"{base}.{e}.w1.weight"], legacy[f"{base}.{e}.w3.weight"] = tensor[e, :inter], tensor[e, inter:]
-        elif name.endswith("mlp.experts.down_proj"):
-            base = name.replace("mlp.experts.down_proj", "block_sparse_moe.experts")
-            legacy.update({f"{base}.{e}.w2.weight": tensor[e] for e in range(tensor.shape[0])})
-        else:
-            legacy[name.replace("mlp.gate.", "block_sparse_moe.gate.")] = tensor
-    save_file({k: v.contiguous() for k, v in legacy.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert any(".block_sparse_moe.experts.0.w1." in k for k in load_file(source / "model.safetensors"))
+    whole = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    adapter = adapter_for(whole)
+    fused = {k: v.contiguous() for k, v in adapter.native_state(whole.state_dict()).items()
+             if not k.endswith("lm_head.weight")}  # (tied to the embedding)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in fused)
+    save_file(fused, tmp_path / "model.safetensors", metadata={"format": "pt"})
     shutil.copy(source / "config.json", tmp_path / "config.json")
     model = load_onloaded(tmp_path, torch.float32, None, adapter_class("mixtral"))
-    whole = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
     assert perplexity(model.eval(), adapter_for(model), ids, progress=False) == \
-        perplexity(whole, adapter_for(whole), ids, mode="sequential", progress=False)
+        perplexity(whole, adapter, ids, mode="sequential", progress=False)
