@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,9 +179,11 @@ def load(cfg, device: str = "cpu", onload: bool = False) -> LoadedModel:
     if onload:
         from .onload import load_onloaded
 
-        if checkpoint.is_pruned_checkpoint(path):
-            raise ValueError(f"model.path={cfg.path}: a structurally pruned checkpoint cannot be onloaded "
-                             f"(engine.onload=true); load it whole")
+        if checkpoint.is_pruned_checkpoint(path):  # (only one whose config says its shapes: runners/validate.py)
+            structure = json.loads((Path(path) / checkpoint.STRUCTURE_FILE).read_text())
+            if not structure.get("plain_from_pretrained"):
+                raise ValueError(f"model.path={cfg.path}: a structurally pruned checkpoint whose blocks differ in "
+                                 f"shape cannot be onloaded (engine.onload=true); load it whole")
         model = load_onloaded(path, dtype, cfg.get("attn_implementation") or None, adapter_cls, kwargs)
     elif checkpoint.is_pruned_checkpoint(path):  # structurally pruned: block sizes from the structure file
         model, structure = checkpoint.load_pruned(path, dtype, cfg.get("attn_implementation") or None,

@@ -293,9 +293,14 @@ def _check_onload_model(cfg, adapter_cls, model_path: str) -> None:
                           f"generator's tokenizer and sampling need the whole model)")
     from models.checkpoint import is_pruned_checkpoint
 
-    if is_pruned_checkpoint(model_path):
-        raise ConfigError(f"engine.onload=true: model.path={cfg.model.path} is a structurally pruned checkpoint; "
-                          f"load it whole")
+    if is_pruned_checkpoint(model_path):  # (onloaded where its config says its shapes: e.g. experts dropped evenly)
+        import json
+
+        from models.checkpoint import STRUCTURE_FILE
+
+        if not json.loads((Path(model_path) / STRUCTURE_FILE).read_text()).get("plain_from_pretrained"):
+            raise ConfigError(f"engine.onload=true: model.path={cfg.model.path} is a structurally pruned checkpoint "
+                              f"whose blocks differ in shape (its config cannot say them); load it whole")
 
 
 def _check_report(section) -> None:

@@ -141,3 +141,22 @@ def test_a_mixtral_checkpoint_with_fused_experts_is_onloaded(tmp_path):
     ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
     assert perplexity(model.eval(), adapter_for(model), ids, progress=False) == \
         perplexity(whole, adapter, ids, mode="sequential", progress=False)
+
+
+def test_a_checkpoint_whose_experts_were_dropped_evenly_prunes_onloaded_as_in_memory(tmp_path):
+    """REAP, then SparseGPT on what it kept: a pruned checkpoint whose config says its shapes (every MoE layer 6 of 8
+    experts) is onloaded as any checkpoint, with the in-memory run's result; one whose blocks differ is refused."""
+    dropped = execute(compose(*COMMON, "model=tiny-mixtral", "pruner=expert_drop", "sparsity=experts",
+                              "save_model=true", f"output_root={tmp_path / 'drop'}"))
+    folder = tmp_path / "drop" / "o" / dropped["run_id"] / "model"
+    args = [*COMMON, "model=local", f"model.path={folder}", "model.seqlen=256", "pruner=sparsegpt"]
+    whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
+    onloaded = execute(compose(*args, "engine.onload=true", f"output_root={tmp_path / 'onloaded'}"))
+    assert onloaded["metrics"]["ppl"] == whole["metrics"]["ppl"] and onloaded["sparsity"] == whole["sparsity"]
+    import json
+
+    structure = json.loads((folder / "prunelab_structure.json").read_text())
+    structure["plain_from_pretrained"] = False
+    (folder / "prunelab_structure.json").write_text(json.dumps(structure))
+    with pytest.raises(ConfigError, match="is a structurally pruned checkpoint whose blocks differ in shape"):
+        validate(compose(*args, "engine.onload=true"))
