@@ -42,9 +42,14 @@ def evaluate(eval_cfg, loaded, protocols, seqlen: int, device: str, zeroshot_tas
         options = {"batch_size": zs.batch_size, "limit": zs.get("limit"), "num_fewshot": int(zs.num_fewshot),
                    "max_length": seqlen}
         if zs.get("backend", "memory") == "cli":  # lm-eval's own command on the model saved to a temporary folder
+            from models.onload import store_of
+
+            store = store_of(model)  # (an onloaded model: lm-eval reads the checkpoint its blocks are read from)
             metrics["zeroshot"] = zeroshot.evaluate_zeroshot_cli(model, tokenizer, zeroshot_tasks, device,
                                                                  include_path=zs.get("include_path"),
-                                                                 native_state=adapter.native_state, **options)
+                                                                 native_state=adapter.native_state,
+                                                                 checkpoint=store.source if store.onloaded else None,
+                                                                 **options)
         else:
             metrics["zeroshot"] = zeroshot.evaluate_zeroshot(model, tokenizer, task_dict, device, **options)
         timings[f"{tag}eval/zeroshot"] = round(time.perf_counter() - t, 3)

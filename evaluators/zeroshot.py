@@ -511,7 +511,8 @@ def _cli_include_path(include_path, workdir: Path) -> str:
 
 def evaluate_zeroshot_cli(model, tokenizer, tasks, device: str, batch_size="auto", limit=None,
                           num_fewshot: int | None = 0, max_length: int | None = None, include_path=None, *,
-                          max_batch_size: int = 64, timeout: float | None = None, native_state=None) -> dict:
+                          max_batch_size: int = 64, timeout: float | None = None, native_state=None,
+                          checkpoint: str | Path | None = None) -> dict:
     """The same evaluation as :func:`evaluate_zeroshot`, through lm-eval's own command line (``eval.zeroshot.backend:
     cli``): ``model`` and ``tokenizer`` are saved (``save_pretrained``) to a temporary folder, and
     ``python -m lm_eval --model hf --model_args pretrained=<folder>,dtype=<the model's>,max_length=<max_length>``
@@ -522,7 +523,8 @@ def evaluate_zeroshot_cli(model, tokenizer, tasks, device: str, batch_size="auto
     has the command, the save and subprocess wall times and lm-eval's own ``total_evaluation_time_seconds``.
     The model must reload with ``from_pretrained`` (not a structurally pruned one); ``native_state``: the adapter's
     map of a state dict to the family's checkpoint layout (GPT-2's ``Conv1D`` weights), applied to what is saved.
-    lm-eval is not imported here.
+    ``checkpoint``: a folder that already holds the model and its tokenizer (an onloaded model's: the checkpoint its
+    blocks are read from), given to lm-eval as it is, nothing saved. lm-eval is not imported here.
     A failing command raises RuntimeError with the end of its output."""
     import json
     import shutil
@@ -544,10 +546,11 @@ def evaluate_zeroshot_cli(model, tokenizer, tasks, device: str, batch_size="auto
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     workdir = Path(tempfile.mkdtemp(prefix="prunelab-lm-eval-"))
     try:
-        checkpoint = workdir / "model"
-        state = model.state_dict()
-        model.save_pretrained(checkpoint, state_dict=native_state(state) if native_state is not None else state)
-        tokenizer.save_pretrained(checkpoint)
+        if checkpoint is None:
+            checkpoint = workdir / "model"
+            state = model.state_dict()
+            model.save_pretrained(checkpoint, state_dict=native_state(state) if native_state is not None else state)
+            tokenizer.save_pretrained(checkpoint)
         saved = time.perf_counter()
         model_args = f"pretrained={checkpoint},dtype={dtype}" + (f",max_length={max_length}" if max_length else "")
         command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args,

@@ -274,9 +274,9 @@ def _check_onload(cfg, pruner, zeroshot_tasks) -> None:
         layerwise = ", ".join(sorted(n for n, c in PRUNERS.items() if c.onloads() and c.removes_weights))
         raise ConfigError(f"engine.onload=true: pruner '{pruner.name}' does not go block by block ({layerwise} "
                           f"do)")
-    if zeroshot_tasks:
-        raise ConfigError("engine.onload=true: eval.zeroshot needs the whole model; evaluate the pruned checkpoint "
-                          "(<run dir>/model) with model=local in a run without onloading")
+    if zeroshot_tasks and cfg.eval.zeroshot.get("backend", "memory") != "cli":
+        raise ConfigError("engine.onload=true: eval.zeroshot needs the whole model in this process; "
+                          "eval.zeroshot.backend=cli runs lm-eval's own command on the run's checkpoint")
     if str(cfg.speed.mode) == "always":
         raise ConfigError("engine.onload=true: speed.mode=always needs the whole model on the device")
     if str(cfg.eval.get("ppl", {}).get("mode", "auto")) == "full":

@@ -83,7 +83,7 @@ def test_at_most_one_block_is_real_at_a_time(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["pruner=surgeon"], "engine.onload=true: pruner 'surgeon' does not go block by block"),
     (["pruner=numerical", "sparsity=structured"], "engine.onload=true: pruner 'numerical' does not go block by block"),
-    (["eval=tiny-zeroshot"], "engine.onload=true: eval.zeroshot needs the whole model"),
+    (["eval=tiny-zeroshot"], "engine.onload=true: eval.zeroshot needs the whole model in this process"),
     (["model=tiny-imagegen", "calib=generated", "eval=image"], "engine.onload=true: llamagen models cannot be onloaded"),
     (["model=smollm2"], "engine.onload=true: model.gguf_file"),
     (["eval.ppl.mode=full"], "engine.onload=true: eval.ppl.mode=full needs the whole model"),
@@ -160,3 +160,18 @@ def test_a_checkpoint_whose_experts_were_dropped_evenly_prunes_onloaded_as_in_me
     (folder / "prunelab_structure.json").write_text(json.dumps(structure))
     with pytest.raises(ConfigError, match="is a structurally pruned checkpoint whose blocks differ in shape"):
         validate(compose(*args, "engine.onload=true"))
+
+
+def test_zero_shot_of_an_onloaded_run_is_lm_eval_s_command_on_its_checkpoint(tmp_path):
+    """``eval.zeroshot.backend=cli`` with ``engine.onload=true``: lm-eval's own command reads the pruned checkpoint the
+    run wrote (nothing else saved), with the accuracies of the in-memory path on the same pruned model."""
+    args = [*COMMON, "model=tiny-llama", "pruner=wanda", "eval=tiny-zeroshot", "eval.ppl.datasets=[]",
+            "eval.zeroshot.limit=8", "eval.zeroshot.batch_size=8", "dense_baseline=false"]
+    whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
+    onloaded = execute(compose(*args, "engine.onload=true", "eval.zeroshot.backend=cli",
+                               f"output_root={tmp_path / 'onloaded'}"))
+    theirs, mine = onloaded["metrics"]["zeroshot"], whole["metrics"]["zeroshot"]
+    model_args = theirs["cli"]["command"][theirs["cli"]["command"].index("--model_args") + 1]
+    assert f"pretrained={tmp_path / 'onloaded' / 'o' / onloaded['run_id'] / 'model'}," in model_args
+    for task, accuracy in mine["tasks"].items():
+        assert theirs["tasks"][task]["acc"] == pytest.approx(accuracy["acc"], abs=1e-12), task
