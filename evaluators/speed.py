@@ -78,13 +78,13 @@ def measure_speed(model, device: str = "cpu", batch_size: int = 1, prompt_len: i
         full = _median_seconds(generate(new_tokens), device, repeats, warmup)
         peak = (torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
                 if str(device).startswith("cuda") else None)
-    per_token = max(full - first, 1e-9) / (new_tokens - 1)
+    per_token = decode_seconds_per_token(first, full, new_tokens)
     dtype = next(model.parameters()).dtype
     return {
         "prefill_ms": round(prefill * 1e3, 3),
         "prefill_tokens_per_s": round(batch_size * prompt_len / prefill, 1),
-        "decode_ms_per_token": round(per_token * 1e3, 3),
-        "decode_tokens_per_s": round(batch_size / per_token, 1),
+        "decode_ms_per_token": None if per_token is None else round(per_token * 1e3, 3),
+        "decode_tokens_per_s": None if per_token is None else round(batch_size / per_token, 1),
         "generate_ms": round(full * 1e3, 3),
         "parameters": sum(p.numel() for p in model.parameters()),
         "parameter_mb": round(parameter_bytes(model) / 2**20, 3),
@@ -134,11 +134,22 @@ def measure_image_speed(model, device: str = "cpu", batch_size: int = 8, repeats
     }
 
 
+def decode_seconds_per_token(first: float, full: float, new_tokens: int) -> float | None:
+    """``(t(generate new_tokens) - t(generate 1)) / (new_tokens - 1)``; None where the longer generation was timed no
+    slower than the one-token one (a host too busy to time: no decode time rather than a meaningless one)."""
+    return (full - first) / (new_tokens - 1) if full > first else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` rounded, None where either is missing."""
+    return None if a is None or b is None else round(a / b, 3)
+
+
 def speedup(dense: dict, pruned: dict) -> dict:
-    """Ratios dense / pruned (> 1 = the pruned model is faster / smaller)."""
+    """Ratios dense / pruned (> 1 = the pruned model is faster / smaller; None: a time not measured)."""
     if "ms_per_image" in dense:  # image generators (measure_image_speed)
-        return {"generate": round(dense["ms_per_image"] / pruned["ms_per_image"], 3),
-                "parameters": round(dense["parameters"] / pruned["parameters"], 3)}
-    return {"prefill": round(dense["prefill_ms"] / pruned["prefill_ms"], 3),
-            "decode": round(dense["decode_ms_per_token"] / pruned["decode_ms_per_token"], 3),
-            "parameters": round(dense["parameters"] / pruned["parameters"], 3)}
+        return {"generate": ratio(dense["ms_per_image"], pruned["ms_per_image"]),
+                "parameters": ratio(dense["parameters"], pruned["parameters"])}
+    return {"prefill": ratio(dense["prefill_ms"], pruned["prefill_ms"]),
+            "decode": ratio(dense["decode_ms_per_token"], pruned["decode_ms_per_token"]),
+            "parameters": ratio(dense["parameters"], pruned["parameters"])}

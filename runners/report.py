@@ -615,8 +615,10 @@ def speed_table(records: list[dict]) -> pd.DataFrame:
             continue
         pairs = [(speed["dense"], speed["pruned"], speed["speedup"])]
         if speed["dense"].get("by_batch_size") and speed["pruned"].get("by_batch_size"):  # speed.batch_size: a list
-            pairs = [(d, p, {"decode": round(d["decode_ms_per_token"] / p["decode_ms_per_token"], 3),
-                             "prefill": round(d["prefill_ms"] / p["prefill_ms"], 3)})
+            from evaluators.speed import ratio
+
+            pairs = [(d, p, {"decode": ratio(d["decode_ms_per_token"], p["decode_ms_per_token"]),
+                             "prefill": ratio(d["prefill_ms"], p["prefill_ms"])})
                      for b, d in speed["dense"]["by_batch_size"].items()
                      for p in [speed["pruned"]["by_batch_size"].get(b)] if p is not None]
         for d, p, x in pairs:

@@ -74,8 +74,9 @@ def run_summary(record: dict) -> dict:
         out["parameters/after"] = structure["parameters_after"]
     speed = record["metrics"].get("speed")
     if speed:
-        out.update({f"speed/{k}_speedup": v for k, v in speed["speedup"].items()})
-        out["speed/decode_ms_per_token"] = speed["pruned"]["decode_ms_per_token"]
+        out.update({f"speed/{k}_speedup": v for k, v in speed["speedup"].items() if v is not None})
+        if speed["pruned"]["decode_ms_per_token"] is not None:  # (None: a host too busy to time the decode)
+            out["speed/decode_ms_per_token"] = speed["pruned"]["decode_ms_per_token"]
         out["speed/prefill_ms"] = speed["pruned"]["prefill_ms"]
     out["sparsity/overall"] = record["sparsity"]["overall"]
     out["sparsity/target"] = record["sparsity"]["target"]

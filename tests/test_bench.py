@@ -135,3 +135,20 @@ def test_an_unknown_backend_stops_before_any_model_loads(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "prunelab: error: eval.zeroshot.backend=disk is not one of: memory, cli"
     assert not any(tmp_path.rglob("result.json"))
+
+
+def test_a_decode_time_lost_in_timing_noise_is_no_number():
+    """The decode time is a difference of two generations' medians; where a busy host times the longer one no
+    slower, the record says no decode time (and no decode speedup), not 0.00 ms/token."""
+    from evaluators.speed import decode_seconds_per_token, speedup
+    from runners.summary import _speed_line
+
+    assert decode_seconds_per_token(1.0, 2.55, 32) == pytest.approx(0.05)
+    assert decode_seconds_per_token(1.0, 0.9, 32) is None
+    setup = {"batch_size": 1, "prompt_len": 8, "new_tokens": 4, "device": "cpu", "threads": 2}
+    dense = {"prefill_ms": 10.0, "decode_ms_per_token": None, "parameters": 4, "setup": setup}
+    pruned = {"prefill_ms": 5.0, "decode_ms_per_token": 2.0, "parameters": 2, "setup": setup}
+    x = speedup(dense, pruned)
+    assert x == {"prefill": 2.0, "decode": None, "parameters": 2.0}
+    line = _speed_line({"dense": dense, "pruned": pruned, "speedup": x})
+    assert "decode not timed" in line and "prefill 10.0 -> 5.0 ms (2.00x)" in line
