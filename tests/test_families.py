@@ -129,8 +129,9 @@ def ids(n=4, seqlen=16):
     return torch.randint(0, 4096, (n, seqlen), generator=torch.Generator().manual_seed(1))
 
 
-def test_every_linear_grouped_and_n_m_masks_valid(family):
-    _, model, adapter = family
+def prune_2_of_4_checking_every_linear(model, adapter):
+    """Every linear of every block is in a linear group or declared untouched (Qwen2-MoE's shared expert); SparseGPT at
+    2:4 leaves the untouched ones as they were."""
     untouched = {}
     for index, block in enumerate(adapter.blocks()):
         grouped = sorted(name for group in adapter.linear_groups(block) for name in group.names)
@@ -138,8 +139,13 @@ def test_every_linear_grouped_and_n_m_masks_valid(family):
         assert sorted(grouped + list(untouched[index])) == \
             sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
     prune_sequential(model, adapter, build_pruner({"name": "sparsegpt"}), Pattern("nm", n=2, m=4), ids(), QUIET)
-    for index, block in enumerate(adapter.blocks()):  # (Qwen2-MoE's shared expert: dense, as it was)
+    for index, block in enumerate(adapter.blocks()):
         assert all(torch.equal(block.get_submodule(n).weight, w) for n, w in untouched[index].items())
+
+
+def test_every_linear_grouped_and_n_m_masks_valid(family):
+    _, model, adapter = family
+    prune_2_of_4_checking_every_linear(model, adapter)
     for block in adapter.blocks():
         for name in adapter.prunable_linears(block):
             assert satisfies_n_of_m(block.get_submodule(name).weight, 2, 4)
@@ -255,15 +261,7 @@ def test_mamba2_prunes_unstructured_and_n_m_and_refuses_structured(tmp_path):
         inputs = capture_block_inputs(model, adapter, ids(2), "cpu", batch_size=2)
         logits = adapter.head(run_blocks(adapter, inputs, "cpu", progress=False)[0])
         torch.testing.assert_close(logits, model(input_ids=ids(2)).logits, atol=1e-5, rtol=1e-5)
-    untouched = {}
-    for index, block in enumerate(adapter.blocks()):
-        grouped = sorted(name for group in adapter.linear_groups(block) for name in group.names)
-        untouched[index] = {n: block.get_submodule(n).weight.clone() for n in adapter.untouched_linears(block)}
-        assert sorted(grouped + list(untouched[index])) == \
-            sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
-    prune_sequential(model, adapter, build_pruner({"name": "sparsegpt"}), Pattern("nm", n=2, m=4), ids(), QUIET)
-    for index, block in enumerate(adapter.blocks()):  # (Qwen2-MoE's shared expert: dense, as it was)
-        assert all(torch.equal(block.get_submodule(n).weight, w) for n, w in untouched[index].items())
+    prune_2_of_4_checking_every_linear(model, adapter)
     assert all(satisfies_n_of_m(linear.weight, 2, 4) for block in adapter.blocks()
                for linear in adapter.prunable_linears(block).values())
     folder = tmp_path / "mamba2"
