@@ -91,6 +91,11 @@ def is_pruned_checkpoint(path: str | Path) -> bool:
     return (Path(path) / STRUCTURE_FILE).is_file()
 
 
+def read_structure(path: str | Path) -> dict | None:
+    """The structure file of a pruned checkpoint folder (:func:`structure_of`), None for any other checkpoint."""
+    return json.loads((Path(path) / STRUCTURE_FILE).read_text()) if is_pruned_checkpoint(path) else None
+
+
 def _state_dict(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -130,7 +135,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32, attn_
     from transformers.initialization import no_init_weights
 
     directory = Path(directory)
-    structure = json.loads((directory / STRUCTURE_FILE).read_text())
+    structure = read_structure(directory)
     if structure.get("format") != FORMAT:
         raise ValueError(f"{directory / STRUCTURE_FILE}: unknown format {structure.get('format')!r} (expected {FORMAT})")
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)

@@ -105,7 +105,6 @@ def check_safetensors(folder: str | Path) -> None:
     """DamagedCheckpoint naming the file when a ``*.safetensors`` file in ``folder`` is shorter or longer than its header
     says (a truncated download or copy) or its header is unreadable: 8 bytes of header length, the JSON header,
     then the tensors up to the largest ``data_offsets`` end. Reads the headers only."""
-    import json
     import struct
 
     for file in sorted(Path(folder).glob("*.safetensors")):
@@ -179,11 +178,10 @@ def load(cfg, device: str = "cpu", onload: bool = False) -> LoadedModel:
     if onload:
         from .onload import load_onloaded
 
-        if checkpoint.is_pruned_checkpoint(path):  # (only one whose config says its shapes: runners/validate.py)
-            structure = json.loads((Path(path) / checkpoint.STRUCTURE_FILE).read_text())
-            if not structure.get("plain_from_pretrained"):
-                raise ValueError(f"model.path={cfg.path}: a structurally pruned checkpoint whose blocks differ in "
-                                 f"shape cannot be onloaded (engine.onload=true); load it whole")
+        structure = checkpoint.read_structure(path)  # (a pruned one only where its config says its shapes)
+        if structure is not None and not structure.get("plain_from_pretrained"):
+            raise ValueError(f"model.path={cfg.path}: a structurally pruned checkpoint whose blocks differ in shape "
+                             f"cannot be onloaded (engine.onload=true); load it whole")
         model = load_onloaded(path, dtype, cfg.get("attn_implementation") or None, adapter_cls, kwargs)
     elif checkpoint.is_pruned_checkpoint(path):  # structurally pruned: block sizes from the structure file
         model, structure = checkpoint.load_pruned(path, dtype, cfg.get("attn_implementation") or None,

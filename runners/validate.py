@@ -291,16 +291,12 @@ def _check_onload_model(cfg, adapter_cls, model_path: str) -> None:
     if adapter_cls.modality != "text":
         raise ConfigError(f"engine.onload=true: {adapter_cls.family} models cannot be onloaded yet (an image "
                           f"generator's tokenizer and sampling need the whole model)")
-    from models.checkpoint import is_pruned_checkpoint
+    from models.checkpoint import read_structure
 
-    if is_pruned_checkpoint(model_path):  # (onloaded where its config says its shapes: e.g. experts dropped evenly)
-        import json
-
-        from models.checkpoint import STRUCTURE_FILE
-
-        if not json.loads((Path(model_path) / STRUCTURE_FILE).read_text()).get("plain_from_pretrained"):
-            raise ConfigError(f"engine.onload=true: model.path={cfg.model.path} is a structurally pruned checkpoint "
-                              f"whose blocks differ in shape (its config cannot say them); load it whole")
+    structure = read_structure(model_path)  # (onloaded where its config says its shapes: e.g. experts dropped evenly)
+    if structure is not None and not structure.get("plain_from_pretrained"):
+        raise ConfigError(f"engine.onload=true: model.path={cfg.model.path} is a structurally pruned checkpoint "
+                          f"whose blocks differ in shape (its config cannot say them); load it whole")
 
 
 def _check_report(section) -> None:
@@ -487,18 +483,16 @@ def check_writable(cfg: DictConfig) -> None:
 def _check_experts(cfg, pattern, pruner, model_path) -> None:
     """``sparsity=experts``: a ratio that leaves every MoE layer the experts each token is routed to (a pruned
     checkpoint: its layers' counts now, from its structure file)."""
-    import json
-
-    from models.checkpoint import STRUCTURE_FILE, is_pruned_checkpoint
+    from models.checkpoint import read_structure
     from pruners.expert_drop import experts_removed
 
     try:
         count, top_k = models.loading.meta_adapter(cfg.model).expert_layout()
     except ValueError as err:
         raise ConfigError(f"sparsity.kind=experts: {err}") from None
-    if model_path is not None and is_pruned_checkpoint(model_path):
-        blocks = json.loads((Path(model_path) / STRUCTURE_FILE).read_text())["blocks"]
-        count = min((b["expert"] for b in blocks if "expert" in b), default=count)
+    structure = read_structure(model_path) if model_path is not None else None
+    if structure is not None:  # (a pruned checkpoint: its layers' counts now)
+        count = min((b["expert"] for b in structure["blocks"] if "expert" in b), default=count)
     try:
         experts_removed(pattern.ratio, count, top_k, getattr(pruner, "rounding", "floor"))
     except ValueError as err:
