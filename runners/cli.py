@@ -42,6 +42,69 @@ def _split_argv(argv: list[str]) -> tuple[list[str], str, bool] | None:
     return overrides, config_name, multirun
 
 
+DEFAULTED_GROUPS = ("calib", "eval")  # the groups a model config may choose (``model.group_defaults``)
+
+
+def with_model_defaults(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The command line with the config group options its model asks for (``model.group_defaults`` in
+    conf/model/<name>.yaml, e.g. an image generator's ``calib: generated`` and ``eval: image``), for each group that
+    neither the command line nor its preset (``+experiment=...``'s ``override /<group>``) chooses. A sweep over
+    models gets them only where every swept model asks for the same. Returns (argv, the overrides added).
+
+    Hydra cannot do this itself: a model config may not override another group's default.
+    Raises :class:`ConfigError` for a ``group_defaults`` entry that names no group option."""
+    import yaml
+
+    split = _split_argv(argv)
+    if split is None:
+        return argv, []
+    overrides = split[0]
+    dirs = [CONF_DIR] + [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a in ("-cd", "--config-dir")]
+    dirs += [Path(a.split("=", 1)[1]) for a in argv if a.startswith("--config-dir=")]
+
+    def config(group: str, name: str) -> dict | None:
+        for d in reversed(dirs):  # (a config dir given on the command line comes before the shipped configs)
+            path = d / group / f"{name}.yaml"
+            if path.is_file():
+                try:
+                    data = yaml.safe_load(path.read_text())
+                except yaml.YAMLError:
+                    return None  # (Hydra says what is wrong with it)
+                return data if isinstance(data, dict) else None
+        return None
+
+    chosen, models, experiments = set(), None, []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        key = key.lstrip("+~")
+        chosen.add(key)
+        if key == "model" and eq:
+            models = [v.strip() for v in value.split(",")]
+        elif key == "experiment" and eq:
+            experiments = [v.strip() for v in value.split(",")]
+    for name in experiments:
+        for entry in (config("experiment", name) or {}).get("defaults") or []:
+            if isinstance(entry, dict):
+                chosen.update(k.split()[-1].lstrip("/").split("@")[0] for k in entry if k.startswith("override"))
+    if not models:
+        return argv, []
+    asked = []
+    for name in models:
+        wants = (config("model", name) or {}).get("group_defaults") or {}
+        for group, option in wants.items():
+            options = _group_options(group) if group in DEFAULTED_GROUPS else None
+            if options is None or option not in options:
+                raise ConfigError(f"model.group_defaults.{group}={option} (conf/model/{name}.yaml): not an option of "
+                                  f"{' or '.join(DEFAULTED_GROUPS)}" if options is None else
+                                  f"model.group_defaults.{group}={option} (conf/model/{name}.yaml) is not an option "
+                                  f"(choose from: {', '.join(options)})")
+        asked.append(wants)
+    if any(a != asked[0] for a in asked):
+        return argv, []
+    added = [f"{group}={option}" for group, option in asked[0].items() if group not in chosen]
+    return argv + added, added
+
+
 def _group_options(group: str) -> list[str] | None:
     folder = CONF_DIR / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else None

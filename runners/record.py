@@ -26,6 +26,7 @@ NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline"
                    "cache_pruned", "cache_pruned_max_params", "reuse_cache", "reuse_cache_max_mb")
 # engine keys that change where or how a prune runs, not what it computes
 ENGINE_NON_RESULT_KEYS = ("offload_dir", "resume", "onload")
+MODEL_NON_RESULT_KEYS = ("group_defaults",)  # which groups a run uses is in the config itself
 # the keys that determine the pruned weights (:func:`prune_config`): not eval, speed, save_model, nor the above
 PRUNE_KEYS = ("model", "calib", "pruner", "sparsity", "engine", "seed", "device")
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,6 +232,7 @@ def result_config(config: dict, prunes: bool = True, calibrates: bool = True) ->
         out["eval"] = {k: v for k, v in out["eval"].items() if k != "shots_every"}
     if isinstance(out.get("engine"), dict):  # where offloaded tensors wait, whether blocks are kept: not what they are
         out["engine"] = {k: v for k, v in out["engine"].items() if k not in ENGINE_NON_RESULT_KEYS}
+    out = _without_model_defaults(out)
     if isinstance(out.get("sparsity"), dict):
         out["sparsity"] = semantic_sparsity(out["sparsity"])
     return out
@@ -308,6 +310,14 @@ def prune_config(config: dict, calibrates: bool = True) -> dict:
     out = {k: config.get(k) for k in PRUNE_KEYS if calibrates or k != "calib"}
     if isinstance(out.get("engine"), dict):  # (as in result_config)
         out["engine"] = {k: v for k, v in out["engine"].items() if k not in ENGINE_NON_RESULT_KEYS}
+    return _without_model_defaults(out)
+
+
+def _without_model_defaults(out: dict) -> dict:
+    """``out`` without the model's :data:`MODEL_NON_RESULT_KEYS` (absent ones leave the config as it was)."""
+    model = out.get("model")
+    if isinstance(model, dict) and any(k in model for k in MODEL_NON_RESULT_KEYS):
+        out = {**out, "model": {k: v for k, v in model.items() if k not in MODEL_NON_RESULT_KEYS}}
     return out
 
 

@@ -24,7 +24,7 @@ from evaluators import suite
 from evaluators.speed import speedup
 
 from . import prune_cache, pruning, tracking
-from .cli import fail, prevalidate
+from .cli import fail, prevalidate, with_model_defaults
 from .identity import run_identity, scoped
 from .record import (
     dense_config,
@@ -222,6 +222,14 @@ hydra_entry = hydra.main(version_base="1.3", config_path="../conf", config_name=
 
 
 def main() -> None:
+    try:
+        argv, added = with_model_defaults(sys.argv[1:])
+    except ConfigError as err:
+        fail(str(err))
+    if added:  # (before Hydra reads the command line: the record's overrides show them)
+        sys.argv[1:] = argv
+        print(f"prunelab: {' '.join(added)} (the model's group_defaults; choose another on the command line)",
+              file=sys.stderr)
     error = prevalidate(sys.argv[1:])
     if error:
         fail(error)

@@ -66,6 +66,9 @@ class ModelConfig:
     attn_implementation: str | None = req()
     seqlen: int = req(**POSITIVE)
     trust_remote_code: bool = req()
+    # config group options used with this model where neither the command line nor a preset chooses the group
+    # (image generators: calib generated, eval image; runners/cli.py: with_model_defaults). Not part of any run id
+    group_defaults: dict[str, str] = opt({})
 
 
 @dataclass

@@ -56,8 +56,12 @@ def _init(opts: dict, name: str, job_type: str, config: dict):
         return init("offline")
 
 
+IMAGE_METRICS = ("fid", "sfid", "is", "precision", "recall", "class_accuracy", "class_fid", "samples")
+
+
 def run_summary(record: dict) -> dict:
-    """Flat summary metrics of a record: ``ppl/<protocol@seqlen>``, ``zeroshot/<task>/acc``, sparsity, time."""
+    """Flat summary metrics of a record: ``ppl/<protocol@seqlen>``, ``zeroshot/<task>/acc``, ``image/fid`` and the
+    other image metrics (evaluators/image.py), sparsity, speed, time, memory."""
     out = {f"ppl/{key}": entry["value"] for key, entry in record["metrics"].get("ppl", {}).items()}
     zeroshot = record["metrics"].get("zeroshot")
     if zeroshot:
@@ -72,12 +76,14 @@ def run_summary(record: dict) -> dict:
     if structure:
         out["parameters/before"] = structure["parameters_before"]
         out["parameters/after"] = structure["parameters_after"]
+    image = record["metrics"].get("image") or {}
+    out.update({f"image/{k}": image[k] for k in IMAGE_METRICS if isinstance(image.get(k), (int, float))})
     speed = record["metrics"].get("speed")
     if speed:
         out.update({f"speed/{k}_speedup": v for k, v in speed["speedup"].items() if v is not None})
-        if speed["pruned"]["decode_ms_per_token"] is not None:  # (None: a host too busy to time the decode)
-            out["speed/decode_ms_per_token"] = speed["pruned"]["decode_ms_per_token"]
-        out["speed/prefill_ms"] = speed["pruned"]["prefill_ms"]
+        for key in ("decode_ms_per_token", "prefill_ms", "ms_per_image"):  # (text models: the first two; image
+            if speed["pruned"].get(key) is not None:  # generators: the last; None: a host too busy to time a decode)
+                out[f"speed/{key}"] = speed["pruned"][key]
     out["sparsity/overall"] = record["sparsity"]["overall"]
     out["sparsity/target"] = record["sparsity"]["target"]
     out.update({f"time_s/{k}": v for k, v in record["timings_s"].items()})

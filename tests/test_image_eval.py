@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from evaluators import image
 from evaluators.image_features import FeatureNet, load_reference, save_reference
 from evaluators.image_metrics import frechet_distance, inception_score, precision_recall, statistics
 from models.llamagen import class_labels
+from runners import tracking
 from runners.validate import ConfigError, validate
 
 from .conftest import compose
@@ -112,6 +114,35 @@ def test_text_and_images_are_kept_apart(overrides, message):
         validate(compose(*overrides))
 
 
+def test_an_image_generator_chooses_its_calibration_and_evaluation(tmp_path):
+    """model.group_defaults: the issue's command ``model=tiny-imagegen pruner=numerical ... eval=image`` runs with
+    calib=generated; a group the command line or a preset chooses is left alone (and validated as before)."""
+    from runners.cli import prevalidate, with_model_defaults
+
+    command = ["model=tiny-imagegen", "pruner=numerical", "sparsity=structured", "sparsity.ratio=0.2", "eval=image"]
+    argv, added = with_model_defaults(command)
+    assert added == ["calib=generated"] and argv == command + added
+    assert prevalidate(argv) is None
+    assert with_model_defaults(["model=llamagen-xxl"])[1] == ["calib=generated", "eval=image"]
+    assert with_model_defaults(["model=tiny-imagegen", "calib=tiny"])[1] == ["eval=image"]
+    assert "generates images" in prevalidate(with_model_defaults(["model=tiny-imagegen", "calib=tiny"])[0])
+    assert with_model_defaults(["model=tiny-opt"])[1] == []
+    assert with_model_defaults(["-m", "model=tiny-imagegen,tiny-opt"])[1] == []  # (the models disagree: validation says)
+    assert with_model_defaults(["-m", "model=tiny-imagegen,llamagen-3b"])[1] == ["calib=generated", "eval=image"]
+    assert with_model_defaults(["+experiment=tiny-numprune-imagegen", "model=tiny-imagegen"])[1] == []  # (its own)
+    assert with_model_defaults(["--help", "model=tiny-imagegen"])[1] == []
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name: mine\ngroup_defaults:\n  calib: nope\n")
+    with pytest.raises(ConfigError, match=r"model.group_defaults.calib=nope \(conf/model/mine.yaml\) is not an option"):
+        with_model_defaults(["-cd", str(tmp_path), "model=mine"])
+    # not part of the run id: the groups a run uses are in its config already
+    from runners.record import result_config
+
+    cfg = OmegaConf.to_container(compose("model=tiny-imagegen", "calib=generated", "eval=image"), resolve=True)
+    assert cfg["model"]["group_defaults"] == {"calib": "generated", "eval": "image"}
+    assert "group_defaults" not in result_config(cfg)["model"]
+
+
 def test_tiny_imagegen_prunes_evaluates_and_reloads(tmp_path):
     import json
     from pathlib import Path
@@ -130,6 +161,9 @@ def test_tiny_imagegen_prunes_evaluates_and_reloads(tmp_path):
     assert rec["calibration"]["source"] == "generated" and rec["calibration"]["nsamples"] == 40
     assert rec["structure"]["parameters_after"] < rec["structure"]["parameters_before"]
     assert rec["metrics"]["speed"]["speedup"]["parameters"] > 1 and "ms_per_image" in rec["metrics"]["speed"]["pruned"]
+    logged = tracking.run_summary(rec)  # what W&B gets: the image metrics and the time per image
+    assert logged["image/fid"] == img["fid"] and logged["image/samples"] == 60
+    assert logged["speed/ms_per_image"] == rec["metrics"]["speed"]["pruned"]["ms_per_image"]
     (dense,) = [json.loads(p.read_text()) for p in tmp_path.glob("default/*_dense_*/result.json")]
     assert dense["metrics"]["image"]["samples"] == 60 and (tmp_path / "default" / dense["run_id"] / "samples.png").is_file()
     # another evaluation of the same pruned weights: loaded with its VQ tokenizer from the kept copy, not pruned again
