@@ -8,8 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+
+class SweepCache(Protocol):
+    """What a sweep's runs share (runners/reuse.py gives one, keyed by the model, the windows, the engine and the
+    code on top of ``parts``): ``get`` a value or None, ``put`` one; ``max_bytes``: the bound (larger: not kept)."""
+
+    max_bytes: float
+    events: dict[str, str]  # kind -> hit | miss | too large (the run's record lists them)
+
+    def get(self, kind: str, parts: dict): ...
+
+    def put(self, kind: str, parts: dict, value) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -24,7 +37,8 @@ class EngineSettings:
     null = host memory; ``on_shot``: a multi-shot method calls ``on_shot(shot, shots)`` after each
     shot but the last, the model holding that shot's weights (the runner evaluates and records it:
     ``eval.shots_every``); ``resume_dir``: layer-wise methods keep each done block there and a run started again
-    goes on after the last one kept (:mod:`pruners.resume`; ``resume_key`` names the run: its prune id).
+    goes on after the last one kept (:mod:`pruners.resume`; ``resume_key`` names the run: its prune id);
+    ``reuse``: the sweep's cache of what does not depend on the pruning (a structured method's scoring pass).
     """
 
     device: str | torch.device = "cpu"
@@ -36,6 +50,7 @@ class EngineSettings:
     resume_dir: str | None = None
     resume_key: str = ""
     on_shot: Callable[[int, int], None] | None = field(default=None, compare=False)
+    reuse: SweepCache | None = field(default=None, compare=False)
 
     @classmethod
     def from_config(cls, engine_cfg, device, progress: bool = True) -> EngineSettings:

@@ -97,6 +97,29 @@ class ChannelMoments(Statistic):
         return self.m2 / max(self.count, 1) + self.mean.pow(2)
 
 
+def statistic_state(stat: Statistic) -> dict:
+    """A statistic as plain data (its class name, token count, width, dtype and tensors on the CPU): what the sweep
+    cache stores (runners/reuse.py); :func:`statistic_from_state` makes it again."""
+    tensors = {k: v.detach().cpu().clone() for k, v in vars(stat).items() if isinstance(v, torch.Tensor)}
+    return {"class": type(stat).__name__, "count": int(stat.count), "dim": int(stat.dim),
+            "dtype": str(stat.dtype).removeprefix("torch."), "tensors": tensors}
+
+
+def statistic_from_state(state: dict) -> Statistic:
+    """The statistic :func:`statistic_state` described, on the CPU."""
+    classes, todo = {}, [Statistic]
+    while todo:
+        cls = todo.pop()
+        classes[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    stat = classes[state["class"]].__new__(classes[state["class"]])
+    Statistic.__init__(stat, state["dim"], "cpu", getattr(torch, state["dtype"]))
+    stat.count = state["count"]
+    for name, value in state["tensors"].items():
+        setattr(stat, name, value)
+    return stat
+
+
 def damped_inverse_cholesky(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6):
     """Upper Cholesky factor ``U`` of ``(H + damp*I)^{-1}`` (``H^{-1} = U^T U``) and the dead-input mask.
 

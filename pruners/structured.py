@@ -26,6 +26,7 @@ from .base import ModuleResult, Pruner
 from .engine import walk_blocks
 from .masks import UNIT_KINDS, Pattern
 from .settings import EngineSettings
+from .stats import statistic_from_state, statistic_state
 
 ALLOCATIONS = ("global", "uniform")
 ATTENTION_UNITS = ("kv_group", "query_head")
@@ -191,28 +192,65 @@ class StructuredPruner(Pruner):
             raise ValueError(f"pruner '{self.name}' needs calibration data")
         return settings or EngineSettings()
 
+    def scoring_parts(self, settings: EngineSettings) -> dict:
+        """What the scoring pass's statistics depend on besides the model, the windows and the engine (the sweep
+        cache's key, ``settings.reuse``): the statistic, the units observed, the blocks. Not the ratio, the allocation
+        nor the method's score, which are computed from them: every sweep point of a method shares one pass."""
+        blocks = getattr(self, "blocks", None)
+        return {"statistic": self.statistic.__name__, "attention_unit": self.attention_unit,
+                "attention_only": self.attention_only, "blocks": list(blocks) if blocks is not None else None,
+                "stats_dtype": str(settings.stats_dtype), "code_files": ["pruners/structured.py"]}
+
     @torch.no_grad()
     def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
               ratios=None) -> dict[str, ModuleResult]:
         settings = self.start(pattern, calib_ids, settings, ratios)
         scores, params, protected, kept_stats = {}, {}, {}, {}
-        blocks = walk_blocks(model, adapter, calib_ids if self.needs_calibration else None,
-                             lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
-                             self.statistic, settings, "dense", desc=f"{self.name} scores")
-        for index, block, stats in blocks:
-            if not self.prunes_block(index):
-                continue
+
+        def score(index: int, block, stats: dict) -> None:
             for group in self.groups(adapter, block):
                 key = (index, group.kind)
                 scores[key] = self.unit_scores(block, group, stats.get(group.kind), pattern).cpu()
                 params[key] = group.params_per_unit(block)
                 protected[key] = top_units(scores[key], self.min_units)
                 if self.keeps_statistics:
-                    kept_stats[key] = _to_cpu(stats[group.kind])
+                    kept_stats[key] = _moved(stats[group.kind], "cpu")
+
+        cache = settings.reuse if self.needs_calibration and calib_ids is not None else None
+        parts = self.scoring_parts(settings) if cache is not None else {}
+        found = cache.get(SCORING_PASS, parts) if cache is not None else None
+        if found is not None:  # an earlier sweep point's scoring pass: the same statistics, no pass over the windows
+            for index, block in enumerate(adapter.blocks()):
+                if self.prunes_block(index):
+                    home = next(block.parameters()).device
+                    block.to(settings.device)
+                    score(index, block, {kind: _moved(statistic_from_state(state), settings.device)
+                                         for kind, state in found[str(index)].items()})
+                    block.to(home)
+        else:
+            kept, size = ({}, 0) if cache is not None else (None, 0)
+            blocks = walk_blocks(model, adapter, calib_ids if self.needs_calibration else None,
+                                 lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
+                                 self.statistic, settings, "dense", desc=f"{self.name} scores")
+            for index, block, stats in blocks:
+                if not self.prunes_block(index):
+                    continue
+                if kept is not None:  # (for the sweep cache: kept while they fit its bound)
+                    kept[str(index)] = {kind: statistic_state(stat) for kind, stat in stats.items()}
+                    size += sum(v.numel() * v.element_size() for st in kept[str(index)].values()
+                                for v in st["tensors"].values())
+                    if size > cache.max_bytes:
+                        kept, cache.events[SCORING_PASS] = None, "too large"
+                score(index, block, stats)
+            if kept is not None:
+                cache.put(SCORING_PASS, parts, kept)
         keep = self.allocate(scores, params, pattern, protected)
         keep = {key: adapter.repair_keep(adapter.blocks()[key[0]], adapter.unit_group(adapter.blocks()[key[0]], key[1]),
                                          mask, scores[key]) for key, mask in keep.items()}
         return self.apply(model, adapter, keep, kept_stats, calib_ids, settings)
+
+
+SCORING_PASS = "structured_statistics"  # the sweep cache's kind for a scoring pass (runners/reuse.py)
 
 
 def remove_kept(adapter: Adapter, block, group: UnitGroup, keep: torch.Tensor, prefix: str, index: int,
@@ -225,9 +263,10 @@ def remove_kept(adapter: Adapter, block, group: UnitGroup, keep: torch.Tensor, p
     return f"{prefix}.{index}.{group.reader}", result
 
 
-def _to_cpu(stat):
+def _moved(stat, device):
+    """``stat`` with its tensors on ``device``."""
     for name, value in vars(stat).items():
         if isinstance(value, torch.Tensor):
-            setattr(stat, name, value.cpu())
-    stat.device = "cpu"
+            setattr(stat, name, value.to(device))
+    stat.device = device
     return stat

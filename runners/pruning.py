@@ -29,7 +29,7 @@ from pruners.allocation import allocate
 from pruners.masks import MaskState, check_masks_against_weights
 from pruners.settings import EngineSettings
 
-from .reuse import Reuse, code_digest
+from .reuse import Reuse, Scoped, code_digest
 from .validate import ConfigError, Plan
 
 log = logging.getLogger("prunelab")
@@ -123,11 +123,11 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
                     "batch_size": settings.batch_size,
                     "code": code_digest(("pruners/allocation.py", "pruners/stats.py", "pruners/engine.py",
                                          "models/blocks.py", "models/base.py", adapter_file))}
-
-            def cached(kind, parts, compute):
-                return reuse.get_or_compute(kind, {**base, **parts}, compute)
+            cached = Scoped(reuse, base)
+            if not store.onloaded:  # (a method's own dense statistics, e.g. a structured scoring pass)
+                settings = dataclasses.replace(settings, reuse=cached)
         ratios = allocate(model, adapter, plan.pruner, plan.pattern, plan.allocation, calib_ids, settings,
-                          reuse=cached) if prunes else None
+                          reuse=cached.get_or_compute if cached is not None else None) if prunes else None
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if ratios is not None:

@@ -7,11 +7,17 @@
   calibration set tokenises and samples them once;
 - ``owl_outliers``: OWL's per-block outlier ratios (a dense pass over the whole model: the model's identity, the
   windows' tokens, OWL's M, the targeted linears, the engine's statistics dtype and batch size, the code that
-  computes them including the family's adapter): every sparsity ratio and lambda of a sweep reuses them.
+  computes them including the family's adapter): every sparsity ratio and lambda of a sweep reuses them;
+- ``structured_statistics``: a structured method's scoring pass (its reader statistics on the dense model, per block
+  and unit kind: Numerical Pruning's Grams, FLAP's channel moments; the same keys as OWL's plus the units observed
+  and the blocks; pruners/structured.py): every ratio and allocation of a sweep scores from one pass. Not kept for an
+  onloaded model, nor when the statistics alone exceed the bound (``too large``: 7B Grams).
+
+Block-0 inputs are not cached: they are an embedding lookup of the windows (milliseconds), cheaper than reading them.
 
 Bounded (``reuse_cache_max_mb``: least recently used entries go first), off with ``reuse_cache=false``, cleared by
 ``python -m runners.reuse clear <output_root>`` (or deleting the folder). A run's record lists what it reused
-(``reuse: {kind: hit | miss}``). Values are written to a temporary name and renamed: a killed run leaves no
+(``reuse: {kind: hit | miss | too large}``). Values are written to a temporary name and renamed: a killed run leaves no
 half-written entry.
 """
 
@@ -41,27 +47,48 @@ class Reuse:
         self.folder, self.max_bytes, self.enabled = Path(root) / FOLDER, max_mb * 2**20, enabled
         self.events: dict[str, str] = {}
 
-    def get_or_compute(self, kind: str, parts: dict, compute: Callable[[], object]):
-        """The cached value of ``kind`` for ``parts``, or ``compute()`` stored under them."""
+    def _path(self, kind: str, parts: dict) -> Path:
+        return self.folder / kind / f"{content_key({'kind': kind, **parts})}.pt"
+
+    def get(self, kind: str, parts: dict):
+        """The cached value of ``kind`` for ``parts`` (a hit), or None."""
         if not self.enabled:
-            return compute()
-        path = self.folder / kind / f"{content_key({'kind': kind, **parts})}.pt"
+            return None
+        path = self._path(kind, parts)
         if path.is_file():
             try:
                 value = torch.load(path, weights_only=True)["value"]
                 os.utime(path)  # (least recently used goes first)
             except Exception:  # (unreadable, or trimmed by another run meanwhile: computed again and stored)
-                pass
-            else:
-                self.events[kind] = "hit"
-                return value
-        value = compute()
+                return None
+            self.events[kind] = "hit"
+            return value
+        return None
+
+    def put(self, kind: str, parts: dict, value) -> None:
+        """Store ``value`` (a miss). A value larger than the whole bound is not stored (``too large``)."""
+        if not self.enabled:
+            return
+        if tensor_bytes(value) > self.max_bytes:
+            self.events[kind] = "too large"
+            return
+        path = self._path(kind, parts)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({"value": value, "parts": json.loads(json.dumps(parts, default=str))}, tmp)
         os.replace(tmp, path)
         self.events[kind] = "miss"
         self.trim()
+
+    def get_or_compute(self, kind: str, parts: dict, compute: Callable[[], object]):
+        """The cached value of ``kind`` for ``parts``, or ``compute()`` stored under them."""
+        if not self.enabled:
+            return compute()
+        found = self.get(kind, parts)
+        if found is not None:
+            return found
+        value = compute()
+        self.put(kind, parts, value)
         return value
 
     def trim(self) -> None:
@@ -79,6 +106,49 @@ class Reuse:
                 break
             total -= sizes[entry][1]
             entry.unlink(missing_ok=True)
+
+
+class Scoped:
+    """The cache as one run sees it (``pruners.settings.SweepCache``): every key also holds ``base`` (the model's
+    identity, the windows' tokens, the engine, the shared code); a ``code_files`` part is replaced by the files'
+    content digest (a method's own code)."""
+
+    def __init__(self, reuse: Reuse, base: dict):
+        self.reuse, self.base = reuse, base
+
+    @property
+    def max_bytes(self) -> float:
+        return self.reuse.max_bytes
+
+    @property
+    def events(self) -> dict[str, str]:
+        return self.reuse.events
+
+    def _parts(self, parts: dict) -> dict:
+        out = {**self.base, **{k: v for k, v in parts.items() if k != "code_files"}}
+        if parts.get("code_files"):
+            out["code_files"] = code_digest(tuple(parts["code_files"]))
+        return out
+
+    def get(self, kind: str, parts: dict):
+        return self.reuse.get(kind, self._parts(parts))
+
+    def put(self, kind: str, parts: dict, value) -> None:
+        self.reuse.put(kind, self._parts(parts), value)
+
+    def get_or_compute(self, kind: str, parts: dict, compute: Callable[[], object]):
+        return self.reuse.get_or_compute(kind, self._parts(parts), compute)
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in ``value`` (nested dicts, lists, tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def code_digest(files: tuple[str, ...]) -> str:

@@ -38,3 +38,50 @@ def test_the_cache_is_bounded_least_recently_used_first_and_clearable(tmp_path, 
     assert Reuse(tmp_path, max_mb=1.5).get_or_compute("a", {"k": 2}, lambda: None) is not None  # (kept: a hit)
     assert main(["clear", str(tmp_path)]) == 0 and "removed 1 entries" in capsys.readouterr().out
     assert not list((tmp_path / FOLDER).glob("*/*.pt"))
+
+
+STRUCTURED = ["model=tiny-llama", "sparsity=structured", "calib.nsamples=8", "eval.ppl.max_windows=4", "progress=false",
+              "wandb.mode=disabled", "dense_baseline=false", "speed.mode=never", "sweep=s"]
+
+
+def test_structured_sweep_points_score_from_one_pass_with_the_same_result(tmp_path):
+    """pruners/structured.py: the scoring pass (dense statistics) is shared by every ratio and allocation of a method's
+    sweep; FLAP (channel moments, kept for its bias compensation) and Numerical Pruning (Grams; with
+    ``compensation_inputs=dense`` the compensation uses them too) give the results of runs that pass themselves."""
+    for method in (["pruner=flap"], ["pruner=numerical", "pruner.compensation_inputs=dense"]):
+        first = execute(compose(*STRUCTURED, *method, "sparsity.ratio=0.2", f"output_root={tmp_path}"))
+        second = execute(compose(*STRUCTURED, *method, "sparsity.ratio=0.4", "pruner.allocation=uniform",
+                                 f"output_root={tmp_path}"))
+        alone = execute(compose(*STRUCTURED, *method, "sparsity.ratio=0.4", "pruner.allocation=uniform",
+                                "reuse_cache=false", f"output_root={tmp_path / 'alone'}"))
+        assert first["reuse"]["structured_statistics"] == "miss", method
+        assert second["reuse"]["structured_statistics"] == "hit", method
+        assert second["run_id"] == alone["run_id"]
+        assert second["structure"] == alone["structure"] and second["metrics"]["ppl"] == alone["metrics"]["ppl"]
+        assert second["structure"]["parameters_after"] < first["structure"]["parameters_after"]
+    # bounded: statistics larger than the whole cache are not kept, and the run is the same
+    small = execute(compose(*STRUCTURED, "pruner=flap", "sparsity.ratio=0.4", "pruner.allocation=uniform",
+                            "reuse_cache_max_mb=0.001", f"output_root={tmp_path / 'small'}"))
+    assert small["reuse"]["structured_statistics"] == "too large"
+    assert not list((tmp_path / "small" / FOLDER).glob("structured_statistics/*.pt"))
+    flap_alone = execute(compose(*STRUCTURED, "pruner=flap", "sparsity.ratio=0.4", "pruner.allocation=uniform",
+                                 "reuse_cache=false", f"output_root={tmp_path / 'alone'}"))  # (recorded above: read)
+    assert small["metrics"]["ppl"] == flap_alone["metrics"]["ppl"] and small["structure"] == flap_alone["structure"]
+
+
+def test_a_statistic_survives_the_cache():
+    from pruners.stats import ChannelMoments, Hessian, statistic_from_state, statistic_state
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 5, 6), torch.randn(3, 6)
+    for cls in (Hessian, ChannelMoments):
+        whole, part = cls(6, "cpu", torch.float64), cls(6, "cpu", torch.float64)
+        whole.add(x)
+        part.add(x)
+        again = statistic_from_state(statistic_state(part))
+        assert type(again) is cls and again.count == 10 and again.dtype == torch.float64
+        whole.add(y)
+        again.add(y)  # (it goes on accumulating as the statistic it was)
+        for name, value in vars(whole).items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(getattr(again, name), value), (cls, name)
