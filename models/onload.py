@@ -7,7 +7,7 @@ ever holds the whole model.
   loaded by ``from_pretrained`` from the same shards) and every block on ``meta``; a :class:`ShardedBlocks` store
   attached to it.
 - :class:`BlockStore`: what the engine, perplexity and the accounting call around a block's turn: ``fetch`` (make it
-  real) and ``release`` (write it where a target is set, then back to ``meta``). The default store (a model loaded
+  real) and ``release`` (write it where a target is set, unless the pass only read it, then back to ``meta``). The default store (a model loaded
   whole) does nothing.
 - :func:`each_block`: every block, materialised in turn (read-only passes: accounting, mask checks).
 
@@ -38,7 +38,7 @@ class BlockStore:
     def fetch(self, index: int, block: nn.Module) -> None:
         pass
 
-    def release(self, index: int, block: nn.Module) -> None:
+    def release(self, index: int, block: nn.Module, write: bool = True) -> None:
         pass
 
 
@@ -126,8 +126,10 @@ class ShardedBlocks(BlockStore):
             raise ValueError(f"{self.source}: block {index} has no tensor for {', '.join(missing[:4])}")
         block.load_state_dict(state, strict=False, assign=True)
 
-    def release(self, index: int, block: nn.Module) -> None:
-        if self.target is not None:
+    def release(self, index: int, block: nn.Module, write: bool = True) -> None:
+        """Write ``block`` out (where a target is set and ``write``: False for a pass that did not change it), then
+        back to ``meta``."""
+        if self.target is not None and write:
             from safetensors.torch import save_file
 
             self.target.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,8 @@ class Pruner:
     tf32: ClassVar[bool] = False  # TF32 off, as in the SparseGPT reference
     families: ClassVar[tuple[str, ...] | None] = None  # the adapter families it can drive (None: all); validated
     max_windows: ClassVar[int | None] = None  # the most calibration windows it can hold (None: no limit); validated
-    walks_blocks: ClassVar[bool] = False  # its own driver goes through the blocks once, in order (walk_blocks)
+    walks_blocks: ClassVar[bool] = False  # its own driver reaches the blocks in order, one at a time (walk_blocks,
+    # each_block): it can run onloaded
 
     @classmethod
     def config_keys(cls) -> list[str]:
@@ -103,7 +104,7 @@ class Pruner:
     def onloads(cls) -> bool:
         """Methods that need one block at a time and can run on an onloaded model (``engine.onload``,
         :mod:`models.onload`): the layer-wise ones, and others that only walk the blocks in order
-        (``walks_blocks``: expert pruning)."""
+        (``walks_blocks``: expert pruning, the structured methods' scoring and pruning passes)."""
         return cls.resumable() or cls.walks_blocks
 
     @classmethod

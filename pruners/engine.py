@@ -82,7 +82,7 @@ def _statistics_pass(adapter: Adapter, block: nn.Module, inputs: BlockInputs, st
 def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of, statistic,
                 settings: EngineSettings | None = None, propagate: str = "pruned", desc: str = "blocks",
                 start: int = 0, start_batches: list[torch.Tensor] | None = None, after_block=None,
-                stop_after=None, observe=None):
+                stop_after=None, observe=None, writes: bool = True):
     """Yield ``(index, block, stats)`` for every block in order, the block on ``settings.device``.
 
     ``taps_of(block)`` maps keys to ``(Tap, width)``: each gets a ``statistic(width, device, stats_dtype)``
@@ -104,6 +104,9 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
     ``observe(block)``: hooks of the method's own for the statistics pass, where one statistic pairs several modules'
     tensors of the same forward (an MoE router's choices with its experts' outputs: :mod:`pruners.expert_drop`);
     it returns their handles, removed after the pass.
+
+    ``writes=False``: a pass that does not change the blocks (a structured method's scoring pass): an onloaded block
+    is released without being written out.
     """
     settings = settings or EngineSettings()
     device, batch_size, stats_dtype, progress = settings.device, settings.batch_size, settings.stats_dtype, settings.progress
@@ -145,7 +148,7 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
         if str(device) != "cpu":
             block.to("cpu")
             torch.cuda.empty_cache()
-        store.release(index, block)  # (an onloaded block: written out, before it counts as done)
+        store.release(index, block, writes)  # (an onloaded block: written out, before it counts as done)
         if after_block is not None:
             after_block(index, block, inputs.batches if inputs is not None else None)
 

@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 
 from models import Adapter, UnitGroup
+from models.onload import each_block
 
 from .base import ModuleResult, Pruner
 from .engine import walk_blocks
@@ -114,6 +115,7 @@ class StructuredPruner(Pruner):
     patterns: ClassVar[tuple[str, ...]] = UNIT_KINDS
     needs_calibration: ClassVar[bool] = True
     propagate: ClassVar[str] = "dense"  # the scoring pass sees the dense model (allocation needs all blocks)
+    walks_blocks: ClassVar[bool] = True  # its passes reach the blocks in order, one at a time: onloading works
     keeps_statistics: ClassVar[bool] = True  # apply() gets the scoring pass's statistics
     allocations: ClassVar[tuple[str, ...]] = ALLOCATIONS
     allocation: str
@@ -174,7 +176,7 @@ class StructuredPruner(Pruner):
         """Compensate and remove every block: ``keep[(block index, kind)]`` masks; ``stats`` those kept from
         the scoring pass (methods that need fresh statistics override this)."""
         results: dict[str, ModuleResult] = {}
-        for index, block in enumerate(adapter.blocks()):
+        for index, block in each_block(adapter):  # (an onloaded model: each block read, pruned and written out)
             if not self.prunes_block(index):
                 continue
             block_stats = {kind: stat for (i, kind), stat in stats.items() if i == index}
@@ -231,7 +233,7 @@ class StructuredPruner(Pruner):
             kept, size = ({}, 0) if cache is not None else (None, 0)
             blocks = walk_blocks(model, adapter, calib_ids if self.needs_calibration else None,
                                  lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
-                                 self.statistic, settings, "dense", desc=f"{self.name} scores")
+                                 self.statistic, settings, "dense", desc=f"{self.name} scores", writes=False)
             for index, block, stats in blocks:
                 if not self.prunes_block(index):
                     continue

@@ -78,11 +78,40 @@ def test_at_most_one_block_is_real_at_a_time(tmp_path):
     perplexity(model, adapter, ids, progress=False)
     assert len(real) == 8 and max(real) == 0  # every fetch: no other block real
     assert set(folder_weights(tmp_path / "pruned")) >= {f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)}
+    # a structured method: the scoring pass, then compensation and removal, one block at a time as well
+    real.clear()
+    model = load_onloaded(TINY_DIR / "tiny-llama", torch.float32, None, adapter_class("llama"))
+    adapter = adapter_for(model)
+    model.prunelab_blocks = Counting(TINY_DIR / "tiny-llama", adapter.blocks_prefix(), tmp_path / "flap")
+    build_pruner({"name": "flap"}).prune(model, adapter, Pattern("structured", 0.3), ids,
+                                         EngineSettings(progress=False, batch_size=2))
+    assert len(real) == 8 and max(real) == 0
+    assert len(list((tmp_path / "flap").glob("block-*.safetensors"))) == 4
+
+
+def test_a_structured_prune_onloaded_equals_the_in_memory_one(tmp_path):
+    """FLAP (scoring pass, then compensation and removal block by block) and Numerical Pruning (scoring pass, then
+    a second pass on the pruned blocks): the scoring pass reads each block and writes nothing; the pruned blocks,
+    written out with their own shapes, are the in-memory run's, and the run reloads through the structure file."""
+    from models import load
+
+    for method in ("flap", "numerical"):
+        args = [*COMMON, "model=tiny-llama", f"pruner={method}", "sparsity=structured", "sparsity.ratio=0.3",
+                "dense_baseline=false", "save_model=true", "speed.mode=never", "calib.nsamples=4"]
+        whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
+        onloaded = execute(compose(*args, "engine.onload=true", f"output_root={tmp_path / 'onloaded'}"))
+        assert onloaded["run_id"] == whole["run_id"] and onloaded["structure"] == whole["structure"]
+        assert onloaded["metrics"]["ppl"] == whole["metrics"]["ppl"] and onloaded["sparsity"] == whole["sparsity"]
+        folders = [tmp_path / k / "o" / whole["run_id"] / "model" for k in ("whole", "onloaded")]
+        saved, written = (folder_weights(f) for f in folders)
+        assert saved.keys() == written.keys() and all(torch.equal(saved[k], written[k]) for k in saved), method
+        reloaded = load(compose(*args, f"model.path={folders[1]}").model).model
+        assert sum(p.numel() for p in reloaded.parameters()) == whole["structure"]["parameters_after"]
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["pruner=surgeon"], "engine.onload=true: pruner 'surgeon' does not go block by block"),
-    (["pruner=numerical", "sparsity=structured"], "engine.onload=true: pruner 'numerical' does not go block by block"),
+    (["pruner=llm_pruner", "sparsity=structured"], "engine.onload=true: pruner 'llm_pruner' does not go block by block"),
     (["eval=tiny-zeroshot"], "engine.onload=true: eval.zeroshot needs the whole model in this process"),
     (["model=tiny-imagegen", "calib=generated", "eval=image"], "engine.onload=true: llamagen models cannot be onloaded"),
     (["model=smollm2"], "engine.onload=true: model.gguf_file"),
