@@ -239,12 +239,17 @@ def _non_persistent(module: nn.Module) -> set[str]:
     return {name for m in module.modules() for name in m._non_persistent_buffers_set}
 
 
-def each_block(adapter: Adapter) -> Iterator[tuple[int, nn.Module]]:
-    """``(index, block)`` for every block, materialised for its turn (onloaded models) and released after it."""
+def each_block(adapter: Adapter, start: int = 0, after=None) -> Iterator[tuple[int, nn.Module]]:
+    """``(index, block)`` for every block from ``start``, materialised for its turn (onloaded models) and released
+    after it; then ``after(index, block)`` (a resumable prune keeps it done: pruners/resume.py)."""
     store = store_of(adapter.model)
     for index, block in enumerate(adapter.blocks()):
+        if index < start:
+            continue
         store.fetch(index, block)
         try:
             yield index, block
         finally:
             store.release(index, block)
+        if after is not None:
+            after(index, block)

@@ -93,6 +93,7 @@ class Pruner:
     tf32: ClassVar[bool] = False  # TF32 off, as in the SparseGPT reference
     families: ClassVar[tuple[str, ...] | None] = None  # the adapter families it can drive (None: all); validated
     max_windows: ClassVar[int | None] = None  # the most calibration windows it can hold (None: no limit); validated
+    resumes: ClassVar[bool] = False  # its own driver keeps each done block (engine.resume; pruners/resume.py)
     walks_blocks: ClassVar[bool] = False  # its own driver reaches the blocks in order, one at a time (walk_blocks,
     # each_block): it can run onloaded
 
@@ -109,9 +110,10 @@ class Pruner:
 
     @classmethod
     def resumable(cls) -> bool:
-        """Layer-wise methods that go block by block through :func:`pruners.engine.prune_sequential`: a prune killed
-        after block k can go on from there (``engine.resume``, :mod:`pruners.resume`)."""
-        return cls.scope == "block" and cls.prune is Pruner.prune
+        """Layer-wise methods that go block by block through :func:`pruners.engine.prune_sequential`, and those whose
+        own driver keeps each done block (``resumes``: the structured methods): a prune killed after block k can go
+        on from there (``engine.resume``, :mod:`pruners.resume`)."""
+        return (cls.scope == "block" and cls.prune is Pruner.prune) or cls.resumes
 
     def extra_windows(self) -> int:
         """Calibration windows the method needs beyond ``calib.nsamples``, drawn after them from the same source

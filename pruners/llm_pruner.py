@@ -60,6 +60,7 @@ class LLMPruner(StructuredPruner):
     scope = "model"
     keeps_statistics = False
     walks_blocks = False  # (the whole model's backward)
+    resumes = False
     taylor: str = "param_first"  # param_first (Element1) | param_mix (Element2) | param_second | vectorize (Vector)
     allocation: str = "uniform"  # uniform (each module: ratio of its units; block-wise) | global (one ranking)
     attention_unit: str = "kv_group"  # kv_group (whole KV groups under GQA, plain heads otherwise) | query_head

@@ -1,10 +1,12 @@
-"""Resumable layer-wise prunes (docs/architecture.md §1.1): after each block, what a run killed there needs to go on
+"""Resumable layer-wise and structured prunes (docs/architecture.md §1.1): after each block, what a run killed there needs to go on
 from the next one, kept in a folder (``engine.resume`` on: ``<run folder>/partial``):
 
 - ``block-<k>.pt``: block k's pruned weights (its state dict) and the per-linear results (masks as bits);
 - ``inputs-<k>.pt``: the hidden states entering block k (the kwargs are captured again: they depend on the
   windows only);
-- ``progress.json``: how many blocks are done, for which run (``key``), written last, by rename.
+- ``progress.json``: how many blocks are done, for which run (``key``), written last, by rename;
+- ``plan.pt``: a structured method's decision before its first block is pruned (the units each block keeps, the
+  statistics its compensation reads), so that a resumed run skips the scoring pass.
 
 A run started again with the same folder and key loads the done blocks into the model and the inputs of the next,
 and goes on from there: the same weights and masks as a run that was never stopped (the engine is deterministic on
@@ -21,6 +23,8 @@ import signal
 from pathlib import Path
 
 import torch
+
+from models.base import add_bias
 
 from .masks import PackedMask
 
@@ -71,23 +75,50 @@ class BlockProgress:
             return None
         return progress
 
-    def restore(self, model_blocks) -> tuple[int, list[torch.Tensor] | None, dict]:
+    def restore(self, model_blocks, adapter=None) -> tuple[int, list[torch.Tensor] | None, dict]:
         """``(first block to prune, its input batches or None, the results of the done blocks)``, the done blocks'
-        pruned weights loaded into ``model_blocks``; ``(0, None, {})`` when there is nothing to resume."""
+        pruned weights loaded into ``model_blocks``; ``(0, None, {})`` when there is nothing to resume. Units a done
+        block lost (a structured method's results: ``unit_kind``, ``kept_units``) are removed from it first, through
+        ``adapter``, so that its shapes are the pruned ones (also for an onloaded block, still on ``meta``)."""
         progress = self._progress()
         if progress is None or progress["done"] == 0:
             return 0, None, {}
         done, results = progress["done"], {}
         for index in range(done):
             kept = torch.load(self.folder / f"block-{index:04d}.pt", weights_only=True)
+            block_results = {name: _result(state) for name, state in kept["results"].items()}
+            for result in block_results.values():  # (in the order they were removed: coarse units first)
+                if result.kept_units is not None and result.unit_kind is not None and adapter is not None:
+                    if len(result.kept_units) < result.total:
+                        adapter.remove_units(model_blocks[index], result.unit_kind,
+                                             torch.tensor(result.kept_units, dtype=torch.long))
+            for name in kept.get("added_biases", []):  # (FLAP's compensation gave these linears a bias)
+                add_bias(model_blocks[index].get_submodule(name))
             if kept["state"]:  # (an onloaded model's pruned blocks are in its pruned checkpoint already)
                 model_blocks[index].load_state_dict(kept["state"])
-            results.update({name: _result(state) for name, state in kept["results"].items()})
+            results.update(block_results)
         inputs_path = self.folder / f"inputs-{done:04d}.pt"
         batches = torch.load(inputs_path, weights_only=True) if inputs_path.is_file() else None
         log.info("resuming the prune at block %d of %d (%s)", done, self.blocks, self.folder)
         self.resumed = True
         return done, batches, results
+
+    def save_plan(self, plan: dict) -> None:
+        """Keep what the prune decided before its first block (a structured method: the units each block keeps and
+        the statistics its compensation reads), so that a resumed run does not score again."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write(self.folder / "plan.pt", lambda p: torch.save({"key": self.key, "blocks": self.blocks, **plan}, p))
+
+    def plan(self) -> dict | None:
+        """The plan :meth:`save_plan` kept for this run, or None."""
+        path = self.folder / "plan.pt"
+        if not path.is_file():
+            return None
+        plan = torch.load(path, weights_only=True)
+        if plan.pop("key") != self.key or plan.pop("blocks") != self.blocks:
+            return None
+        log.info("resuming with the kept scoring pass (%s)", path)
+        return plan
 
     def save(self, index: int, block, results: dict, next_batches: list[torch.Tensor] | None,
              with_weights: bool = True) -> None:
@@ -96,7 +127,8 @@ class BlockProgress:
         self.folder.mkdir(parents=True, exist_ok=True)
         weights = block.state_dict() if with_weights else {}
         state = {"state": {k: v.detach().cpu() for k, v in weights.items()},
-                 "results": {name: _result_state(r) for name, r in results.items()}}
+                 "results": {name: _result_state(r) for name, r in results.items()},
+                 "added_biases": [n for n, m in block.named_modules() if getattr(m, "prunelab_added_bias", False)]}
         _write(self.folder / f"block-{index:04d}.pt", lambda p: torch.save(state, p))
         if next_batches is not None:
             batches = [b.detach().cpu() for b in next_batches]

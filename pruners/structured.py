@@ -21,11 +21,12 @@ from typing import ClassVar
 import torch
 
 from models import Adapter, UnitGroup
-from models.onload import each_block
+from models.onload import each_block, store_of
 
 from .base import ModuleResult, Pruner
 from .engine import walk_blocks
 from .masks import UNIT_KINDS, Pattern
+from .resume import BlockProgress
 from .settings import EngineSettings
 from .stats import statistic_from_state, statistic_state
 
@@ -116,6 +117,7 @@ class StructuredPruner(Pruner):
     needs_calibration: ClassVar[bool] = True
     propagate: ClassVar[str] = "dense"  # the scoring pass sees the dense model (allocation needs all blocks)
     walks_blocks: ClassVar[bool] = True  # its passes reach the blocks in order, one at a time: onloading works
+    resumes: ClassVar[bool] = True  # its pruning pass keeps each done block, the scoring pass's plan before it
     keeps_statistics: ClassVar[bool] = True  # apply() gets the scoring pass's statistics
     allocations: ClassVar[tuple[str, ...]] = ALLOCATIONS
     allocation: str
@@ -175,8 +177,16 @@ class StructuredPruner(Pruner):
               ) -> dict[str, ModuleResult]:
         """Compensate and remove every block: ``keep[(block index, kind)]`` masks; ``stats`` those kept from
         the scoring pass (methods that need fresh statistics override this)."""
-        results: dict[str, ModuleResult] = {}
-        for index, block in each_block(adapter):  # (an onloaded model: each block read, pruned and written out)
+        progress, onloaded, prefix = self.progress(adapter, settings), store_of(model).onloaded, adapter.blocks_prefix()
+        start, _, results = progress.restore(adapter.blocks(), adapter) if progress is not None else (0, None, {})
+
+        def keep_done(index: int, block) -> None:
+            if progress is not None:
+                done = {name: r for name, r in results.items() if name.startswith(f"{prefix}.{index}.")}
+                progress.save(index, block, done, None, with_weights=not onloaded)
+
+        # (an onloaded model: each block read, pruned and written out)
+        for index, block in each_block(adapter, start, keep_done):
             if not self.prunes_block(index):
                 continue
             block_stats = {kind: stat for (i, kind), stat in stats.items() if i == index}
@@ -194,6 +204,12 @@ class StructuredPruner(Pruner):
             raise ValueError(f"pruner '{self.name}' needs calibration data")
         return settings or EngineSettings()
 
+    def progress(self, adapter: Adapter, settings: EngineSettings) -> BlockProgress | None:
+        """The kept state of this run's prune (``engine.resume``; :mod:`pruners.resume`), or None."""
+        if settings.resume_dir is None:
+            return None
+        return BlockProgress(settings.resume_dir, settings.resume_key, len(adapter.blocks()))
+
     def scoring_parts(self, settings: EngineSettings) -> dict:
         """What the scoring pass's statistics depend on besides the model, the windows and the engine (the sweep
         cache's key, ``settings.reuse``): the statistic, the units observed, the blocks. Not the ratio, the allocation
@@ -207,6 +223,12 @@ class StructuredPruner(Pruner):
     def prune(self, model, adapter: Adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
               ratios=None) -> dict[str, ModuleResult]:
         settings = self.start(pattern, calib_ids, settings, ratios)
+        progress = self.progress(adapter, settings)
+        plan = progress.plan() if progress is not None else None
+        if plan is not None:  # a resumed prune: the units and statistics decided before it was stopped
+            keep = {_plan_key(k): mask for k, mask in plan["keep"].items()}
+            kept_stats = {_plan_key(k): statistic_from_state(state) for k, state in plan["stats"].items()}
+            return self.apply(model, adapter, keep, kept_stats, calib_ids, settings)
         scores, params, protected, kept_stats = {}, {}, {}, {}
 
         def score(index: int, block, stats: dict) -> None:
@@ -249,7 +271,15 @@ class StructuredPruner(Pruner):
         keep = self.allocate(scores, params, pattern, protected)
         keep = {key: adapter.repair_keep(adapter.blocks()[key[0]], adapter.unit_group(adapter.blocks()[key[0]], key[1]),
                                          mask, scores[key]) for key, mask in keep.items()}
+        if progress is not None:
+            progress.save_plan({"keep": {f"{i}/{kind}": mask for (i, kind), mask in keep.items()},
+                                "stats": {f"{i}/{kind}": statistic_state(stat) for (i, kind), stat in kept_stats.items()}})
         return self.apply(model, adapter, keep, kept_stats, calib_ids, settings)
+
+
+def _plan_key(text: str) -> tuple[int, str]:
+    index, kind = text.split("/", 1)
+    return int(index), kind
 
 
 SCORING_PASS = "structured_statistics"  # the sweep cache's kind for a scoring pass (runners/reuse.py)

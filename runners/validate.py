@@ -140,8 +140,8 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
         from pruners import PRUNERS
 
         resumable = ", ".join(sorted(n for n, c in PRUNERS.items() if c.resumable() and c.removes_weights))
-        raise ConfigError(f"engine.resume=true: pruner '{pruner.name}' does not go block by block through the "
-                          f"sequential engine ({resumable} do)")
+        raise ConfigError(f"engine.resume=true: pruner '{pruner.name}' does not go block by block, keeping each "
+                          f"block as it is done ({resumable} do)")
     if zeroshot_tasks and cfg.eval.zeroshot.get("backend") == "cli" and pattern.removes_units \
             and pruner.removes_weights:
         raise ConfigError("eval.zeroshot.backend=cli: lm_eval loads the saved model with from_pretrained, which cannot "

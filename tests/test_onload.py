@@ -90,12 +90,12 @@ def test_at_most_one_block_is_real_at_a_time(tmp_path):
 
 
 def test_a_structured_prune_onloaded_equals_the_in_memory_one(tmp_path):
-    """FLAP (scoring pass, then compensation and removal block by block) and Numerical Pruning (scoring pass, then
-    a second pass on the pruned blocks): the scoring pass reads each block and writes nothing; the pruned blocks,
-    written out with their own shapes, are the in-memory run's, and the run reloads through the structure file."""
+    """FLAP (scoring pass, then compensation and removal block by block): the scoring pass reads each block and
+    writes nothing; the pruned blocks, written out with their own shapes and added biases, are the in-memory run's,
+    and the run reloads through the structure file."""
     from models import load
 
-    for method in ("flap", "numerical"):
+    for method in ("flap",):  # (Numerical Pruning onloaded: tests/test_resume.py, against an in-memory run)
         args = [*COMMON, "model=tiny-llama", f"pruner={method}", "sparsity=structured", "sparsity.ratio=0.3",
                 "dense_baseline=false", "save_model=true", "speed.mode=never", "calib.nsamples=4"]
         whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))

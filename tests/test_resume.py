@@ -29,7 +29,9 @@ def weights(record_path):
     return AutoModelForCausalLM.from_pretrained(record_path.parent / "model", dtype=torch.float32).state_dict()
 
 
-@pytest.mark.parametrize("pruner,onload", [("sparsegpt", False), ("sparsegpt", True)])  # (Wanda: the same engine path)
+# (Wanda: the same engine path; in memory: the structured FLAP case below restores kept weights the same way, and the
+# gpus launcher test resumes SparseGPT in memory)
+@pytest.mark.parametrize("pruner,onload", [("sparsegpt", True)])
 def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstopped_run(pruner, onload, tmp_path):
     """(Also onloaded, engine.onload=true: the pruned blocks written before the kill stay in the partial checkpoint.)"""
     args = [*COMMON, f"pruner={pruner}", f"engine.onload={str(onload).lower()}"]
@@ -60,6 +62,32 @@ def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstop
     assert resumed["sparsity"] == whole["sparsity"]
     ours = weights(tmp_path / "resumed" / "r" / resumed["run_id"] / "result.json")
     theirs = weights(tmp_path / "whole" / "r" / whole["run_id"] / "result.json")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("pruner,onload", [("flap", False), ("numerical", True)])
+def test_a_structured_prune_killed_after_block_1_resumes_there(pruner, onload, tmp_path):
+    """A structured method keeps its plan (the units each block keeps, the statistics its compensation reads) before
+    its first block and each block as it is done (its units removed, then its weights): started again, it skips the
+    scoring pass, shrinks the done blocks as they were and goes on from block 2 (Numerical Pruning: on the stored
+    inputs of the pruned blocks), with the result of a run never stopped (onloaded too)."""
+    from safetensors.torch import load_file
+
+    args = [*COMMON, f"pruner={pruner}", "sparsity=structured", "sparsity.ratio=0.3", "speed.mode=never",
+            f"engine.onload={str(onload).lower()}", "calib.nsamples=4", "eval.ppl.max_windows=2"]
+    whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
+    env = {**os.environ, FAULT_VARIABLE: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-m", "runners.run", *args, "engine.resume=true",
+                             f"output_root={tmp_path / 'resumed'}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (partial,) = (tmp_path / "resumed" / "r").glob("*/partial")
+    assert json.loads((partial / "progress.json").read_text())["done"] == 2 and (partial / "plan.pt").is_file()
+    resumed = execute(compose(*args, "engine.resume=true", f"output_root={tmp_path / 'resumed'}"))
+    assert not partial.exists()
+    assert resumed["run_id"] == whole["run_id"] and resumed["structure"] == whole["structure"]
+    assert resumed["metrics"]["ppl"] == whole["metrics"]["ppl"] and resumed["sparsity"] == whole["sparsity"]
+    ours, theirs = ({k: v for f in sorted((root / "r" / whole["run_id"] / "model").glob("*.safetensors"))
+                     for k, v in load_file(f).items()} for root in (tmp_path / "resumed", tmp_path / "whole"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
