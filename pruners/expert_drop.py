@@ -26,8 +26,11 @@ from typing import ClassVar
 
 import torch
 
+from models.onload import store_of
+
 from .base import ModuleResult, Pruner, register
 from .engine import walk_blocks
+from .resume import BlockProgress
 from .settings import EngineSettings
 from .structured import ROUNDINGS, units_to_remove
 
@@ -127,6 +130,7 @@ class ExpertDrop(Pruner):
     families: ClassVar[tuple[str, ...]] = ("moe",)
     propagate: ClassVar[str] = "dense"  # the default; sequential=true: scored on the pruned layers' outputs
     walks_blocks: ClassVar[bool] = True  # one pass over the blocks, each pruned in its turn: onloading works
+    resumes: ClassVar[bool] = True  # each done block kept (its experts), a killed prune goes on after it
     criterion: str = "reap"
     renormalize: str = "auto"
     rounding: str = "floor"
@@ -160,9 +164,19 @@ class ExpertDrop(Pruner):
         renormalize = self.renormalizes(adapter.config)
         results: dict[str, ModuleResult] = {}
         prefix = adapter.blocks_prefix()
+        start, batches, after_block = 0, None, None
+        if settings.resume_dir is not None:  # keep each done block; go on after the last one kept (pruners/resume.py)
+            progress = BlockProgress(settings.resume_dir, settings.resume_key, len(adapter.blocks()))
+            start, batches, results = progress.restore(adapter.blocks(), adapter)
+            onloaded = store_of(model).onloaded
+
+            def after_block(index, block, next_batches):
+                done = {name: r for name, r in results.items() if name.startswith(f"{prefix}.{index}.")}
+                progress.save(index, block, done, next_batches, with_weights=not onloaded)
         blocks = walk_blocks(model, adapter, calib_ids, lambda b: {}, None, settings,
                              "pruned" if self.sequential else "dense", desc=f"{self.name} ({self.criterion})",
-                             observe=lambda b: observe_experts(adapter, b, saliency, renormalize))
+                             observe=lambda b: observe_experts(adapter, b, saliency, renormalize), start=start,
+                             start_batches=batches, after_block=after_block)
         for index, block, _ in blocks:
             stat = saliency.pop(0, None)
             if stat is None:  # (a dense layer: Qwen3-MoE's mlp_only_layers)

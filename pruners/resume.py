@@ -89,9 +89,11 @@ class BlockProgress:
             block_results = {name: _result(state) for name, state in kept["results"].items()}
             for result in block_results.values():  # (in the order they were removed: coarse units first)
                 if result.kept_units is not None and result.unit_kind is not None and adapter is not None:
-                    if len(result.kept_units) < result.total:
-                        adapter.remove_units(model_blocks[index], result.unit_kind,
-                                             torch.tensor(result.kept_units, dtype=torch.long))
+                    kept_units = torch.tensor(result.kept_units, dtype=torch.long)
+                    if result.unit_kind == "expert":  # (pruners/expert_drop.py: whole experts and their router rows)
+                        adapter.remove_experts(model_blocks[index], kept_units)
+                    elif len(result.kept_units) < result.total:
+                        adapter.remove_units(model_blocks[index], result.unit_kind, kept_units)
             for name in kept.get("added_biases", []):  # (FLAP's compensation gave these linears a bias)
                 add_bias(model_blocks[index].get_submodule(name))
             if kept["state"]:  # (an onloaded model's pruned blocks are in its pruned checkpoint already)
