@@ -47,15 +47,15 @@ def metrics(pixels: torch.Tensor, labels: torch.Tensor, net, reference: dict) ->
     """FID-family metrics of 8-bit ``pixels`` generated for ``labels`` against ``reference`` (see the module)."""
     feats = extract(net, from_pixels(pixels))
     mu, sigma = statistics(feats["pool"])
-    smu, ssigma = statistics(feats["spatial"])
     precision, recall = precision_recall(reference["pool_batch"], feats["pool"])
-    out = {
-        "fid": frechet_distance(mu, sigma, reference["pool_mu"], reference["pool_sigma"]),
-        "sfid": frechet_distance(smu, ssigma, reference["spatial_mu"], reference["spatial_sigma"]),
-        "is": inception_score(feats["probs"][mixed_order(len(labels))]),  # (IS splits: never one class per split)
-        "precision": precision,
-        "recall": recall,
-    }
+    out = {"fid": frechet_distance(mu, sigma, reference["pool_mu"], reference["pool_sigma"]),
+           "precision": precision, "recall": recall}
+    if "spatial" in feats:  # (an Inception reference: pool features only, evaluators/image_inception.py)
+        smu, ssigma = statistics(feats["spatial"])
+        out["sfid"] = frechet_distance(smu, ssigma, reference["spatial_mu"], reference["spatial_sigma"])
+    if "probs" not in feats:
+        return {k: round(float(v), 4) for k, v in out.items()}
+    out["is"] = inception_score(feats["probs"][mixed_order(len(labels))])  # (IS splits: never one class per split)
     y = labels.numpy()
     out["class_accuracy"] = float((feats["probs"].argmax(1) == y).mean())
     per_class = [frechet_distance(*statistics(feats["pool"][y == c]), reference[f"class{c}_mu"],

@@ -42,8 +42,13 @@ class FeatureNet(nn.Module):
 
 
 @torch.no_grad()
-def extract(net: FeatureNet, images: torch.Tensor, batch: int = 1000) -> dict[str, np.ndarray]:
-    """``pool``, ``spatial`` features and class ``probs`` of ``images`` (float64 arrays)."""
+def extract(net: nn.Module, images: torch.Tensor, batch: int = 1000) -> dict[str, np.ndarray]:
+    """``pool``, ``spatial`` features and class ``probs`` of ``images`` (float64 arrays); an Inception network
+    (:class:`evaluators.image_inception.InceptionPool`): ``pool`` only."""
+    from .image_inception import InceptionPool, pool_features
+
+    if isinstance(net, InceptionPool):
+        return {"pool": pool_features(net, images)}
     out: dict[str, list] = {"pool": [], "spatial": [], "probs": []}
     for start in range(0, len(images), batch):
         pool, spatial, logits = net(images[start : start + batch].float())
@@ -75,10 +80,19 @@ def save_reference(net: FeatureNet, images: torch.Tensor, labels: torch.Tensor, 
                                               "reference_batch": REFERENCE_BATCH}, indent=1) + "\n")
 
 
-def load_reference(directory: str | Path) -> tuple[FeatureNet, dict[str, np.ndarray], dict]:
+def load_reference(directory: str | Path) -> tuple[nn.Module, dict[str, np.ndarray], dict]:
+    """The feature network of a reference folder and its statistics: the bundled kind (a classifier's weights beside
+    them) or an Inception one (``network: inception``: pool features only; :mod:`evaluators.image_inception`)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    meta = json.loads((directory / META).read_text()) if (directory / META).is_file() else {}
+    if meta.get("network") == "inception":
+        from .image_inception import InceptionPool
+
+        with np.load(directory / REFERENCE) as ref:
+            arrays = {k: ref[k] for k in ref.files}
+        return InceptionPool(), arrays, meta
     if not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"{directory}: no feature network ({WEIGHTS})")
     meta = json.loads((directory / META).read_text())

