@@ -45,7 +45,7 @@ def decode(vq, tokens: torch.Tensor, batch_size: int = 32, size: int | None = No
 
 def metrics(pixels: torch.Tensor, labels: torch.Tensor, net, reference: dict) -> dict:
     """FID-family metrics of 8-bit ``pixels`` generated for ``labels`` against ``reference`` (see the module)."""
-    feats = extract(net, from_pixels(pixels))
+    feats = extract(net, pixels)  # (8-bit pixels: each batch to [-1, 1] as it is read)
     mu, sigma = statistics(feats["pool"])
     precision, recall = precision_recall(reference["pool_batch"], feats["pool"])
     out = {"fid": frechet_distance(mu, sigma, reference["pool_mu"], reference["pool_sigma"]),
@@ -115,6 +115,13 @@ def check_reference(section, config) -> None:
 
     folder = reference_folder(section, config)
     meta = json.loads((folder / META).read_text()) if (folder / META).is_file() else {}
+    if meta.get("network") == "inception":  # (its weights come from an optional package: say so before the prune)
+        from .image_inception import weights_path
+
+        try:
+            weights_path()
+        except FileNotFoundError as err:
+            raise ValueError(f"eval.image.reference={folder}: {err}") from None
     size = section.get("eval_size") or getattr(config, "image_size", None)
     want = meta.get("resolution")
     if want and size and [size, size] != list(want):
@@ -140,6 +147,8 @@ def evaluate(section, loaded, device: str, out_dir: Path | None = None, progress
     with on_device([model, vq], device):
         tokens = sample_batches(model, labels, int(section.get("batch_size", 64)), seed, progress, **options)
         pixels = decode(vq, tokens, size=section.get("eval_size"))
+    if scored and meta.get("network") == "inception":  # (on the run's device; the small classifier stays on the CPU)
+        net.to(device)
     out = metrics(pixels, labels, net, reference) if scored else {}
     out.update(samples=len(labels), labels=mode, seed=seed, sampling=options, resolution=list(pixels.shape[-2:]),
                features=meta.get("features", folder.name) if scored else None,

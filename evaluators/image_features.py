@@ -41,17 +41,24 @@ class FeatureNet(nn.Module):
         return pool, spatial, self.fc2(pool)
 
 
+def as_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as float32: 8-bit pixels (``uint8``) as ``p / 127.5 - 1``, others as they are."""
+    return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
+
+
 @torch.no_grad()
 def extract(net: nn.Module, images: torch.Tensor, batch: int = 1000) -> dict[str, np.ndarray]:
-    """``pool``, ``spatial`` features and class ``probs`` of ``images`` (float64 arrays); an Inception network
+    """``pool``, ``spatial`` features and class ``probs`` of ``images`` (float64 arrays), ``images`` in [-1, 1] or
+    8-bit pixels (``uint8``, each batch converted as it is read); an Inception network
     (:class:`evaluators.image_inception.InceptionPool`): ``pool`` only."""
     from .image_inception import InceptionPool, pool_features
 
     if isinstance(net, InceptionPool):
         return {"pool": pool_features(net, images)}
     out: dict[str, list] = {"pool": [], "spatial": [], "probs": []}
+    device = next(net.parameters()).device
     for start in range(0, len(images), batch):
-        pool, spatial, logits = net(images[start : start + batch].float())
+        pool, spatial, logits = (t.cpu() for t in net(as_unit_range(images[start : start + batch]).to(device)))
         out["pool"].append(pool.double())
         out["spatial"].append(spatial.double())
         out["probs"].append(torch.softmax(logits.double(), dim=1))

@@ -62,7 +62,8 @@ def legacy_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class InceptionPool(nn.Module):
-    """Pool_3 features (``[b, 2048]``, float64) of images in [-1, 1] (``evaluators.image.from_pixels``)."""
+    """Pool_3 features (``[b, 2048]``, float64, on the CPU) of images in [-1, 1] (``evaluators.image.from_pixels``) or of
+    8-bit pixels (``uint8``), ``[b, 1 or 3, H, W]`` on any device (moved to the network's)."""
 
     def __init__(self, path: str | Path | None = None, check: bool = True):
         super().__init__()
@@ -75,12 +76,14 @@ class InceptionPool(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (images.float() + 1) * 127.5  # (back to the 0..255 scale the TF graph reads)
+        images = images.to(next(self.net.parameters()).device)
+        # (the 0..255 scale the TF graph reads: 8-bit pixels as they are, [-1, 1] images scaled back)
+        pixels = images.float() if images.dtype == torch.uint8 else (images.float() + 1) * 127.5
         if pixels.shape[1] == 1:
             pixels = pixels.expand(-1, 3, -1, -1)
         pixels = legacy_bilinear(pixels, SIZE)
         feats = self.net((pixels - 128) / 128)
-        return (feats.mean(dim=(2, 3)) if feats.ndim == 4 else feats).double()
+        return (feats.mean(dim=(2, 3)) if feats.ndim == 4 else feats).double().cpu()
 
 
 @torch.no_grad()
@@ -97,9 +100,9 @@ def save_reference(images: np.ndarray, directory: Path, dataset: str, progress: 
     ADM reference batch's ``arr_0``) and the first :data:`REFERENCE_BATCH` features (precision / recall)."""
     from .image_metrics import statistics
 
-    net = InceptionPool()
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    feats = pool_features(net, tensor, progress=progress)
+    net = InceptionPool().to("cuda" if torch.cuda.is_available() else "cpu")
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (uint8: converted batch by batch)
+    feats = pool_features(net, pixels, progress=progress)
     mu, sigma = statistics(feats)
     directory.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(directory / "reference.npz", pool_mu=mu, pool_sigma=sigma,

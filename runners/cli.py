@@ -55,15 +55,24 @@ def with_model_defaults(argv: list[str]) -> tuple[list[str], list[str]]:
     Raises :class:`ConfigError` for a ``group_defaults`` entry that names no group option."""
     import yaml
 
-    split = _split_argv(argv)
-    if split is None:
+    if any(a in ("-h", "--help", "--hydra-help") for a in argv):
         return argv, []
-    overrides = split[0]
+    overrides, skip = [], False  # (also with --cfg / --info: what they print is what the run would use)
+    for arg in argv:
+        if skip or arg in _VALUE_FLAGS:
+            skip = not skip and arg in _VALUE_FLAGS
+            continue
+        if not arg.startswith("-"):
+            overrides.append(arg)
+    # the shipped configs first, then --config-dir ones (Hydra's search order: the first match wins)
     dirs = [CONF_DIR] + [Path(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a in ("-cd", "--config-dir")]
     dirs += [Path(a.split("=", 1)[1]) for a in argv if a.startswith("--config-dir=")]
 
+    def options(group: str) -> list[str]:
+        return sorted({p.stem for d in dirs if (d / group).is_dir() for p in (d / group).glob("*.yaml")})
+
     def config(group: str, name: str) -> dict | None:
-        for d in reversed(dirs):  # (a config dir given on the command line comes before the shipped configs)
+        for d in dirs:
             path = d / group / f"{name}.yaml"
             if path.is_file():
                 try:
@@ -92,12 +101,12 @@ def with_model_defaults(argv: list[str]) -> tuple[list[str], list[str]]:
     for name in models:
         wants = (config("model", name) or {}).get("group_defaults") or {}
         for group, option in wants.items():
-            options = _group_options(group) if group in DEFAULTED_GROUPS else None
-            if options is None or option not in options:
-                raise ConfigError(f"model.group_defaults.{group}={option} (conf/model/{name}.yaml): not an option of "
-                                  f"{' or '.join(DEFAULTED_GROUPS)}" if options is None else
-                                  f"model.group_defaults.{group}={option} (conf/model/{name}.yaml) is not an option "
-                                  f"(choose from: {', '.join(options)})")
+            if group not in DEFAULTED_GROUPS:
+                raise ConfigError(f"model.group_defaults.{group} (conf/model/{name}.yaml): only "
+                                  f"{' and '.join(DEFAULTED_GROUPS)} can be chosen by a model")
+            if option not in options(group):
+                raise ConfigError(f"model.group_defaults.{group}={option} (conf/model/{name}.yaml) is not an option "
+                                  f"(choose from: {', '.join(options(group))})")
         asked.append(wants)
     if any(a != asked[0] for a in asked):
         return argv, []

@@ -117,14 +117,15 @@ def prune(cfg, plan: Plan, loaded, timings: dict, on_shot=None, run_dir: Path | 
     try:  # a target glob that selects nothing, an OWL sparsity >= 1: bad input, found once the model is known
         cached = None
         if reuse is not None and calibration is not None:  # (the dense model's statistics: shared by the sweep)
-            adapter_file = inspect.getfile(type(adapter))
+            adapter_files = sorted({inspect.getfile(c) for c in type(adapter).__mro__  # (the family's file and the
+                                    if c.__module__.startswith("models.")})  # adapters it builds on)
             base = {"checkpoint": (identity or {}).get("checkpoint"), "resolved": (identity or {}).get("resolved"),
                     "versions": (identity or {}).get("versions"), "tokens": calibration.get("tokens_sha256"),
                     "batch_size": settings.batch_size,
                     "code": code_digest(("pruners/allocation.py", "pruners/stats.py", "pruners/engine.py",
-                                         "models/blocks.py", "models/base.py", adapter_file))}
+                                         "models/blocks.py", "models/base.py", *adapter_files))}
             cached = Scoped(reuse, base)
-            if not store.onloaded:  # (a method's own dense statistics, e.g. a structured scoring pass)
+            if reuse.enabled and not store.onloaded:  # (a method's own dense statistics: a structured scoring pass)
                 settings = dataclasses.replace(settings, reuse=cached)
         ratios = allocate(model, adapter, plan.pruner, plan.pattern, plan.allocation, calib_ids, settings,
                           reuse=cached.get_or_compute if cached is not None else None) if prunes else None

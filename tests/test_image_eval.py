@@ -135,6 +135,11 @@ def test_an_image_generator_chooses_its_calibration_and_evaluation(tmp_path):
     (tmp_path / "model" / "mine.yaml").write_text("name: mine\ngroup_defaults:\n  calib: nope\n")
     with pytest.raises(ConfigError, match=r"model.group_defaults.calib=nope \(conf/model/mine.yaml\) is not an option"):
         with_model_defaults(["-cd", str(tmp_path), "model=mine"])
+    (tmp_path / "calib").mkdir()  # (an option of a --config-dir is an option)
+    (tmp_path / "calib" / "mine.yaml").write_text("source: generated\n")
+    (tmp_path / "model" / "ours.yaml").write_text("name: ours\ngroup_defaults:\n  calib: mine\n")
+    assert with_model_defaults(["--config-dir", str(tmp_path), "model=ours"])[1] == ["calib=mine"]
+    assert with_model_defaults(["--cfg", "job", "model=tiny-imagegen"])[1] == ["calib=generated", "eval=image"]
     # not part of the run id: the groups a run uses are in its config already
     from runners.record import result_config
 
