@@ -53,8 +53,6 @@ def with_model_defaults(argv: list[str]) -> tuple[list[str], list[str]]:
 
     Hydra cannot do this itself: a model config may not override another group's default.
     Raises :class:`ConfigError` for a ``group_defaults`` entry that names no group option."""
-    import yaml
-
     if any(a in ("-h", "--help", "--hydra-help") for a in argv):
         return argv, []
     overrides, skip = [], False  # (also with --cfg / --info: what they print is what the run would use)
@@ -76,8 +74,8 @@ def with_model_defaults(argv: list[str]) -> tuple[list[str], list[str]]:
             path = d / group / f"{name}.yaml"
             if path.is_file():
                 try:
-                    data = yaml.safe_load(path.read_text())
-                except yaml.YAMLError:
+                    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+                except Exception:
                     return None  # (Hydra says what is wrong with it)
                 return data if isinstance(data, dict) else None
         return None
