@@ -278,7 +278,8 @@ def test_ctrl_c_prints_one_line_and_keeps_what_finished(tmp_path):
     from runners.record import run_lock
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    common = ["pruner=magnitude", "dense_baseline=false", "sweep=s", "progress=false", "wandb.mode=disabled"]
+    common = ["pruner=magnitude", "dense_baseline=false", "sweep=s", "progress=false", "wandb.mode=disabled",
+              "eval.ppl.max_windows=4"]
     from runners.run import execute
 
     # the second job's run id (output_root is not part of it), from the same run in this process
