@@ -76,6 +76,10 @@ class Reuse:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({"value": value, "parts": json.loads(json.dumps(parts, default=str))}, tmp)
+        if tmp.stat().st_size > self.max_bytes:  # (the file's own overhead: the bound counts files, as trim does)
+            tmp.unlink()
+            self.events[kind] = "too large"
+            return
         os.replace(tmp, path)
         self.events[kind] = "miss"
         self.trim()

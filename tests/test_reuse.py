@@ -38,6 +38,9 @@ def test_the_cache_is_bounded_least_recently_used_first_and_clearable(tmp_path, 
     assert Reuse(tmp_path, max_mb=1.5).get_or_compute("a", {"k": 2}, lambda: None) is not None  # (kept: a hit)
     assert main(["clear", str(tmp_path)]) == 0 and "removed 1 entries" in capsys.readouterr().out
     assert not list((tmp_path / FOLDER).glob("*/*.pt"))
+    tight = Reuse(tmp_path, max_mb=(2**20 + 16) / 2**20)  # (the tensor fits, its file does not: not kept)
+    tight.get_or_compute("b", {"k": 1}, lambda: megabyte)
+    assert tight.events == {"b": "too large"} and not list((tmp_path / FOLDER).glob("*/*"))
 
 
 STRUCTURED = ["model=tiny-llama", "sparsity=structured", "calib.nsamples=8", "eval.ppl.max_windows=4", "progress=false",
