@@ -24,7 +24,7 @@ from models.onload import store_of
 
 from .allocation import LayerRatios
 from .masks import Pattern
-from .resume import BlockProgress
+from .resume import resume_walk
 from .settings import EngineSettings
 
 log = logging.getLogger("prunelab")
@@ -172,15 +172,8 @@ def prune_sequential(model, adapter: Adapter, pruner: Pruner, pattern: Pattern, 
         return {group: (group.tap, block.get_submodule(group.names[0]).in_features)
                 for group in adapter.linear_groups(block)}
 
-    results: dict[str, ModuleResult] = {}
-    start, start_batches, after_block = 0, None, None
-    if settings.resume_dir is not None:  # keep each done block; go on after the last one kept (pruners/resume.py)
-        kept = BlockProgress(settings.resume_dir, settings.resume_key, len(adapter.blocks()))
-        start, start_batches, results = kept.restore(adapter.blocks())
-
-        def after_block(index, block, next_batches):
-            done = {name: r for name, r in results.items() if name.startswith(f"{prefix}.{index}.")}
-            kept.save(index, block, done, next_batches, with_weights=not store_of(model).onloaded)
+    # keep each done block; go on after the last one kept (engine.resume, pruners/resume.py)
+    start, start_batches, results, after_block = resume_walk(model, adapter, settings)
 
     # (the linear groups come in forward order: the last one's tap ends the statistics pass)
     last = adapter.linear_groups(adapter.blocks()[0])[-1] if len(adapter.blocks()) else None

@@ -26,11 +26,9 @@ from typing import ClassVar
 
 import torch
 
-from models.onload import store_of
-
 from .base import ModuleResult, Pruner, register
 from .engine import walk_blocks
-from .resume import BlockProgress
+from .resume import resume_walk
 from .settings import EngineSettings
 from .structured import ROUNDINGS, units_to_remove
 
@@ -162,17 +160,9 @@ class ExpertDrop(Pruner):
         settings = settings or EngineSettings()
         saliency: dict = {}
         renormalize = self.renormalizes(adapter.config)
-        results: dict[str, ModuleResult] = {}
         prefix = adapter.blocks_prefix()
-        start, batches, after_block = 0, None, None
-        if settings.resume_dir is not None:  # keep each done block; go on after the last one kept (pruners/resume.py)
-            progress = BlockProgress(settings.resume_dir, settings.resume_key, len(adapter.blocks()))
-            start, batches, results = progress.restore(adapter.blocks(), adapter)
-            onloaded = store_of(model).onloaded
-
-            def after_block(index, block, next_batches):
-                done = {name: r for name, r in results.items() if name.startswith(f"{prefix}.{index}.")}
-                progress.save(index, block, done, next_batches, with_weights=not onloaded)
+        # keep each done block; go on after the last one kept (engine.resume, pruners/resume.py)
+        start, batches, results, after_block = resume_walk(model, adapter, settings)
         blocks = walk_blocks(model, adapter, calib_ids, lambda b: {}, None, settings,
                              "pruned" if self.sequential else "dense", desc=f"{self.name} ({self.criterion})",
                              observe=lambda b: observe_experts(adapter, b, saliency, renormalize), start=start,

@@ -38,10 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from models.onload import store_of
-
 from .base import register
 from .engine import walk_blocks
+from .resume import resume_walk
 from .stats import Hessian, damped_inverse_cholesky
 from .structured import StructuredPruner, global_keep, reader_taps, unit_mean
 
@@ -171,17 +170,10 @@ class Numerical(StructuredPruner):
         if not (self.compensate and self.compensation_inputs == "pruned"):
             return super().apply(model, adapter, keep, stats, calib_ids, settings)
         # fresh Grams of the readers, block by block, on the inputs of the already-pruned blocks
-        progress, prefix = self.progress(adapter, settings), adapter.blocks_prefix()
-        start, batches, results = progress.restore(adapter.blocks(), adapter) if progress is not None else (0, None, {})
-        onloaded = store_of(model).onloaded
-
-        def keep_done(index, block, next_batches):  # (engine.resume: pruners/resume.py)
-            done = {name: r for name, r in results.items() if name.startswith(f"{prefix}.{index}.")}
-            progress.save(index, block, done, next_batches, with_weights=not onloaded)
-
+        start, batches, results, keep_done = resume_walk(model, adapter, settings)  # (engine.resume)
         blocks = walk_blocks(model, adapter, calib_ids, lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
                              Hessian, settings, "pruned", desc=f"{self.name} compensate", start=start,
-                             start_batches=batches, after_block=keep_done if progress is not None else None)
+                             start_batches=batches, after_block=keep_done)
         for index, block, block_stats in blocks:
             self.prune_block(adapter, block, index, keep, block_stats, results)
         return results

@@ -140,3 +140,23 @@ class BlockProgress:
         (self.folder / f"inputs-{index:04d}.pt").unlink(missing_ok=True)  # (the inputs it was pruned on)
         if os.environ.get(FAULT_VARIABLE) == str(index) and not self.resumed:  # (a run that resumed: not again)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resume_walk(model, adapter, settings) -> tuple[int, list[torch.Tensor] | None, dict, object]:
+    """For a driver that prunes block by block through ``walk_blocks``: ``(first block, its input batches, the done
+    blocks' results, after_block)``, where ``after_block(index, block, next_batches)`` keeps block ``index`` done with
+    its entries of the results dict returned here (the driver fills it as it goes). Without ``settings.resume_dir``:
+    ``(0, None, {}, None)``."""
+    if settings.resume_dir is None:
+        return 0, None, {}, None
+    from models.onload import store_of
+
+    progress = BlockProgress(settings.resume_dir, settings.resume_key, len(adapter.blocks()))
+    start, batches, results = progress.restore(adapter.blocks(), adapter)
+    prefix, onloaded = f"{adapter.blocks_prefix()}.", store_of(model).onloaded
+
+    def after_block(index, block, next_batches) -> None:
+        done = {name: r for name, r in results.items() if name.startswith(f"{prefix}{index}.")}
+        progress.save(index, block, done, next_batches, with_weights=not onloaded)
+
+    return start, batches, results, after_block

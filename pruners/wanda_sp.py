@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from models.onload import store_of
-
 from .base import ModuleResult, register
 from .engine import walk_blocks
 from .masks import Pattern
+from .resume import resume_walk
 from .settings import EngineSettings
 from .stats import ChannelMoments
 from .structured import (
@@ -64,17 +63,11 @@ class WandaSP(StructuredPruner):
     def prune(self, model, adapter, pattern: Pattern, calib_ids, settings: EngineSettings | None = None,
               ratios=None) -> dict[str, ModuleResult]:
         settings = self.start(pattern, calib_ids, settings, ratios)
-        progress, prefix = self.progress(adapter, settings), adapter.blocks_prefix()
-        start, batches, results = progress.restore(adapter.blocks(), adapter) if progress is not None else (0, None, {})
-        onloaded = store_of(model).onloaded
-
-        def keep_done(index, block, next_batches):  # (engine.resume: pruners/resume.py)
-            done = {name: r for name, r in results.items() if name.startswith(f"{prefix}.{index}.")}
-            progress.save(index, block, done, next_batches, with_weights=not onloaded)
-
+        prefix = adapter.blocks_prefix()
+        start, batches, results, keep_done = resume_walk(model, adapter, settings)  # (engine.resume)
         blocks = walk_blocks(model, adapter, calib_ids, lambda b: reader_taps(adapter, b, self.groups(adapter, b)),
                              self.statistic, settings, self.propagate, desc=f"{self.name}", start=start,
-                             start_batches=batches, after_block=keep_done if progress is not None else None)
+                             start_batches=batches, after_block=keep_done)
         for index, block, stats in blocks:
             if not self.prunes_block(index):
                 continue

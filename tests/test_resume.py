@@ -29,6 +29,18 @@ def weights(record_path):
     return AutoModelForCausalLM.from_pretrained(record_path.parent / "model", dtype=torch.float32).state_dict()
 
 
+def killed_after_block_1(args, root):
+    """Run ``args`` with ``engine.resume=true`` in a process SIGKILLed once block 1 is kept; its partial folder,
+    with blocks 0 and 1 done."""
+    env = {**os.environ, FAULT_VARIABLE: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-m", "runners.run", *args, "engine.resume=true", f"output_root={root}"],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (partial,) = (root / "r").glob("*/partial")
+    assert json.loads((partial / "progress.json").read_text())["done"] == 2
+    return partial
+
+
 # (Wanda: the same engine path; in memory: the structured FLAP case below restores kept weights the same way, and the
 # gpus launcher test resumes SparseGPT in memory)
 @pytest.mark.parametrize("pruner,onload", [("sparsegpt", True)])
@@ -36,12 +48,7 @@ def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstop
     """(Also onloaded, engine.onload=true: the pruned blocks written before the kill stay in the partial checkpoint.)"""
     args = [*COMMON, f"pruner={pruner}", f"engine.onload={str(onload).lower()}"]
     whole = execute(compose(*args[:-1], f"output_root={tmp_path / 'whole'}"))  # (in memory, not resumable: as usual)
-    env = {**os.environ, FAULT_VARIABLE: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    killed = subprocess.run([sys.executable, "-m", "runners.run", *args, "engine.resume=true",
-                             f"output_root={tmp_path / 'resumed'}"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    (partial,) = (tmp_path / "resumed" / "r").glob("*/partial")
-    assert json.loads((partial / "progress.json").read_text())["done"] == 2
+    partial = killed_after_block_1(args, tmp_path / "resumed")
     assert not list(partial.parent.glob("result.json"))  # no record from a killed run
 
     logger = logging.getLogger("prunelab")  # (its own handler: whatever another test did to propagation or levels)
@@ -79,12 +86,7 @@ def test_a_structured_prune_killed_after_block_1_resumes_there(pruner, onload, t
         args = [a for a in args if a not in ("sparsity=structured", "sparsity.ratio=0.3")] + \
             ["model=tiny-mixtral", "sparsity=experts", "sparsity.ratio=0.25"]
     whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
-    env = {**os.environ, FAULT_VARIABLE: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    killed = subprocess.run([sys.executable, "-m", "runners.run", *args, "engine.resume=true",
-                             f"output_root={tmp_path / 'resumed'}"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    (partial,) = (tmp_path / "resumed" / "r").glob("*/partial")
-    assert json.loads((partial / "progress.json").read_text())["done"] == 2
+    partial = killed_after_block_1(args, tmp_path / "resumed")
     assert (partial / "plan.pt").is_file() == (pruner != "expert_drop")
     resumed = execute(compose(*args, "engine.resume=true", f"output_root={tmp_path / 'resumed'}"))
     assert not partial.exists()
