@@ -210,14 +210,15 @@ class Adapter(abc.ABC):
         raise ValueError(f"{self.family} blocks have no '{kind}' units "
                          f"(they have: {', '.join(g.kind for g in self.unit_groups(block))})")
 
-    def structure_groups(self, block: nn.Module, refined: tuple[str, ...] = (), attention_only: bool = False
+    def structure_groups(self, block: nn.Module, fine: bool = False, attention_only: bool = False
                          ) -> list[UnitGroup]:
-        """Unit groups that together partition a block's structures: the coarse groups, except where a
-        finer alternative is named in ``refined`` (e.g. ``("query_head",)`` instead of whole KV groups);
-        ``attention_only``: the attention groups alone (``sparsity=heads``; ValueError for a family without)."""
+        """Unit groups that together partition a block's structures: the coarse groups, or with ``fine`` their finer
+        alternatives wherever the family has them (query heads instead of whole KV groups, Mamba-2 heads instead of
+        whole B/C groups); ``attention_only``: the attention groups alone (``sparsity=heads``; ValueError for a
+        family without)."""
         groups = self.unit_groups(block)
-        chosen = {g.refines for g in groups if g.kind in refined and g.refines}
-        groups = [g for g in groups if (g.refines is None and g.kind not in chosen) or g.kind in refined]
+        chosen = {g.refines for g in groups if g.refines} if fine else set()
+        groups = [g for g in groups if (g.refines is None and g.kind not in chosen) or (fine and g.refines)]
         if attention_only:
             groups = [g for g in groups if g.attention]
             if not groups:
@@ -283,8 +284,13 @@ class Adapter(abc.ABC):
             return
         for path, (axis, index) in group.owned.items():
             param = block.get_parameter(path)
-            # the complement of the removed slices, in the parameter's own order (Mamba's in_proj: x rows, then gate rows)
-            kept = index[keep].reshape(-1).sort().values.to(param.device)
+            # the complement of the removed slices, in the parameter's own order (Mamba's in_proj: x rows, then gate
+            # rows); what no unit owns stays (Mamba-2's B / C channels when heads go)
+            removed = torch.ones(group.count, dtype=torch.bool)
+            removed[keep] = False
+            stays = torch.ones(param.shape[axis], dtype=torch.bool)
+            stays[index[removed].reshape(-1)] = False
+            kept = stays.nonzero().flatten().to(param.device)
             module_path, _, name = path.rpartition(".")
             module = block.get_submodule(module_path) if module_path else block
             setattr(module, name, nn.Parameter(param.data.index_select(axis, kept).contiguous(),
@@ -292,6 +298,18 @@ class Adapter(abc.ABC):
         for module in block.modules():
             _sync_sizes(module)
         self.resized(block, kind, int(keep.numel()))
+
+    def unread_units(self, block: nn.Module, group: UnitGroup) -> torch.Tensor:
+        """``[count]`` bool: units that nothing reads, every input column they own in a linear being zero (a family
+        where a unit also reaches the output another way says so: Mamba-2's heads count in their group's norm).
+        Used by :func:`models.shrink.silent_units`."""
+        unread = torch.ones(group.count, dtype=torch.bool)
+        for path, (axis, index) in group.owned.items():
+            param = block.get_parameter(path)
+            if axis == 1 and param.dim() == 2:  # a linear reads the units' values through these columns
+                cols = param.detach()[:, index.reshape(-1).to(param.device)].view(param.shape[0], *index.shape)
+                unread &= cols.eq(0).all(0).all(-1).cpu()
+        return unread
 
     def zero_output_units(self, block: nn.Module, group: UnitGroup) -> torch.Tensor:
         """``[count]`` bool: units whose output is zero whatever the input, by the family's own rules (e.g. an

@@ -17,13 +17,7 @@ from .base import Adapter, UnitGroup
 
 def silent_units(adapter: Adapter, block: nn.Module, group: UnitGroup) -> torch.Tensor:
     """``[count]`` bool: the units of ``group`` that no output depends on."""
-    unread = torch.ones(group.count, dtype=torch.bool)
-    for path, (axis, index) in group.owned.items():
-        param = block.get_parameter(path)
-        if axis == 1 and param.dim() == 2:  # a linear reads the units' values through these columns
-            cols = param.detach()[:, index.reshape(-1).to(param.device)].view(param.shape[0], *index.shape)
-            unread &= cols.eq(0).all(0).all(-1).cpu()
-    return unread | adapter.zero_output_units(block, group)
+    return adapter.unread_units(block, group) | adapter.zero_output_units(block, group)
 
 
 def shrink_silent_units(model: nn.Module, adapter: Adapter) -> dict:

@@ -278,8 +278,7 @@ class GOA(Pruner):
     def modules(self, adapter: Adapter, block) -> list[UnitGroup]:
         """The depth-2 modules of a block, in forward order: its unit groups (query heads instead of KV groups
         with ``attention_unit=query_head`` where the family has them)."""
-        refined = ("query_head",) if self.attention_unit == "query_head" else ()
-        groups = adapter.structure_groups(block, refined, self.attention_only)
+        groups = adapter.structure_groups(block, self.attention_unit == "query_head", self.attention_only)
         if any(not g.reader or g.kind.startswith("mamba") for g in groups):
             raise ValueError(f"pruner 'goa' prunes attention + MLP depth-2 modules; model family '{adapter.family}' "
                              "has none")

@@ -139,8 +139,7 @@ class StructuredPruner(Pruner):
 
     def groups(self, adapter: Adapter, block) -> list[UnitGroup]:
         """The unit groups this run removes from ``block`` (query heads only where the family has them)."""
-        refined = ("query_head",) if self.attention_unit == "query_head" else ()
-        return adapter.structure_groups(block, refined, self.attention_only)
+        return adapter.structure_groups(block, self.attention_unit == "query_head", self.attention_only)
 
     def prunes_block(self, index: int) -> bool:
         """Whether block ``index`` is pruned (all, unless the method has a ``blocks`` range key)."""

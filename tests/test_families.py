@@ -238,21 +238,21 @@ def test_attention_probabilities_reproduce_the_attention_output(family):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
-def mamba2():  # (heads of 16 channels, 2 groups for B / C and the gated norm)
+def mamba2(**overrides):  # (heads of 16 channels, 2 groups for B / C and the gated norm)
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
-    return Mamba2ForCausalLM(Mamba2Config(vocab_size=4096, hidden_size=64, num_hidden_layers=2, state_size=16,
-                                          expand=2, head_dim=16, num_heads=8, n_groups=2, chunk_size=16))
+    return Mamba2ForCausalLM(Mamba2Config(**{"vocab_size": 4096, "hidden_size": 64, "num_hidden_layers": 2,
+                                             "state_size": 16, "expand": 2, "head_dim": 16, "num_heads": 8,
+                                             "n_groups": 2, "chunk_size": 16, **overrides}))
 
 
-def test_mamba2_prunes_unstructured_and_n_m_and_refuses_structured(tmp_path):
-    """Mamba-2: both linears grouped, valid 2:4 masks, blocks run alone give the model's logits, SparseGPT through the
-    runner from a local folder; structured sparsity refused before work (no units yet: models/mamba2.py)."""
+def test_mamba2_prunes_unstructured_n_m_and_structured_through_the_runner(tmp_path):
+    """Mamba-2: both linears grouped, valid 2:4 masks, blocks run alone give the model's logits; SparseGPT, and
+    Numerical Pruning on whole B/C groups and FLAP on heads, through the runner from a local folder."""
     from transformers import AutoTokenizer
 
     from models.blocks import capture_block_inputs, run_blocks
     from runners.run import execute
-    from runners.validate import ConfigError, validate
 
     torch.manual_seed(0)
     model = mamba2().eval()
@@ -268,8 +268,76 @@ def test_mamba2_prunes_unstructured_and_n_m_and_refuses_structured(tmp_path):
     mamba2().save_pretrained(folder)
     AutoTokenizer.from_pretrained(TINY_DIR / "tiny-llama").save_pretrained(folder)
     common = ["model=local", f"model.path={folder}", "model.seqlen=64", "calib.nsamples=4", "eval.ppl.max_windows=2",
-              f"output_root={tmp_path / 'out'}", "wandb.mode=disabled", "progress=false"]
+              f"output_root={tmp_path / 'out'}", "wandb.mode=disabled", "progress=false", "speed.mode=never"]
     record = execute(compose(*common, "pruner=sparsegpt"))
     assert record["model"]["model_type"] == "mamba2" and record["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
-    with pytest.raises(ConfigError, match="sparsity.kind=structured: mamba2 models have no structural units yet"):
-        validate(compose(*common, "pruner=numerical", "sparsity=structured"))
+    for method, unit, kind, kept in (("numerical", "kv_group", "mamba2_group", 1),
+                                     ("flap", "query_head", "mamba2_head", 4)):
+        record = execute(compose(*common, f"pruner={method}", "sparsity=structured", "sparsity.ratio=0.5",
+                                 f"pruner.attention_unit={unit}", "pruner.allocation=uniform"))
+        structure = record["structure"]
+        assert structure["parameters_after"] < structure["parameters_before"]
+        assert all(block[kind]["kept"] == kept for block in structure["blocks"]), structure["blocks"]
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+def test_mamba2_removing_groups_and_heads_equals_zeroing_them_and_reloads_equal(groups, tmp_path):
+    """Whole B/C groups (block 0) and heads, two of every group's four (block 1), removed equal zeroed (logits,
+    cached generation; the gated norm's eps and weight rescaled for the heads); the pruned checkpoint reloads equal;
+    uneven heads per group are refused; a head whose out_proj columns are zero is not silent (it counts in its
+    group's norm), one whose gate rows are zero is."""
+    from models.shrink import silent_units
+
+    torch.manual_seed(0)
+    model = mamba2(n_groups=groups, use_bias=True).eval()
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.rand_like(p) + 0.5 if p.eq(1).all() else torch.randn_like(p) * 0.1)
+    blocks = adapter.blocks()
+    keep = {0: ("mamba2_group", torch.tensor([1])), 1: ("mamba2_head", torch.tensor([0, 2, 5, 7]))}
+    if groups == 1:
+        keep = {1: keep[1]}
+    assert [g.kind for g in adapter.unit_groups(blocks[0])] == (["mamba2_group", "mamba2_head"] if groups == 2
+                                                                 else ["mamba2_head"])
+    with pytest.raises(ValueError, match="kept per B/C group must be equal") if groups == 2 else _no_error():
+        adapter.check_removal(blocks[1], adapter.unit_group(blocks[1], "mamba2_head"), torch.tensor([0, 1, 2, 4]))
+    with torch.no_grad():
+        for index, (kind, kept) in keep.items():
+            group = adapter.unit_group(blocks[index], kind)
+            dropped = torch.ones(group.count, dtype=torch.bool)
+            dropped[kept] = False
+            for path, (axis, rows) in group.owned.items():
+                blocks[index].get_parameter(path).index_fill_(axis, rows[dropped].reshape(-1), 0.0)
+        zeroed = model(input_ids=ids(2)).logits
+        prompt = ids(1, 6)
+        zeroed_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)  # (cached)
+        eps = blocks[1].mixer.norm.variance_epsilon
+        for index, (kind, kept) in keep.items():
+            adapter.remove_units(blocks[index], kind, kept)
+    assert adapter.block_counts(blocks[1])["mamba2_head"] == 4
+    assert blocks[1].mixer.norm.variance_epsilon == pytest.approx(eps * 2)  # 4 of 8 heads per group's norm -> 2
+    if groups == 2:
+        assert adapter.block_counts(blocks[0]) == {"mamba2_group": 1, "mamba2_head": 4}
+        assert blocks[0].mixer.norm.variance_epsilon == eps  # a whole group: the other groups' norms unchanged
+    checkpoint.save_pruned(model, None, tmp_path, adapter)
+    reloaded, _ = checkpoint.load_pruned(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids(2)).logits, zeroed, atol=1e-5, rtol=1e-5)
+        assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), zeroed_tokens)
+        torch.testing.assert_close(reloaded(input_ids=ids(2)).logits, model(input_ids=ids(2)).logits)
+        heads = adapter.unit_group(blocks[1], "mamba2_head")
+        out_proj, in_proj = blocks[1].mixer.out_proj, blocks[1].mixer.in_proj
+        out_proj.weight[:, heads.owned["mixer.out_proj.weight"][1][0]] = 0  # head 0: unread, still normalised with
+        in_proj.weight[heads.owned["mixer.in_proj.weight"][1][1][:16]] = 0  # head 1: z rows zero: silent
+        in_proj.bias[heads.owned["mixer.in_proj.weight"][1][1][:16]] = 0
+        assert silent_units(adapter, blocks[1], heads).tolist() == [False, True, False, False]
+
+
+class _no_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
