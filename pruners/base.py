@@ -106,12 +106,12 @@ class Pruner:
         """Methods that need one block at a time and can run on an onloaded model (``engine.onload``,
         :mod:`models.onload`): the layer-wise ones, and others that only walk the blocks in order
         (``walks_blocks``: expert pruning, the structured methods' scoring and pruning passes)."""
-        return cls.resumable() or cls.walks_blocks
+        return (cls.scope == "block" and cls.prune is Pruner.prune) or cls.walks_blocks
 
     @classmethod
     def resumable(cls) -> bool:
         """Layer-wise methods that go block by block through :func:`pruners.engine.prune_sequential`, and those whose
-        own driver keeps each done block (``resumes``: the structured methods): a prune killed after block k can go
+        own driver keeps each done block (``resumes``: the structured methods, GOA): a prune killed after block k can go
         on from there (``engine.resume``, :mod:`pruners.resume`)."""
         return (cls.scope == "block" and cls.prune is Pruner.prune) or cls.resumes
 

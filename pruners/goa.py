@@ -40,6 +40,7 @@ from models.blocks import BlockInputs, capture_block_inputs, run_block
 
 from .base import ModuleResult, Pruner, register
 from .masks import UNIT_KINDS, Pattern
+from .resume import resume_walk
 from .settings import EngineSettings
 from .structured import ATTENTION_UNITS, ROUNDINGS, check_block_range, remove_kept, units_to_remove
 
@@ -203,6 +204,7 @@ class GOA(Pruner):
 
     name = "goa"
     needs_calibration = True  # (not with calibration=self-generated: __post_init__)
+    resumes: ClassVar[bool] = True  # each done block kept with every stream's next inputs (engine.resume)
     reads_attention = True  # head similarity: the adapter's query_key / attention_probabilities (checked in validate)
     patterns: ClassVar[tuple[str, ...]] = UNIT_KINDS
     calibration: str = "data"  # data (the calibration windows) | self-generated (data-free: the model's own text)
@@ -314,6 +316,8 @@ class GOA(Pruner):
                 settings.batch_size)
         if calib_ids is None:
             raise ValueError("pruner 'goa' needs calibration data")
+        # engine.resume: the done blocks loaded (after the data-free windows: the dense model writes them)
+        start, kept_batches, results, after_block = resume_walk(model, adapter, settings)
         blocks = adapter.blocks()
         chosen = self.pruned_blocks(len(blocks))
         device = settings.device
@@ -328,10 +332,12 @@ class GOA(Pruner):
             fit_current = current if fit_ids is None else capture_block_inputs(model, adapter, fit_ids, device,
                                                                                settings.batch_size)
             fit = (fit_current, BlockInputs(list(fit_current.batches), fit_current.kwargs_by_batch_size))
-        results: dict[str, ModuleResult] = {}
+        if kept_batches is not None:  # (a resumed run: every stream as it entered the first block not done)
+            current, fit, sigma = _restored_streams(kept_batches, current, fit, sigma, device)
         prefix = adapter.blocks_prefix()
-        for index in tqdm(range(chosen.stop), desc=f"goa {pattern.describe()}", unit="block",
-                          disable=not settings.progress):  # (nothing after the last pruned block changes)
+        for index in tqdm(range(start, chosen.stop), desc=f"goa {pattern.describe()}", unit="block", initial=start,
+                          total=chosen.stop, disable=not settings.progress):  # (nothing after the last pruned
+            # block changes)
             block = blocks[index]
             block.to(device)
             original = (copy.deepcopy(block) if index in chosen else block) if fit is not None else None
@@ -360,6 +366,8 @@ class GOA(Pruner):
             if str(device) != "cpu":
                 block.to("cpu")
                 torch.cuda.empty_cache()
+            if after_block is not None:  # (engine.resume: this block done, every stream's inputs of the next)
+                after_block(index, block, [b for s in _streams(current, fit, sigma) for b in s.batches])
         return results
 
     # --- scoring and choosing ----------------------------------------------------------------------------------
@@ -458,6 +466,34 @@ class GOA(Pruner):
                 linear.weight.data.copy_(solved[:, : linear.in_features].to(linear.weight.dtype))
                 if linear.bias is not None:
                     linear.bias.data.copy_(solved[:, linear.in_features].to(linear.bias.dtype))
+
+
+def _streams(current: BlockInputs, fit: tuple | None, sigma: BlockInputs | None) -> list[BlockInputs]:
+    """The block-input streams GOA carries from block to block, in a fixed order: the criteria's, the refits' current
+    one where it is not the criteria's (``remedy``), the dense one, the data-free second moments'."""
+    streams = [current]
+    if fit is not None:
+        streams += ([fit[0]] if fit[0] is not current else []) + [fit[1]]
+    return streams + ([sigma] if sigma is not None else [])
+
+
+def _restored_streams(batches: list[torch.Tensor], current: BlockInputs, fit: tuple | None,
+                      sigma: BlockInputs | None, device) -> tuple:
+    """``(current, fit, sigma)`` with the batches a resumed run kept (:func:`_streams`' order and lengths) in place of
+    the block-0 inputs; the kwargs stay (they depend on the windows only)."""
+    streams = _streams(current, fit, sigma)
+    if len(batches) != sum(len(s.batches) for s in streams):
+        raise ValueError(f"engine.resume: {len(batches)} kept batches, expected "
+                         f"{sum(len(s.batches) for s in streams)} (the partial folder of another setting)")
+    restored, at = [], 0
+    for stream in streams:
+        restored.append(BlockInputs([b.to(device) for b in batches[at : at + len(stream.batches)]],
+                                    stream.kwargs_by_batch_size))
+        at += len(stream.batches)
+    new_current = restored.pop(0)
+    if fit is not None:
+        fit = (new_current if fit[0] is current else restored.pop(0), restored.pop(0))
+    return new_current, fit, restored.pop(0) if sigma is not None else None
 
 
 def _weight(linear: nn.Linear, bias: bool) -> torch.Tensor:

@@ -72,12 +72,13 @@ def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstop
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-@pytest.mark.parametrize("pruner,onload", [("flap", False), ("numerical", True), ("expert_drop", True)])
+@pytest.mark.parametrize("pruner,onload", [("flap", False), ("numerical", True), ("expert_drop", True), ("goa", False)])
 def test_a_structured_prune_killed_after_block_1_resumes_there(pruner, onload, tmp_path):
     """A structured method keeps its plan (the units each block keeps, the statistics its compensation reads) before
     its first block and each block as it is done (its units removed, then its weights): started again, it skips the
     scoring pass, shrinks the done blocks as they were and goes on from block 2 (Numerical Pruning: on the stored
-    inputs of the pruned blocks), with the result of a run never stopped (onloaded too)."""
+    inputs of the pruned blocks; GOA with the remedy: its criteria, recovery and dense streams), with the result of a
+    run never stopped (onloaded too)."""
     from safetensors.torch import load_file
 
     args = [*COMMON, f"pruner={pruner}", "sparsity=structured", "sparsity.ratio=0.3", "speed.mode=never",
@@ -85,9 +86,11 @@ def test_a_structured_prune_killed_after_block_1_resumes_there(pruner, onload, t
     if pruner == "expert_drop":  # (whole experts of tiny-mixtral, with their router rows; no plan: one pass)
         args = [a for a in args if a not in ("sparsity=structured", "sparsity.ratio=0.3")] + \
             ["model=tiny-mixtral", "sparsity=experts", "sparsity.ratio=0.25"]
+    if pruner == "goa":  # (block by block on the pruned model, three streams: no plan)
+        args += ["pruner.remedy=true", "pruner.remedy_samples=4"]
     whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
     partial = killed_after_block_1(args, tmp_path / "resumed")
-    assert (partial / "plan.pt").is_file() == (pruner != "expert_drop")
+    assert (partial / "plan.pt").is_file() == (pruner not in ("expert_drop", "goa"))
     resumed = execute(compose(*args, "engine.resume=true", f"output_root={tmp_path / 'resumed'}"))
     assert not partial.exists()
     assert resumed["run_id"] == whole["run_id"] and resumed["structure"] == whole["structure"]
