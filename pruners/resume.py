@@ -6,7 +6,10 @@ from the next one, kept in a folder (``engine.resume`` on: ``<run folder>/partia
   windows only);
 - ``progress.json``: how many blocks are done, for which run (``key``), written last, by rename;
 - ``plan.pt``: a structured method's decision before its first block is pruned (the units each block keeps, the
-  statistics its compensation reads), so that a resumed run skips the scoring pass.
+  statistics its compensation reads), so that a resumed run skips the scoring pass;
+- ``shot-<t>.pt`` (a whole-model method with shots: the Surgeon, K-OBD, L-OBD, instead of the block files): after
+  shot t, the weights of the linears it prunes, their masks and the method's own state; ``progress.json`` counts
+  shots.
 
 A run started again with the same folder and key loads the done blocks into the model and the inputs of the next,
 and goes on from there: the same weights and masks as a run that was never stopped (the engine is deterministic on
@@ -29,8 +32,8 @@ from models.base import add_bias
 from .masks import PackedMask
 
 log = logging.getLogger("prunelab")
-# fault injection for the kill-and-resume tests: SIGKILL this process once block k is kept (a run that resumed
-# is not killed again)
+# fault injection for the kill-and-resume tests: SIGKILL this process once block k (a method with shots: shot k) is
+# kept (a run that resumed is not killed again)
 FAULT_VARIABLE = "PRUNELAB_KILL_AFTER_BLOCK"
 
 
@@ -160,3 +163,40 @@ def resume_walk(model, adapter, settings) -> tuple[int, list[torch.Tensor] | Non
         progress.save(index, block, done, next_batches, with_weights=not onloaded)
 
     return start, batches, results, after_block
+
+
+def resume_shots(settings, shots: int) -> tuple[int, dict | None, object]:
+    """For a whole-model method that prunes in ``shots`` shots: ``(first shot to run, the state kept after the shot
+    before it or None, after_shot)``, where ``after_shot(shot, state)`` keeps ``state`` (a dict of tensors, lists,
+    numbers) once ``shot`` is done. Without ``settings.resume_dir``: ``(1, None, None)``. A kill between a shot's
+    file and its progress leaves the previous shot's pair, which a resumed run takes."""
+    if settings.resume_dir is None:
+        return 1, None, None
+    progress = BlockProgress(settings.resume_dir, settings.resume_key, shots)
+    kept = progress._progress()
+    first, state = 1, None
+    if kept is not None and kept["done"] > 0:
+        first = kept["done"] + 1
+        state = torch.load(progress.folder / f"shot-{kept['done']:04d}.pt", weights_only=True)
+        log.info("resuming the prune at shot %d of %d (%s)", first, shots, progress.folder)
+        progress.resumed = True
+
+    def after_shot(shot: int, state: dict) -> None:
+        progress.folder.mkdir(parents=True, exist_ok=True)
+        _write(progress.folder / f"shot-{shot:04d}.pt", lambda p: torch.save(state, p))
+        _write(progress.folder / "progress.json",
+               lambda p: p.write_text(json.dumps({"key": progress.key, "blocks": shots, "done": shot})))
+        (progress.folder / f"shot-{shot - 1:04d}.pt").unlink(missing_ok=True)
+        if os.environ.get(FAULT_VARIABLE) == str(shot) and not progress.resumed:  # (the kill-and-resume tests)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return first, state, after_shot
+
+
+def pack_masks(masks: dict[str, PackedMask]) -> dict:
+    """Masks as plain tensors and numbers (what ``torch.load(weights_only=True)`` reads back)."""
+    return {name: {"bits": m.bits, "shape": list(m.shape), "pruned": m.pruned} for name, m in masks.items()}
+
+
+def unpack_masks(packed: dict) -> dict[str, PackedMask]:
+    return {name: PackedMask(m["bits"], tuple(m["shape"]), m["pruned"]) for name, m in packed.items()}

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from .base import ModuleResult, Pruner, register
 from .masks import MaskState, PackedMask, Pattern, global_prune_masks, lowest_k
+from .resume import pack_masks, resume_shots, unpack_masks
 from .settings import EngineSettings
 from .structured import remove_kept
 from .taps import Offload, accumulate_gradient_stats, prunable_modules
@@ -517,6 +518,7 @@ class KroneckerPruner(Pruner):
     balanced: ClassVar[bool] = True  # the KFAC factors' Frobenius balancing (L-OBD uses A as it is)
     uses_g: ClassVar[bool] = True  # G enters the costs (L-OBD: no, so a zero diagonal of G kills no row)
     calls_on_shot: ClassVar[bool] = True  # hands each intermediate shot to settings.on_shot (eval.shots_every)
+    resumes: ClassVar[bool] = True  # each shot kept (engine.resume; pruners/resume.py: resume_shots)
     shots: int = 5
     prune_bias: bool = False  # biases are candidates and count toward the target (unstructured, rows + columns)
     fisher_samples: int = 0  # 0: the empirical Fisher (true labels); k: labels sampled from the model, k per token
@@ -607,8 +609,17 @@ class KroneckerPruner(Pruner):
         owned = {name for group in layout for name, _, _ in group.slices} if layout is not None else None
         candidates = {name: m for name, m in modules.items() if owned is None or name in owned}
         removed_units, unit_losses = None, None
-        for shot in tqdm(range(1, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
-                         disable=not settings.progress):
+        first, kept, after_shot = resume_shots(settings, self.shots)  # (engine.resume: after the last shot kept)
+        if kept is not None:
+            for name, linear in modules.items():
+                linear.weight.data.copy_(kept["weights"][name])
+                if linear.bias is not None:
+                    linear.bias.data.copy_(kept["biases"][name])
+            for name, mask in unpack_masks(kept["masks"]).items():
+                state.register(name, mask)
+            losses, removed_units, unit_losses = kept["losses"], kept["removed_units"], kept["unit_losses"]
+        for shot in tqdm(range(first, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
+                         initial=first - 1, total=self.shots, disable=not settings.progress):
             with self.curvature(model, adapter, modules, calib_ids, settings, shot) as curvature:
                 costs = {}
                 for name, linear in candidates.items():
@@ -653,6 +664,11 @@ class KroneckerPruner(Pruner):
             state.enforce(model)
             if settings.on_shot is not None and shot < self.shots:
                 settings.on_shot(shot, self.shots)
+            if after_shot is not None and shot < self.shots:  # (engine.resume: a killed run goes on after it)
+                after_shot(shot, {"weights": {n: m.weight.detach().cpu() for n, m in modules.items()},
+                                  "biases": {n: m.bias.detach().cpu() for n, m in modules.items() if m.bias is not None},
+                                  "masks": pack_masks(state.masks), "losses": losses,
+                                  "removed_units": removed_units, "unit_losses": unit_losses})
         if layout is not None:  # the zeroed units leave the model
             return self.remove_units(adapter, layout, removed_units, unit_losses)
         results = {}

@@ -29,15 +29,15 @@ def weights(record_path):
     return AutoModelForCausalLM.from_pretrained(record_path.parent / "model", dtype=torch.float32).state_dict()
 
 
-def killed_after_block_1(args, root):
-    """Run ``args`` with ``engine.resume=true`` in a process SIGKILLed once block 1 is kept; its partial folder,
-    with blocks 0 and 1 done."""
+def killed_after_block_1(args, root, done=2):
+    """Run ``args`` with ``engine.resume=true`` in a process SIGKILLed once block 1 (a method with shots: shot 1) is
+    kept; its partial folder, with blocks 0 and 1 (shot 1: ``done=1``) done."""
     env = {**os.environ, FAULT_VARIABLE: "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     killed = subprocess.run([sys.executable, "-m", "runners.run", *args, "engine.resume=true", f"output_root={root}"],
                             cwd=ROOT, env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     (partial,) = (root / "r").glob("*/partial")
-    assert json.loads((partial / "progress.json").read_text())["done"] == 2
+    assert json.loads((partial / "progress.json").read_text())["done"] == done
     return partial
 
 
@@ -100,9 +100,35 @@ def test_a_structured_prune_killed_after_block_1_resumes_there(pruner, onload, t
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_surgeon_prune_killed_after_shot_1_resumes_there(tmp_path):
+    """A method with shots (the Surgeon; K-OBD and L-OBD share its driver) keeps, after each, the weights it prunes,
+    their masks and its own state: started again, it goes on with shot 2, with the result of a run never stopped."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from models.loading import TINY_DIR
+
+    torch.manual_seed(0)  # (a small random LLaMA: the Surgeon's curvature on tiny-llama takes minutes here)
+    folder = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TINY_DIR / "tiny-llama").save_pretrained(folder)
+    args = [*COMMON, "model=local", f"model.path={folder}", "model.seqlen=64", "pruner=surgeon", "pruner.shots=2",
+            "calib.nsamples=4", "eval.ppl.max_windows=2"]
+    whole = execute(compose(*args, f"output_root={tmp_path / 'whole'}"))
+    partial = killed_after_block_1(args, tmp_path / "resumed", done=1)
+    assert sorted(p.name for p in partial.glob("shot-*.pt")) == ["shot-0001.pt"]
+    resumed = execute(compose(*args, "engine.resume=true", f"output_root={tmp_path / 'resumed'}"))
+    assert not partial.exists()
+    assert resumed["run_id"] == whole["run_id"] and resumed["sparsity"] == whole["sparsity"]
+    assert resumed["metrics"]["ppl"] == whole["metrics"]["ppl"]
+    ours = weights(tmp_path / "resumed" / "r" / resumed["run_id"] / "result.json")
+    theirs = weights(tmp_path / "whole" / "r" / whole["run_id"] / "result.json")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_resume_is_refused_for_methods_that_do_not_go_block_by_block():
-    with pytest.raises(ConfigError, match="engine.resume=true: pruner 'surgeon' does not go block by block"):
-        validate(compose("pruner=surgeon", "engine.resume=true"))
+    with pytest.raises(ConfigError, match="engine.resume=true: pruner 'llm_pruner' does not go block by block"):
+        validate(compose("pruner=llm_pruner", "sparsity=structured", "engine.resume=true"))
     validate(compose("pruner=dense", "engine.resume=true"))  # (prunes nothing: nothing to resume, nothing refused)
 
 
