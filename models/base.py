@@ -9,6 +9,7 @@ they own.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -364,6 +365,32 @@ def _sync_sizes(module: nn.Module) -> None:
         module.out_channels = channels
         if depthwise:
             module.in_channels = module.groups = channels
+
+
+def even_keep(keep: torch.Tensor, scores: torch.Tensor, groups: int) -> torch.Tensor:
+    """A keep mask over units in ``groups`` equal consecutive groups (query heads of KV groups, Mamba-2 heads of B/C
+    groups) in which every group keeps the same number: the total ``keep`` allocates spread evenly (nearest, ties
+    keep more; at least one), each group's highest ``scores``."""
+    per = keep.numel() // groups
+    kept = min(per, max(1, math.floor(int(keep.sum()) / groups + 0.5)))
+    best = torch.argsort(scores.view(groups, per).double(), dim=1, descending=True, stable=True)[:, :kept]
+    fixed = torch.zeros(groups, per, dtype=torch.bool)
+    fixed.scatter_(1, best, True)
+    return fixed.view(-1)
+
+
+def even_first(units: int, groups: int, count: int) -> torch.Tensor:
+    """The first ``count / groups`` units of each of ``groups`` equal consecutive groups (a reloaded checkpoint's
+    shapes)."""
+    per, kept = units // groups, count // groups
+    return (torch.arange(groups).unsqueeze(1) * per + torch.arange(kept)).reshape(-1)
+
+
+def check_even(keep: torch.Tensor, units: int, groups: int, what: str) -> None:
+    """ValueError unless the kept unit indices ``keep`` fall equally into ``groups`` equal consecutive groups."""
+    per_group = torch.bincount(keep // (units // groups), minlength=groups)
+    if len(set(per_group.tolist())) != 1:
+        raise ValueError(f"{what}; got {per_group.tolist()}")
 
 
 def causal_softmax(scores: torch.Tensor, window: int | None = None) -> torch.Tensor:

@@ -7,8 +7,6 @@ KV heads, each shared by ``num_attention_heads / num_key_value_heads`` query hea
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .base import (
@@ -18,6 +16,9 @@ from .base import (
     UnitGroup,
     _contiguous,
     causal_softmax,
+    check_even,
+    even_first,
+    even_keep,
     maps_zero_to_zero,
     zero_rows,
 )
@@ -163,35 +164,22 @@ class LlamaAdapter(Adapter):
             return zero
         return super().zero_output_units(block, group)
 
-    def _groups_of_query_heads(self, block, keep: torch.Tensor) -> torch.Tensor:
-        heads, kv_heads, _ = self.head_layout(block)
-        return torch.bincount(keep // (heads // kv_heads), minlength=kv_heads)
-
     def check_removal(self, block, group, keep):
         super().check_removal(block, group, keep)
         if group.kind == "query_head":
-            per_group = self._groups_of_query_heads(block, keep)
-            if len(set(per_group.tolist())) != 1:
-                raise ValueError(f"query heads kept per KV group must be equal (repeat_kv shares each KV head "
-                                 f"with the same number of query heads); got {per_group.tolist()}")
+            heads, kv_heads, _ = self.head_layout(block)
+            check_even(keep, heads, kv_heads, "query heads kept per KV group must be equal (repeat_kv shares each KV "
+                                              "head with the same number of query heads)")
 
     def repair_keep(self, block, group, keep, scores):
         if group.kind != "query_head":
             return keep
-        # every KV group keeps the same number of query heads: the allocated total, spread evenly
-        heads, kv_heads, _ = self.head_layout(block)
-        rep = heads // kv_heads
-        per_group = min(rep, max(1, math.floor(int(keep.sum()) / kv_heads + 0.5)))  # nearest, ties keep more
-        best = torch.argsort(scores.view(kv_heads, rep).double(), dim=1, descending=True, stable=True)[:, :per_group]
-        fixed = torch.zeros(kv_heads, rep, dtype=torch.bool)
-        fixed.scatter_(1, best, True)
-        return fixed.view(-1)
+        return even_keep(keep, scores, self.head_layout(block)[1])  # the allocated total, spread evenly
 
     def default_keep(self, block, group, count):
         if group.kind == "query_head":  # the first count / kv_heads query heads of every group
             heads, kv_heads, _ = self.head_layout(block)
-            rep, per_group = heads // kv_heads, count // kv_heads
-            return (torch.arange(kv_heads).unsqueeze(1) * rep + torch.arange(per_group)).reshape(-1)
+            return even_first(heads, kv_heads, count)
         return super().default_keep(block, group, count)
 
     def resized(self, block, kind, count):

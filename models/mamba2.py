@@ -28,7 +28,17 @@ import math
 
 import torch
 
-from .base import Adapter, LinearGroup, Tap, UnitGroup, _contiguous, zero_rows
+from .base import (
+    Adapter,
+    LinearGroup,
+    Tap,
+    UnitGroup,
+    _contiguous,
+    check_even,
+    even_first,
+    even_keep,
+    zero_rows,
+)
 
 
 class Mamba2Adapter(Adapter):
@@ -102,34 +112,20 @@ class Mamba2Adapter(Adapter):
         z_rows = _contiguous(group.count, heads * P // group.count)
         return zero_rows(block.mixer.in_proj, z_rows)
 
-    def _heads_per_group(self, block, keep: torch.Tensor) -> torch.Tensor:
-        heads, _, groups, _ = self.layout(block)
-        return torch.bincount(keep // (heads // groups), minlength=groups)
-
     def check_removal(self, block, group, keep):
         super().check_removal(block, group, keep)
         if group.kind == "mamba2_head":
-            per_group = self._heads_per_group(block, keep)
-            if len(set(per_group.tolist())) != 1:
-                raise ValueError(f"Mamba-2 heads kept per B/C group must be equal (the gated norm has one eps per "
-                                 f"layer); got {per_group.tolist()}")
+            heads, _, groups, _ = self.layout(block)
+            check_even(keep, heads, groups, "Mamba-2 heads kept per B/C group must be equal (the gated norm has one "
+                                            "eps per layer)")
 
     def repair_keep(self, block, group, keep, scores):
-        if group.kind != "mamba2_head":
-            return keep
-        heads, _, groups, _ = self.layout(block)
-        per = heads // groups
-        kept = min(per, max(1, math.floor(int(keep.sum()) / groups + 0.5)))  # nearest, ties keep more
-        best = torch.argsort(scores.view(groups, per).double(), dim=1, descending=True, stable=True)[:, :kept]
-        fixed = torch.zeros(groups, per, dtype=torch.bool)
-        fixed.scatter_(1, best, True)
-        return fixed.view(-1)
+        return even_keep(keep, scores, self.layout(block)[2]) if group.kind == "mamba2_head" else keep
 
     def default_keep(self, block, group, count):
         if group.kind == "mamba2_head":  # the first count / groups heads of every group
             heads, _, groups, _ = self.layout(block)
-            per, kept = heads // groups, count // groups
-            return (torch.arange(groups).unsqueeze(1) * per + torch.arange(kept)).reshape(-1)
+            return even_first(heads, groups, count)
         return super().default_keep(block, group, count)
 
     def resized(self, block, kind, count):

@@ -151,6 +151,16 @@ def test_every_linear_grouped_and_n_m_masks_valid(family):
             assert satisfies_n_of_m(block.get_submodule(name).weight, 2, 4)
 
 
+def assert_as_zeroed_and_reloads_equal(model, adapter, zeroed, prompt, zeroed_tokens, folder):
+    """The shrunk model's logits and cached generation are the zeroed model's; saved and reloaded, its logits."""
+    checkpoint.save_pruned(model, None, folder, adapter)
+    reloaded, _ = checkpoint.load_pruned(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids(2)).logits, zeroed, atol=1e-5, rtol=1e-5)
+        assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), zeroed_tokens)
+        torch.testing.assert_close(reloaded(input_ids=ids(2)).logits, model(input_ids=ids(2)).logits)
+
+
 def test_removing_units_equals_zeroing_them_and_reloads_equal(family, tmp_path):
     _, model, adapter = family
     keep = {"kv_group": torch.tensor([1]), "mlp_neuron": torch.arange(0, 128, 3)}
@@ -175,12 +185,7 @@ def test_removing_units_equals_zeroing_them_and_reloads_equal(family, tmp_path):
     first = model.model.layers[0].self_attn
     if getattr(first, "q_proj", None) is not None and first.q_proj.bias is not None:
         assert first.q_proj.bias.shape[0] == first.k_proj.bias.shape[0] * 2 == 2 * first.head_dim
-    checkpoint.save_pruned(model, None, tmp_path, adapter)
-    reloaded, _ = checkpoint.load_pruned(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids(2)).logits, zeroed, atol=1e-5, rtol=1e-5)
-        assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), zeroed_tokens)
-        torch.testing.assert_close(reloaded(input_ids=ids(2)).logits, model(input_ids=ids(2)).logits)
+    assert_as_zeroed_and_reloads_equal(model, adapter, zeroed, prompt, zeroed_tokens, tmp_path)
 
 
 def test_a_local_folder_of_the_family_runs_through_the_runner(family, tmp_path):
@@ -321,12 +326,8 @@ def test_mamba2_removing_groups_and_heads_equals_zeroing_them_and_reloads_equal(
     if groups == 2:
         assert adapter.block_counts(blocks[0]) == {"mamba2_group": 1, "mamba2_head": 4}
         assert blocks[0].mixer.norm.variance_epsilon == eps  # a whole group: the other groups' norms unchanged
-    checkpoint.save_pruned(model, None, tmp_path, adapter)
-    reloaded, _ = checkpoint.load_pruned(tmp_path)
+    assert_as_zeroed_and_reloads_equal(model, adapter, zeroed, prompt, zeroed_tokens, tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids(2)).logits, zeroed, atol=1e-5, rtol=1e-5)
-        assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), zeroed_tokens)
-        torch.testing.assert_close(reloaded(input_ids=ids(2)).logits, model(input_ids=ids(2)).logits)
         heads = adapter.unit_group(blocks[1], "mamba2_head")
         out_proj, in_proj = blocks[1].mixer.out_proj, blocks[1].mixer.in_proj
         out_proj.weight[:, heads.owned["mixer.out_proj.weight"][1][0]] = 0  # head 0: unread, still normalised with
