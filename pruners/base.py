@@ -111,7 +111,8 @@ class Pruner:
     @classmethod
     def resumable(cls) -> bool:
         """Layer-wise methods that go block by block through :func:`pruners.engine.prune_sequential`, and those whose
-        own driver keeps each done block (``resumes``: the structured methods, GOA): a prune killed after block k can go
+        own driver keeps each done block or shot (``resumes``: the structured methods, GOA; the Surgeon, K-OBD and
+        L-OBD after each shot): a prune killed after block (shot) k can go
         on from there (``engine.resume``, :mod:`pruners.resume`)."""
         return (cls.scope == "block" and cls.prune is Pruner.prune) or cls.resumes
 

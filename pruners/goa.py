@@ -332,6 +332,9 @@ class GOA(Pruner):
             fit_current = current if fit_ids is None else capture_block_inputs(model, adapter, fit_ids, device,
                                                                                settings.batch_size)
             fit = (fit_current, BlockInputs(list(fit_current.batches), fit_current.kwargs_by_batch_size))
+        if start and kept_batches is None:  # (never written by GOA: a partial folder of something else)
+            raise ValueError(f"engine.resume: block {start} is next but its kept inputs are missing "
+                             f"({settings.resume_dir}): delete that folder to start again")
         if kept_batches is not None:  # (a resumed run: every stream as it entered the first block not done)
             current, fit, sigma = _restored_streams(kept_batches, current, fit, sigma, device)
         prefix = adapter.blocks_prefix()

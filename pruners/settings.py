@@ -36,8 +36,8 @@ class EngineSettings:
     ``offload_dir``: a folder for what the gradient methods keep off the device (block inputs, Kronecker factors),
     null = host memory; ``on_shot``: a multi-shot method calls ``on_shot(shot, shots)`` after each
     shot but the last, the model holding that shot's weights (the runner evaluates and records it:
-    ``eval.shots_every``); ``resume_dir``: layer-wise methods keep each done block there and a run started again
-    goes on after the last one kept (:mod:`pruners.resume`; ``resume_key`` names the run: its prune id);
+    ``eval.shots_every``); ``resume_dir``: layer-wise methods keep each done block there (methods with shots: each
+    shot) and a run started again goes on after the last one kept (:mod:`pruners.resume`; ``resume_key`` names the run: its prune id);
     ``reuse``: the sweep's cache of what does not depend on the pruning (a structured method's scoring pass).
     """
 

@@ -140,8 +140,8 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
         from pruners import PRUNERS
 
         resumable = ", ".join(sorted(n for n, c in PRUNERS.items() if c.resumable() and c.removes_weights))
-        raise ConfigError(f"engine.resume=true: pruner '{pruner.name}' does not go block by block, keeping each "
-                          f"block as it is done ({resumable} do)")
+        raise ConfigError(f"engine.resume=true: pruner '{pruner.name}' does not go block by block (or shot by shot), "
+                          f"keeping each as it is done ({resumable} do)")
     if zeroshot_tasks and cfg.eval.zeroshot.get("backend") == "cli" and pattern.removes_units \
             and pruner.removes_weights:
         raise ConfigError("eval.zeroshot.backend=cli: lm_eval loads the saved model with from_pretrained, which cannot "
@@ -199,6 +199,10 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
                     and type(meta).query_key is models.Adapter.query_key):
                 raise ConfigError(f"pruner={pruner.name}: model family '{meta.family}' does not expose its attention "
                                   f"queries and keys (the head similarity needs them); use numerical, flap or wanda_sp")
+            try:  # (its depth-2 modules: attention + MLP; not a Mamba mixer)
+                pruner.modules(meta, meta.blocks()[0])
+            except ValueError as err:
+                raise ConfigError(f"pruner.name={pruner.name}: {err}") from None
         blocks = getattr(pruner, "blocks", None)
         if pruner.removes_weights and blocks is not None:  # a block range past the model would prune less, silently
             count = len(models.loading.meta_adapter(cfg.model).blocks())

@@ -258,6 +258,7 @@ def test_mamba2_prunes_unstructured_n_m_and_structured_through_the_runner(tmp_pa
 
     from models.blocks import capture_block_inputs, run_blocks
     from runners.run import execute
+    from runners.validate import ConfigError, validate
 
     torch.manual_seed(0)
     model = mamba2().eval()
@@ -276,6 +277,8 @@ def test_mamba2_prunes_unstructured_n_m_and_structured_through_the_runner(tmp_pa
               f"output_root={tmp_path / 'out'}", "wandb.mode=disabled", "progress=false", "speed.mode=never"]
     record = execute(compose(*common, "pruner=sparsegpt"))
     assert record["model"]["model_type"] == "mamba2" and record["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ConfigError, match="pruner 'goa' prunes attention \\+ MLP depth-2 modules"):
+        validate(compose(*common, "pruner=goa", "sparsity=structured"))  # (before any work)
     for method, unit, kind, kept in (("numerical", "kv_group", "mamba2_group", 1),
                                      ("flap", "query_head", "mamba2_head", 4)):
         record = execute(compose(*common, f"pruner={method}", "sparsity=structured", "sparsity.ratio=0.5",
