@@ -668,6 +668,12 @@ def markdown_image_speed(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _timed(value, spec: str, suffix: str = "") -> str:
+    """A time or a speedup formatted, or "not timed" where the record has none (evaluators/speed.py: a host too busy
+    to time the decode; pandas turns such a None into NaN once another row has a number)."""
+    return "not timed" if value is None or value != value else f"{value:{spec}}{suffix}"
+
+
 def markdown_speed(table: pd.DataFrame) -> str:
     setups = "; ".join(sorted(set(table.setup)))
     cols = ["parameters", "decode ms/token", "decode speedup", "prefill ms", "prefill speedup"]
@@ -676,9 +682,10 @@ def markdown_speed(table: pd.DataFrame) -> str:
              "|---|---|---|---:|" + "---:|" * len(cols)]
     for _, row in table.iterrows():
         lines.append(f"| {row['model']} | {row['method']} | {row['pattern']} | {row['batch']} | {row['parameters']:,} "
-                     f"(dense {row['parameters dense']:,}) | {row['decode ms/token']:.2f} (dense "
-                     f"{row['decode ms/token dense']:.2f}) | {row['decode speedup']:.2f}x | {row['prefill ms']:.1f} "
-                     f"(dense {row['prefill ms dense']:.1f}) | {row['prefill speedup']:.2f}x |")
+                     f"(dense {row['parameters dense']:,}) | {_timed(row['decode ms/token'], '.2f')} (dense "
+                     f"{_timed(row['decode ms/token dense'], '.2f')}) | {_timed(row['decode speedup'], '.2f', 'x')} | "
+                     f"{row['prefill ms']:.1f} (dense {row['prefill ms dense']:.1f}) | "
+                     f"{_timed(row['prefill speedup'], '.2f', 'x')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -145,10 +145,22 @@ def test_a_decode_time_lost_in_timing_noise_is_no_number():
 
     assert decode_seconds_per_token(1.0, 2.55, 32) == pytest.approx(0.05)
     assert decode_seconds_per_token(1.0, 0.9, 32) is None
-    setup = {"batch_size": 1, "prompt_len": 8, "new_tokens": 4, "device": "cpu", "threads": 2}
+    setup = {"batch_size": 1, "prompt_len": 8, "new_tokens": 4, "device": "cpu", "threads": 2, "dtype": "float32"}
     dense = {"prefill_ms": 10.0, "decode_ms_per_token": None, "parameters": 4, "setup": setup}
     pruned = {"prefill_ms": 5.0, "decode_ms_per_token": 2.0, "parameters": 2, "setup": setup}
     x = speedup(dense, pruned)
     assert x == {"prefill": 2.0, "decode": None, "parameters": 2.0}
     line = _speed_line({"dense": dense, "pruned": pruned, "speedup": x})
     assert "decode not timed" in line and "prefill 10.0 -> 5.0 ms (2.00x)" in line
+    # the report's speed table says so too, alone or beside a run whose decode was timed (pandas: None -> NaN)
+    from runners.report import markdown_speed, speed_table
+
+    def record(d, p):
+        return {"model": {"name": "tiny-llama"}, "pruner": "numerical", "pattern": {"kind": "structured", "ratio": 0.3},
+                "metrics": {"speed": {"dense": d, "pruned": p, "speedup": speedup(d, p)}}}
+
+    timed = {**dense, "decode_ms_per_token": 4.0}
+    for records in ([record(dense, pruned)], [record(dense, pruned), record(timed, pruned)]):
+        md = markdown_speed(speed_table(records))
+        assert md.count("not timed") == 2 and "nan" not in md, md
+    assert "| 2.00 (dense 4.00) | 2.00x | 5.0 (dense 10.0) | 2.00x |" in md, md
