@@ -101,20 +101,22 @@ QUALITY_WINDOWS = 24  # bundled validation windows of 256 tokens
 _PPL: dict = {}
 
 
-def pruned_ppl(name: str, pruner: str, pattern=None, **options) -> float:
-    """Perplexity of a bundled model pruned by ``pruner`` with ``options`` (cached per session; ``dense`` = unpruned)."""
+def pruned_ppl(name: str, pruner: str, pattern=None, *, nsamples: int = QUALITY_CALIB, **options) -> float:
+    """Perplexity of a bundled model pruned by ``pruner`` with ``options`` on ``nsamples`` calibration windows, plus
+    the pruner's extra windows (GOA's recovery set) drawn after them (cached per session; ``dense`` = unpruned)."""
     import corpora
     from evaluators.ppl import PROTOCOLS, perplexity, protocol_windows
     from pruners import build_pruner
     from pruners.settings import EngineSettings
 
-    key = (name, pruner, pattern, tuple(sorted(options.items())))
+    key = (name, pruner, pattern, nsamples, tuple(sorted(options.items())))
     if key not in _PPL:
         loaded = load_tiny(name)
         if pruner != "dense":
-            calib = corpora.calibration_windows(loaded.tokenizer, "bundled", QUALITY_CALIB, 256, seed=0).ids
-            build_pruner({"name": pruner, **options}).prune(loaded.model, loaded.adapter, pattern, calib,
-                                                            EngineSettings(batch_size=16, progress=False))
+            method = build_pruner({"name": pruner, **options})
+            calib = corpora.calibration_windows(loaded.tokenizer, "bundled", nsamples + method.extra_windows(), 256,
+                                                seed=0).ids
+            method.prune(loaded.model, loaded.adapter, pattern, calib, EngineSettings(batch_size=16, progress=False))
         ids, _ = protocol_windows(loaded.tokenizer, PROTOCOLS["bundled-val"], 256, max_windows=QUALITY_WINDOWS)
         _PPL[key] = perplexity(loaded.model, loaded.adapter, ids, batch_size=8, progress=False)
     return _PPL[key]
