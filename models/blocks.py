@@ -8,11 +8,17 @@
 - :func:`run_block`: call one block alone on those inputs (through the adapter).
 - :func:`run_blocks`: every block in order, one at a time on the device (sequential placement).
 - :func:`on_device`: the whole model on the device for a ``with`` body, moved back afterwards.
+- :class:`KeptBatches`: the calibration batches kept in host memory or in files instead of on the device
+  (``engine.activations``), each brought to the device for its forward.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,11 +66,71 @@ class PerKind(dict):
     """The kwargs of a model whose blocks differ in kind, by kind (:meth:`models.base.Adapter.block_kind`)."""
 
 
+ACTIVATIONS = ("device", "host", "disk")
+
+
+class KeptBatches:
+    """Hidden-state batches kept off the compute device (``engine.activations``; docs/architecture.md §2.5): in host
+    memory (``host``), or one file each in a temporary folder under ``directory`` read back memory-mapped
+    (``disk``), each moved to ``device`` when read. Appended in order, read by index or in order, like the list of
+    device tensors it stands in for; the folder goes with the object (or at exit)."""
+
+    def __init__(self, device, directory: str | None = None):
+        self.device, self.directory = device, directory
+        self._items: list[torch.Tensor | str] = []
+        self._folder = None
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+            self._folder = tempfile.mkdtemp(dir=directory, prefix="prunelab-activations-")
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, True)
+
+    def append(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu")
+        if self._folder is None:
+            self._items.append(tensor)
+            return
+        path = os.path.join(self._folder, f"{len(self._items)}.pt")
+        torch.save(tensor.contiguous(), path)
+        self._items.append(path)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        value = self._items[index]
+        if isinstance(value, str):
+            value = torch.load(value, mmap=True, weights_only=True)
+        return value.to(self.device)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def new(self) -> KeptBatches:
+        """An empty store of the same kind (a block's outputs)."""
+        return KeptBatches(self.device, self.directory)
+
+
+def kept_batches(activations: str, device, directory: str | None = None) -> list | KeptBatches:
+    """An empty store for hidden-state batches: a plain list of device tensors (``device``), or a
+    :class:`KeptBatches` in host memory (``host``) or in files under ``directory`` (``disk``)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"engine.activations={activations} is not one of: {', '.join(ACTIVATIONS)}")
+    if activations == "device":
+        return []
+    if activations == "disk" and directory is None:
+        raise ValueError("engine.activations=disk needs engine.offload_dir (the folder the batches are written to)")
+    return KeptBatches(device, directory if activations == "disk" else None)
+
+
+def _new_like(batches) -> list | KeptBatches:
+    return batches.new() if isinstance(batches, KeptBatches) else []
+
+
 @dataclass
 class BlockInputs:
     """Hidden states entering the current block, in batches, and the kwargs each batch size needs."""
 
-    batches: list[torch.Tensor]
+    batches: list[torch.Tensor] | KeptBatches
     kwargs_by_batch_size: dict[int, dict] = field(default_factory=dict)
 
     def kwargs(self, hidden: torch.Tensor) -> dict:
@@ -98,9 +164,11 @@ def _named(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) ->
 
 
 @torch.no_grad()
-def capture_block_inputs(model, adapter: Adapter, ids: torch.Tensor, device, batch_size: int) -> BlockInputs:
+def capture_block_inputs(model, adapter: Adapter, ids: torch.Tensor, device, batch_size: int,
+                         activations: str = "device", directory: str | None = None) -> BlockInputs:
     """Run the embeddings on ``device`` and capture what block 0 receives, batch by batch (and, where blocks differ
-    in kind, what the first block of every kind receives: :class:`PerKind` kwargs)."""
+    in kind, what the first block of every kind receives: :class:`PerKind` kwargs); the hidden states kept where
+    ``activations`` says (:func:`kept_batches`)."""
     blocks = adapter.blocks()
     pre = adapter.pre_block_modules()
     for module in pre:
@@ -117,7 +185,7 @@ def capture_block_inputs(model, adapter: Adapter, ids: torch.Tensor, device, bat
             blocks[index] = _Recorder(original, seen, kind_at[index], stop=index == last)
         else:
             blocks[index] = _Passthrough(original, seen, None, stop=False)
-    captured = BlockInputs([])
+    captured = BlockInputs(kept_batches(activations, device, directory))
     try:
         for start in range(0, ids.shape[0], batch_size):
             batch = ids[start : start + batch_size].to(device)
@@ -144,8 +212,12 @@ def capture_block_inputs(model, adapter: Adapter, ids: torch.Tensor, device, bat
 
 @torch.no_grad()
 def run_block(adapter: Adapter, block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """One block's outputs for every batch of ``inputs`` (the block already on the inputs' device)."""
-    return [adapter.call_block(block, h, inputs.kwargs(h)) for h in inputs.batches]
+    """One block's outputs for every batch of ``inputs`` (the block already on the inputs' device), kept where the
+    inputs are (:class:`KeptBatches`: each output leaves the device as soon as it is computed)."""
+    outputs = _new_like(inputs.batches)
+    for h in inputs.batches:
+        outputs.append(adapter.call_block(block, h, inputs.kwargs(h)))
+    return outputs
 
 
 @torch.no_grad()

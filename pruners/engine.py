@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models import Adapter
-from models.blocks import BlockInputs, capture_block_inputs, run_block
+from models.blocks import BlockInputs, capture_block_inputs, kept_batches, run_block
 from models.onload import store_of
 
 from .allocation import LayerRatios
@@ -112,9 +112,13 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
     device, batch_size, stats_dtype, progress = settings.device, settings.batch_size, settings.stats_dtype, settings.progress
     blocks = adapter.blocks()
     store = store_of(model)  # (onloaded models: each block read for its turn and written out after it)
-    inputs = capture_block_inputs(model, adapter, calib_ids, device, batch_size) if calib_ids is not None else None
+    inputs = (capture_block_inputs(model, adapter, calib_ids, device, batch_size, settings.activations,
+                                   settings.offload_dir) if calib_ids is not None else None)
     if inputs is not None and start_batches is not None:  # (the kwargs depend on the windows only)
-        inputs = BlockInputs([b.to(device) for b in start_batches], inputs.kwargs_by_batch_size)
+        restored = kept_batches(settings.activations, device, settings.offload_dir)
+        for batch in start_batches:
+            restored.append(batch.to(device))
+        inputs = BlockInputs(restored, inputs.kwargs_by_batch_size)
     for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress, initial=start,
                       total=len(blocks)):
         block = blocks[index]

@@ -38,7 +38,9 @@ class EngineSettings:
     shot but the last, the model holding that shot's weights (the runner evaluates and records it:
     ``eval.shots_every``); ``resume_dir``: layer-wise methods keep each done block there (methods with shots: each
     shot) and a run started again goes on after the last one kept (:mod:`pruners.resume`; ``resume_key`` names the run: its prune id);
-    ``reuse``: the sweep's cache of what does not depend on the pruning (a structured method's scoring pass).
+    ``reuse``: the sweep's cache of what does not depend on the pruning (a structured method's scoring pass);
+    ``activations``: where the methods that walk the blocks keep the calibration hidden states between forwards:
+    ``device`` | ``host`` | ``disk`` (files under ``offload_dir``; :class:`models.blocks.KeptBatches`).
     """
 
     device: str | torch.device = "cpu"
@@ -51,13 +53,15 @@ class EngineSettings:
     resume_key: str = ""
     on_shot: Callable[[int, int], None] | None = field(default=None, compare=False)
     reuse: SweepCache | None = field(default=None, compare=False)
+    activations: str = "device"
 
     @classmethod
     def from_config(cls, engine_cfg, device, progress: bool = True) -> EngineSettings:
         """From the ``engine`` config group (``batch_size``, ``stats_dtype`` as ``float32`` | ``float64``,
-        ``grad_windows``, ``offload_dir``)."""
+        ``grad_windows``, ``offload_dir``, ``activations``)."""
         dtype = torch.float64 if str(engine_cfg.stats_dtype) == "float64" else torch.float32
         offload = engine_cfg.get("offload_dir")
         return cls(device=device, batch_size=int(engine_cfg.batch_size), stats_dtype=dtype, progress=bool(progress),
                    grad_windows=int(engine_cfg.get("grad_windows") or 0),
-                   offload_dir=str(offload) if offload is not None else None)
+                   offload_dir=str(offload) if offload is not None else None,
+                   activations=str(engine_cfg.get("activations") or "device"))

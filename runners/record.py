@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 NON_RESULT_KEYS = ("sweep", "output_root", "progress", "force", "dense_baseline", "wandb", "report",
                    "cache_pruned", "cache_pruned_max_params", "reuse_cache", "reuse_cache_max_mb")
 # engine keys that change where or how a prune runs, not what it computes
-ENGINE_NON_RESULT_KEYS = ("offload_dir", "resume", "onload")
+ENGINE_NON_RESULT_KEYS = ("offload_dir", "resume", "onload", "activations")
 MODEL_NON_RESULT_KEYS = ("group_defaults",)  # which groups a run uses is in the config itself
 # the keys that determine the pruned weights (:func:`prune_config`): not eval, speed, save_model, nor the above
 PRUNE_KEYS = ("model", "calib", "pruner", "sparsity", "engine", "seed", "device")

@@ -149,6 +149,7 @@ class EngineConfig:
     offload_dir: str | None = req()
     resume: bool = req()
     onload: bool = req()
+    activations: str = req(choices=("device", "host", "disk"))
 
 
 @dataclass

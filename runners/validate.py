@@ -136,6 +136,7 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
                           f"calibration windows at most")
     if cfg.engine.get("onload"):
         _check_onload(cfg, pruner, zeroshot_tasks)
+    _check_activations(cfg, pruner)
     if cfg.engine.get("resume") and pruner.removes_weights and not pruner.resumable():
         from pruners import PRUNERS
 
@@ -268,6 +269,22 @@ def _check_speed(section) -> int:
     else:
         _positive_int(sizes, "speed.batch_size")
     return 0 if section.mode == "never" else int(section.prompt_len) + int(section.new_tokens)
+
+
+def _check_activations(cfg, pruner) -> None:
+    """``engine.activations`` (models/blocks.py: KeptBatches): host or disk for the methods that walk the blocks."""
+    place = str(cfg.engine.get("activations") or "device")
+    if place == "device" or not pruner.removes_weights or not pruner.needs_calibration:
+        return
+    if place == "disk" and cfg.engine.get("offload_dir") is None:
+        raise ConfigError("engine.activations=disk needs engine.offload_dir (the folder the batches are written to)")
+    if not pruner.onloads():
+        from pruners import PRUNERS
+
+        walkers = ", ".join(sorted(n for n, c in PRUNERS.items() if c.onloads() and c.needs_calibration))
+        raise ConfigError(f"engine.activations={place}: pruner '{pruner.name}' keeps its own activations ({walkers} "
+                          f"walk the blocks and keep theirs off the device; the gradient methods' block inputs go "
+                          f"with engine.offload_dir alone)")
 
 
 def _check_onload(cfg, pruner, zeroshot_tasks) -> None:
