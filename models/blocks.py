@@ -105,6 +105,11 @@ class KeptBatches:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[i] for i in range(len(self)))
 
+    def on_host(self) -> Iterator[torch.Tensor]:
+        """The batches where they are kept, without the move to the device (files: memory-mapped)."""
+        for value in self._items:
+            yield torch.load(value, mmap=True, weights_only=True) if isinstance(value, str) else value
+
     def new(self) -> KeptBatches:
         """An empty store of the same kind (a block's outputs)."""
         return KeptBatches(self.device, self.directory)

@@ -103,7 +103,8 @@ class BlockProgress:
                 model_blocks[index].load_state_dict(kept["state"])
             results.update(block_results)
         inputs_path = self.folder / f"inputs-{done:04d}.pt"
-        batches = torch.load(inputs_path, weights_only=True) if inputs_path.is_file() else None
+        # (memory-mapped: with engine.activations=disk the batches go to their own files one by one)
+        batches = torch.load(inputs_path, weights_only=True, mmap=True) if inputs_path.is_file() else None
         log.info("resuming the prune at block %d of %d (%s)", done, self.blocks, self.folder)
         self.resumed = True
         return done, batches, results
@@ -136,7 +137,8 @@ class BlockProgress:
                  "added_biases": [n for n, m in block.named_modules() if getattr(m, "prunelab_added_bias", False)]}
         _write(self.folder / f"block-{index:04d}.pt", lambda p: torch.save(state, p))
         if next_batches is not None:
-            batches = [b.detach().cpu() for b in next_batches]
+            # (batches kept off the device are taken where they are kept: files memory-mapped, not all in memory)
+            batches = [b.detach().cpu() for b in getattr(next_batches, "on_host", lambda: next_batches)()]
             _write(self.folder / f"inputs-{index + 1:04d}.pt", lambda p: torch.save(batches, p))
         progress = {"key": self.key, "blocks": self.blocks, "done": index + 1}
         _write(self.folder / "progress.json", lambda p: p.write_text(json.dumps(progress)))

@@ -45,11 +45,14 @@ def killed_after_block_1(args, root, done=2):
 # gpus launcher test resumes SparseGPT in memory)
 @pytest.mark.parametrize("pruner,onload", [("sparsegpt", True)])
 def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstopped_run(pruner, onload, tmp_path):
-    """(Also onloaded, engine.onload=true: the pruned blocks written before the kill stay in the partial checkpoint.)"""
-    args = [*COMMON, f"pruner={pruner}", f"engine.onload={str(onload).lower()}"]
-    whole = execute(compose(*args[:-1], f"output_root={tmp_path / 'whole'}"))  # (in memory, not resumable: as usual)
+    """(Also onloaded, engine.onload=true: the pruned blocks written before the kill stay in the partial checkpoint;
+    and with the calibration batches in files, engine.activations=disk, restored into files again.)"""
+    args = [*COMMON, f"pruner={pruner}", f"engine.onload={str(onload).lower()}", "engine.activations=disk",
+            f"engine.offload_dir={tmp_path / 'activations'}"]
+    whole = execute(compose(*COMMON, f"pruner={pruner}", f"output_root={tmp_path / 'whole'}"))  # (in memory, on the device)
     partial = killed_after_block_1(args, tmp_path / "resumed")
     assert not list(partial.parent.glob("result.json"))  # no record from a killed run
+    left = set((tmp_path / "activations").iterdir())  # (a SIGKILLed process removes nothing: its batch files stay)
 
     logger = logging.getLogger("prunelab")  # (its own handler: whatever another test did to propagation or levels)
     seen = logging.handlers.BufferingHandler(10_000)
@@ -64,6 +67,7 @@ def test_a_prune_killed_after_block_1_resumes_there_with_the_result_of_an_unstop
         logger.level, logger.disabled = was
     assert any("resuming the prune at block 2 of 4" in r.getMessage() for r in seen.buffer)
     assert not partial.exists()  # done: the kept blocks go
+    assert set((tmp_path / "activations").iterdir()) == left  # (and the resumed run's batch files)
     assert resumed["run_id"] == whole["run_id"]
     assert resumed["metrics"]["ppl"] == whole["metrics"]["ppl"]
     assert resumed["sparsity"] == whole["sparsity"]
