@@ -50,6 +50,17 @@ def drive(pruner: Pruner, model, adapter: Adapter, pattern: Pattern, calib_ids, 
     return prune_sequential(model, adapter, pruner, pattern, calib_ids, settings, ratios)
 
 
+def resume_kwargs(model, adapter: Adapter, calib_ids: torch.Tensor, device, batch_size: int) -> dict:
+    """The block kwargs of every batch size the windows come in (a resumed walk has its hidden states kept): the
+    windows are fixed-length and unpadded, so the first batch, and the last one where it is shorter, give them all."""
+    n = calib_ids.shape[0]
+    parts = [calib_ids[:batch_size]] + ([calib_ids[n - n % batch_size :]] if n % batch_size and n > batch_size else [])
+    kwargs: dict = {}
+    for ids in parts:
+        kwargs.update(capture_block_inputs(model, adapter, ids, device, batch_size).kwargs_by_batch_size)
+    return kwargs
+
+
 class _Enough(Exception):
     """Raised by the last statistic's hook: the rest of the block's forward is not needed (its outputs are
     recomputed after pruning)."""
@@ -66,16 +77,18 @@ def _hook(module: nn.Module, tap, stat, stop: bool = False):
     return module.register_forward_hook(lambda m, args, out: stat.add(tap.select(args, out)))
 
 
-def _statistics_pass(adapter: Adapter, block: nn.Module, inputs: BlockInputs, stopped: bool) -> list | None:
-    """The calibration batches through ``block`` for its statistics: its outputs, or (``stopped``: the last
-    statistic's hook ends each forward) None."""
-    if not stopped:
+def _statistics_pass(adapter: Adapter, block: nn.Module, inputs: BlockInputs, stopped: bool, keep: bool) -> list | None:
+    """The calibration batches through ``block`` for its statistics: its outputs where ``keep`` (a method that
+    calibrates the next block on the dense outputs), else None (they would be a third copy of the activations
+    beside the inputs and the pruned block's outputs); ``stopped``: the last statistic's hook ends each forward."""
+    if keep:
         return run_block(adapter, block, inputs)
     for hidden in inputs.batches:
         try:
             adapter.call_block(block, hidden, inputs.kwargs(hidden))
         except _Enough:
-            pass
+            if not stopped:
+                raise
     return None
 
 
@@ -112,13 +125,17 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
     device, batch_size, stats_dtype, progress = settings.device, settings.batch_size, settings.stats_dtype, settings.progress
     blocks = adapter.blocks()
     store = store_of(model)  # (onloaded models: each block read for its turn and written out after it)
-    inputs = (capture_block_inputs(model, adapter, calib_ids, device, batch_size, settings.activations,
-                                   settings.offload_dir) if calib_ids is not None else None)
-    if inputs is not None and start_batches is not None:  # (the kwargs depend on the windows only)
+    inputs = None
+    if calib_ids is not None and start_batches is not None:  # resumed: the kept inputs of block ``start``
         restored = kept_batches(settings.activations, device, settings.offload_dir)
         for batch in start_batches:
-            restored.append(batch.to(device))
-        inputs = BlockInputs(restored, inputs.kwargs_by_batch_size)
+            restored.append(batch.to(device) if isinstance(restored, list) else batch)
+        if isinstance(start_batches, list):  # (the caller's list emptied: a memory-mapped file goes once copied)
+            start_batches.clear()
+        inputs = BlockInputs(restored, resume_kwargs(model, adapter, calib_ids, device, batch_size))
+    elif calib_ids is not None:
+        inputs = capture_block_inputs(model, adapter, calib_ids, device, batch_size, settings.activations,
+                                      settings.offload_dir)
     for index in tqdm(range(start, len(blocks)), desc=desc, unit="block", disable=not progress, initial=start,
                       total=len(blocks)):
         block = blocks[index]
@@ -135,7 +152,7 @@ def walk_blocks(model, adapter: Adapter, calib_ids: torch.Tensor | None, taps_of
             if observe is not None:
                 handles += observe(block)
             try:
-                dense_outputs = _statistics_pass(adapter, block, inputs, stopped)
+                dense_outputs = _statistics_pass(adapter, block, inputs, stopped, keep=propagate != "pruned")
             finally:
                 for handle in handles:
                     handle.remove()

@@ -136,7 +136,7 @@ def validate(cfg: DictConfig, check_model: bool = True, check_hub: bool | None =
                           f"calibration windows at most")
     if cfg.engine.get("onload"):
         _check_onload(cfg, pruner, zeroshot_tasks)
-    _check_activations(cfg, pruner)
+    _check_activations(cfg, pruner, pruner.needs_calibration or allocation.needs_calibration)
     if cfg.engine.get("resume") and pruner.removes_weights and not pruner.resumable():
         from pruners import PRUNERS
 
@@ -271,14 +271,15 @@ def _check_speed(section) -> int:
     return 0 if section.mode == "never" else int(section.prompt_len) + int(section.new_tokens)
 
 
-def _check_activations(cfg, pruner) -> None:
-    """``engine.activations`` (models/blocks.py: KeptBatches): host or disk for the methods that walk the blocks."""
+def _check_activations(cfg, pruner, calibrates: bool) -> None:
+    """``engine.activations`` (models/blocks.py: KeptBatches): host or disk for the methods that walk the blocks
+    (``calibrates``: the run reads calibration windows, for the method or for its allocation's pass: OWL)."""
     place = str(cfg.engine.get("activations") or "device")
-    if place == "device" or not pruner.removes_weights or not pruner.needs_calibration:
+    if place == "device" or not pruner.removes_weights or not calibrates:
         return
     if place == "disk" and cfg.engine.get("offload_dir") is None:
         raise ConfigError("engine.activations=disk needs engine.offload_dir (the folder the batches are written to)")
-    if not pruner.onloads():
+    if pruner.needs_calibration and not pruner.onloads():
         from pruners import PRUNERS
 
         walkers = ", ".join(sorted(n for n, c in PRUNERS.items() if c.onloads() and c.needs_calibration))

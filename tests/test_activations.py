@@ -49,14 +49,19 @@ def _prune(name: str, pruner: dict, pattern: Pattern, **settings):
     ("tiny-mixtral", {"name": "expert_drop"}, Pattern("experts", 0.25)),
 ])
 def test_host_and_disk_activations_prune_exactly_as_device_ones(tmp_path, monkeypatch, name, pruner, pattern):
-    reads = {"host": 0, "disk": 0}
-    read = KeptBatches.__getitem__
+    reads, folders = {"host": 0, "disk": 0}, []
+    read, append = KeptBatches.__getitem__, KeptBatches.append
 
     def counted(self, index):  # (which store each forward's batch came from)
         reads["disk" if self._folder is not None else "host"] += 1
         return read(self, index)
 
+    def written(self, tensor):  # (how many copies of the activations are on disk at once)
+        append(self, tensor)
+        folders.append(sum(1 for _ in tmp_path.iterdir()))
+
     monkeypatch.setattr(KeptBatches, "__getitem__", counted)
+    monkeypatch.setattr(KeptBatches, "append", written)
     device_state, device_results = _prune(name, pruner, pattern)
     assert reads == {"host": 0, "disk": 0}
     blocks = len(load_tiny(name).adapter.blocks())
@@ -65,6 +70,8 @@ def test_host_and_disk_activations_prune_exactly_as_device_ones(tmp_path, monkey
         assert state.keys() == device_state.keys() and all(torch.equal(state[k], device_state[k]) for k in state)
         assert results.keys() == device_results.keys()
         assert reads[place] >= 2 * blocks, reads  # (2 batches, at least one forward per block)
+        gc.collect()
+    assert folders and max(folders) <= 2, folders  # a block's inputs and its outputs, never a third copy
     gc.collect()
     assert not any(tmp_path.iterdir())  # (every block's batch files gone with the run)
 
@@ -76,6 +83,8 @@ def test_host_and_disk_activations_prune_exactly_as_device_ones(tmp_path, monkey
     (["engine.activations=disk", "engine.offload_dir=/tmp/x", "pruner=surgeon"],
      "engine.activations=disk: pruner 'surgeon' keeps its own activations"),
     (["engine.activations=cloud"], "engine.activations"),
+    (["engine.activations=disk", "pruner=magnitude", "sparsity.allocation=owl"],  # (OWL's pass walks the blocks)
+     "engine.activations=disk needs engine.offload_dir"),
 ])
 def test_activations_a_method_cannot_keep_off_the_device_are_refused_before_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
