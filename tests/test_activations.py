@@ -65,7 +65,7 @@ def test_host_and_disk_activations_prune_exactly_as_device_ones(tmp_path, monkey
     device_state, device_results = _prune(name, pruner, pattern)
     assert reads == {"host": 0, "disk": 0}
     blocks = len(load_tiny(name).adapter.blocks())
-    for place in ("host", "disk"):
+    for place in ("host", "disk") if pruner["name"] == "sparsegpt" else ("disk",):  # (host: the same store, no files)
         state, results = _prune(name, pruner, pattern, activations=place, offload_dir=str(tmp_path))
         assert state.keys() == device_state.keys() and all(torch.equal(state[k], device_state[k]) for k in state)
         assert results.keys() == device_results.keys()
