@@ -17,7 +17,10 @@ square. A zeroed head (z rows zero: ``silu(0) = 0``) adds nothing to the sum but
     eps' = eps · G / (G - k),   w' = w · sqrt(G / (G - k))
 
 gives the same outputs as zeroing them: ``rsqrt(s / G + eps) = sqrt(G / G') · rsqrt(s / G' + eps')``. Every group
-loses the same number of heads (the norm has one eps), as query heads per KV group under GQA. The eps is a
+loses the same number of heads (the norm has one eps), as query heads per KV group under GQA. Older transformers
+(4.57 and 5.0 checked; 5.25 normalises per group) normalise over all ``d_inner`` channels whatever ``n_groups`` (a
+norm without ``group_size``): there ``G`` is ``d_inner``, a removed B/C group counts in it as a removed head does,
+and neither is silent while its gate rows are not zero (:func:`whole_width_norm`). The eps is a
 per-layer attribute the Mamba-2 config cannot store: a pruned Mamba-2 reloads through ``models.load_pruned``, which
 recomputes it from the config's eps and the kept counts.
 """
@@ -39,6 +42,12 @@ from .base import (
     even_keep,
     zero_rows,
 )
+
+
+def whole_width_norm(mixer) -> bool:
+    """The mixer's gated norm normalises over all of its channels (older transformers, 4.57 and 5.0 among them: no
+    ``group_size``), not over each B/C group's."""
+    return not hasattr(mixer.norm, "group_size")
 
 
 class Mamba2Adapter(Adapter):
@@ -101,8 +110,9 @@ class Mamba2Adapter(Adapter):
 
     def unread_units(self, block, group):
         """A head whose ``out_proj`` columns are zero still counts in its group's norm: only a zero output (below)
-        makes it silent. A whole group is normalised alone: unread is enough."""
-        if group.kind == "mamba2_head":
+        makes it silent. A whole group is normalised alone: unread is enough (not under a whole-width norm, where
+        its channels count in every channel's mean square)."""
+        if group.kind == "mamba2_head" or whole_width_norm(block.mixer):
             return torch.zeros(group.count, dtype=torch.bool)
         return super().unread_units(block, group)
 
@@ -132,12 +142,14 @@ class Mamba2Adapter(Adapter):
         mixer = block.mixer
         heads, P, _, N = self.layout(block)
         groups = (mixer.conv1d.weight.shape[0] - heads * P) // (2 * N)
-        before = mixer.norm.group_size
-        after = heads * P // groups
+        whole = whole_width_norm(mixer)  # (the channels one mean square spans: a group's, or all of them)
+        before = mixer.intermediate_size if whole else mixer.norm.group_size
+        after = heads * P if whole else heads * P // groups
         mixer.num_heads, mixer.n_groups, mixer.intermediate_size = heads, groups, heads * P
         mixer.conv_dim = mixer.conv1d.weight.shape[0]
         if after != before:  # the norm's mean over fewer channels: eps' and w' keep every output (docstring)
             mixer.norm.weight.data.mul_(math.sqrt(before / after))
-            first = int(self.config.expand * self.config.hidden_size) // self.config.n_groups
+            first = int(self.config.expand * self.config.hidden_size) // (1 if whole else self.config.n_groups)
             mixer.norm.variance_epsilon = self.config.layer_norm_epsilon * first / after
-            mixer.norm.group_size = after
+            if not whole:
+                mixer.norm.group_size = after

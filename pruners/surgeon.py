@@ -618,6 +618,7 @@ class KroneckerPruner(Pruner):
             for name, mask in unpack_masks(kept["masks"]).items():
                 state.register(name, mask)
             losses, removed_units, unit_losses = kept["losses"], kept["removed_units"], kept["unit_losses"]
+            del kept  # (a second copy of every pruned weight otherwise, beside the curvature, until the prune ends)
         for shot in tqdm(range(first, self.shots + 1), desc=f"{self.name} {pattern.describe()}", unit="shot",
                          initial=first - 1, total=self.shots, disable=not settings.progress):
             with self.curvature(model, adapter, modules, calib_ids, settings, shot) as curvature:

@@ -339,6 +339,60 @@ def test_mamba2_removing_groups_and_heads_equals_zeroing_them_and_reloads_equal(
         assert silent_units(adapter, blocks[1], heads).tolist() == [False, True, False, False]
 
 
+class _WholeWidthGatedNorm(torch.nn.Module):
+    """Mamba-2's gated RMSNorm as transformers 4.57 - 5.0 build it: one mean square over all ``d_inner`` channels,
+    whatever ``n_groups`` (no ``group_size``)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.variance_epsilon = torch.nn.Parameter(weight.clone()), eps
+
+    def forward(self, hidden_states, gate=None):
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float() * torch.nn.functional.silu(gate.float())
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+def test_mamba2_units_under_a_whole_width_norm_are_removed_as_zeroed():
+    """Under transformers 4.57 - 5.0's gated norm (one mean square over every channel of the mixer) a removed B/C
+    group shrinks that mean as a removed head does: both get the eps / weight correction with G = d_inner (removal
+    equals zeroing, logits and cached generation), and a group whose out_proj columns are zero is not silent."""
+    from models.shrink import silent_units
+
+    torch.manual_seed(0)
+    model = mamba2(use_bias=True).eval()
+    adapter = adapter_for(model)
+    blocks = adapter.blocks()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.rand_like(p) + 0.5 if p.eq(1).all() else torch.randn_like(p) * 0.1)
+        for block in blocks:
+            block.mixer.norm = _WholeWidthGatedNorm(block.mixer.norm.weight, block.mixer.norm.variance_epsilon)
+        group = adapter.unit_group(blocks[0], "mamba2_group")
+        out_proj = blocks[0].mixer.out_proj
+        out_proj.weight[:, group.owned["mixer.out_proj.weight"][1][0]] = 0  # group 0 unread, still in the norm
+        assert silent_units(adapter, blocks[0], group).tolist() == [False, False]
+        keep = {0: ("mamba2_group", torch.tensor([1])), 1: ("mamba2_head", torch.tensor([0, 2, 5, 7]))}
+        for index, (kind, kept) in keep.items():
+            group = adapter.unit_group(blocks[index], kind)
+            dropped = torch.ones(group.count, dtype=torch.bool)
+            dropped[kept] = False
+            for path, (axis, rows) in group.owned.items():
+                blocks[index].get_parameter(path).index_fill_(axis, rows[dropped].reshape(-1), 0.0)
+        zeroed = model(input_ids=ids(2)).logits
+        prompt = ids(1, 6)
+        zeroed_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        eps = blocks[0].mixer.norm.variance_epsilon
+        for index, (kind, kept) in keep.items():
+            adapter.remove_units(blocks[index], kind, kept)
+        assert [b.mixer.norm.variance_epsilon for b in blocks] == pytest.approx([eps * 2, eps * 2])  # 128 -> 64 each
+        assert not any(hasattr(b.mixer.norm, "group_size") for b in blocks)
+        torch.testing.assert_close(model(input_ids=ids(2)).logits, zeroed, atol=1e-5, rtol=1e-5)
+        assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0), zeroed_tokens)
+
+
 class _no_error:
     def __enter__(self):
         return self
