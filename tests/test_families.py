@@ -288,6 +288,21 @@ def test_mamba2_prunes_unstructured_n_m_and_structured_through_the_runner(tmp_pa
         assert all(block[kind]["kept"] == kept for block in structure["blocks"]), structure["blocks"]
 
 
+def zero_units(model, adapter, keep: dict):
+    """Zero every unit not kept (``keep[block index] = (kind, kept indices)``); the zeroed model's logits, a prompt
+    and its cached greedy generation (what the removal must give back)."""
+    blocks = adapter.blocks()
+    for index, (kind, kept) in keep.items():
+        group = adapter.unit_group(blocks[index], kind)
+        dropped = torch.ones(group.count, dtype=torch.bool)
+        dropped[kept] = False
+        for path, (axis, rows) in group.owned.items():
+            blocks[index].get_parameter(path).index_fill_(axis, rows[dropped].reshape(-1), 0.0)
+    prompt = ids(1, 6)
+    return (model(input_ids=ids(2)).logits, prompt,
+            model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0))  # (KV-cached)
+
+
 @pytest.mark.parametrize("groups", [2, 1])
 def test_mamba2_removing_groups_and_heads_equals_zeroing_them_and_reloads_equal(groups, tmp_path):
     """Whole B/C groups (block 0) and heads, two of every group's four (block 1), removed equal zeroed (logits,
@@ -312,15 +327,7 @@ def test_mamba2_removing_groups_and_heads_equals_zeroing_them_and_reloads_equal(
     with pytest.raises(ValueError, match="kept per B/C group must be equal") if groups == 2 else _no_error():
         adapter.check_removal(blocks[1], adapter.unit_group(blocks[1], "mamba2_head"), torch.tensor([0, 1, 2, 4]))
     with torch.no_grad():
-        for index, (kind, kept) in keep.items():
-            group = adapter.unit_group(blocks[index], kind)
-            dropped = torch.ones(group.count, dtype=torch.bool)
-            dropped[kept] = False
-            for path, (axis, rows) in group.owned.items():
-                blocks[index].get_parameter(path).index_fill_(axis, rows[dropped].reshape(-1), 0.0)
-        zeroed = model(input_ids=ids(2)).logits
-        prompt = ids(1, 6)
-        zeroed_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)  # (cached)
+        zeroed, prompt, zeroed_tokens = zero_units(model, adapter, keep)
         eps = blocks[1].mixer.norm.variance_epsilon
         for index, (kind, kept) in keep.items():
             adapter.remove_units(blocks[index], kind, kept)
@@ -375,15 +382,7 @@ def test_mamba2_units_under_a_whole_width_norm_are_removed_as_zeroed():
         out_proj.weight[:, group.owned["mixer.out_proj.weight"][1][0]] = 0  # group 0 unread, still in the norm
         assert silent_units(adapter, blocks[0], group).tolist() == [False, False]
         keep = {0: ("mamba2_group", torch.tensor([1])), 1: ("mamba2_head", torch.tensor([0, 2, 5, 7]))}
-        for index, (kind, kept) in keep.items():
-            group = adapter.unit_group(blocks[index], kind)
-            dropped = torch.ones(group.count, dtype=torch.bool)
-            dropped[kept] = False
-            for path, (axis, rows) in group.owned.items():
-                blocks[index].get_parameter(path).index_fill_(axis, rows[dropped].reshape(-1), 0.0)
-        zeroed = model(input_ids=ids(2)).logits
-        prompt = ids(1, 6)
-        zeroed_tokens = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        zeroed, prompt, zeroed_tokens = zero_units(model, adapter, keep)
         eps = blocks[0].mixer.norm.variance_epsilon
         for index, (kind, kept) in keep.items():
             adapter.remove_units(blocks[index], kind, kept)
